@@ -1,0 +1,35 @@
+"""Errors a user can cause. Each message says what, where, what was received and how to fix it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class MriVqvaeError(Exception):
+    """Base class of every error this project raises on purpose."""
+
+
+class InvalidImageError(MriVqvaeError):
+    """An input image that cannot be trusted: names the file, the problem and the fix."""
+
+    def __init__(self, path: str | Path, problem: str, fix: str) -> None:
+        self.path = str(path)
+        self.problem = problem
+        self.fix = fix
+        super().__init__(f"{self.path}: {problem}. {fix}")
+
+
+class ManifestError(MriVqvaeError):
+    """A dataset manifest that is malformed, leaks subjects or points at the wrong files."""
+
+
+class ConfigError(MriVqvaeError):
+    """A configuration file or override that does not validate."""
+
+
+class CheckpointError(MriVqvaeError):
+    """A checkpoint that is missing, corrupted or unsafe to load."""
+
+
+class DownloadError(MriVqvaeError):
+    """A download that failed or whose checksum does not match."""

@@ -1,0 +1,48 @@
+"""The `mri-vqvae` console script: one click group, one subcommand per pipeline stage."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from mri_vqvae import __version__
+from mri_vqvae.errors import MriVqvaeError
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="mri-vqvae")
+@click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
+def cli(verbose: bool) -> None:
+    """Discrete latent models of 3D MRI: manifests, preprocessing, VQ-VAE, prior, evaluation."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+def _register() -> None:
+    """Attach each stage's command (imported lazily here so `--help` stays one import away)."""
+    from pipelines import manifest_cmd
+
+    cli.add_command(manifest_cmd.manifest)
+
+
+_register()
+
+
+def main() -> None:
+    """Entry point: a user-caused error prints its message and exits 2, without a traceback."""
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except MriVqvaeError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
