@@ -25,9 +25,12 @@ def cli(verbose: bool) -> None:
 
 def _register() -> None:
     """Attach each stage's command (imported lazily here so `--help` stays one import away)."""
-    from pipelines import manifest_cmd
+    from pipelines import data_kit, demo, manifest_cmd, preprocess
 
+    cli.add_command(demo.demo)
+    cli.add_command(data_kit.data)
     cli.add_command(manifest_cmd.manifest)
+    cli.add_command(preprocess.preprocess)
 
 
 _register()
@@ -36,7 +39,9 @@ _register()
 def main() -> None:
     """Entry point: a user-caused error prints its message and exits 2, without a traceback."""
     try:
-        cli.main(standalone_mode=False)
+        code = cli.main(standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
@@ -46,3 +51,4 @@ def main() -> None:
     except MriVqvaeError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -1,0 +1,81 @@
+"""Batch processing over many cases: a bad case is recorded and skipped unless `strict`."""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from tqdm.auto import tqdm
+
+from mri_vqvae.atomic import atomic_write_text
+from mri_vqvae.errors import MriVqvaeError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A case that could not be processed."""
+
+    case_id: str
+    path: str
+    reason: str
+
+
+def run_batch(
+    items: Iterable[dict[str, Any]],
+    process: Callable[[dict[str, Any]], T],
+    strict: bool = False,
+    desc: str = "cases",
+) -> tuple[list[T], list[Failure]]:
+    """Apply `process` to each item; failures are collected (or re-raised when `strict`).
+
+    Expected failures are the project's own errors and OS errors; a MONAI transform wraps an
+    inner error in RuntimeError, so the innermost cause is reported.
+    """
+    items = list(items)
+    results: list[T] = []
+    failures: list[Failure] = []
+    for item in tqdm(items, desc=desc, unit="case", disable=not sys.stderr.isatty()):
+        try:
+            results.append(process(item))
+        except (MriVqvaeError, OSError, RuntimeError, ValueError) as exc:
+            if strict:
+                raise
+            reason = _root_cause(exc)
+            log.warning("skipping %s: %s", item.get("case_id"), reason)
+            failures.append(Failure(str(item.get("case_id")), str(item.get("image")), reason))
+    return results, failures
+
+
+def _root_cause(exc: BaseException) -> str:
+    while exc.__cause__ is not None and not isinstance(exc, MriVqvaeError):
+        exc = exc.__cause__
+    return f"{type(exc).__name__}: {exc}".replace("\n", " ")
+
+
+def write_failures(path: str | Path, failures: list[Failure]) -> None:
+    """`failures.csv` with columns case_id, path, reason (header only when nothing failed)."""
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["case_id", "path", "reason"])
+    for f in failures:
+        writer.writerow([f.case_id, f.path, f.reason])
+    atomic_write_text(path, buf.getvalue())
+
+
+def failures_table(failures: list[Failure]) -> str:
+    """A plain-text table of failures for the terminal."""
+    if not failures:
+        return "no failures"
+    width = max(len(f.path) for f in failures)
+    lines = [f"{'file':<{width}}  reason", f"{'-' * width}  ------"]
+    lines += [f"{f.path:<{width}}  {f.reason}" for f in failures]
+    return "\n".join(lines)

@@ -1,0 +1,44 @@
+"""Options and helpers shared by the stage entry points."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from mri_vqvae.batch import Failure, failures_table
+from mri_vqvae.config import ExperimentConfig, load_config
+
+
+def default_cache_dir() -> Path:
+    """Where the kit and caches live: $MRI_VQVAE_CACHE, else ~/.cache/mri-vqvae."""
+    return Path(os.environ.get("MRI_VQVAE_CACHE", Path.home() / ".cache" / "mri-vqvae"))
+
+
+def config_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Add ``--config NAME_OR_YAML`` and repeatable ``--set key.sub=value``."""
+    func = click.option(
+        "--set", "overrides", multiple=True, metavar="KEY=VALUE",
+        help="Override one config value, e.g. --set data.spacing=[2,2,2] (repeatable).",
+    )(func)
+    return click.option(
+        "--config", "config_name", default=None, metavar="NAME|YAML",
+        help="Experiment YAML, or a shipped config name (smoke, brain64). Default: built-in.",
+    )(func)
+
+
+def resolve(config_name: str | None, overrides: tuple[str, ...]) -> ExperimentConfig:
+    """Load the experiment config named on the command line."""
+    return load_config(config_name, overrides)
+
+
+def report_failures(failures: list[Failure], strict: bool, what: str) -> None:
+    """Print the failures table; exit 1 when there were failures and `strict` is set."""
+    if not failures:
+        return
+    click.echo(f"\n{len(failures)} {what} failed:\n{failures_table(failures)}", err=True)
+    if strict:
+        raise click.exceptions.Exit(1)

@@ -1,0 +1,36 @@
+"""`mri-vqvae preprocess`: normalise the cases of a manifest into RAS NIfTI plus montages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from pipelines.common import config_options, report_failures, resolve
+
+
+@click.command()
+@click.option("--manifest", "manifest_path", required=True, type=click.Path(dir_okay=False))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))
+@click.option("--data-root", default=None, type=click.Path(file_okay=False),
+              help="Override the manifest's data root.")
+@click.option("--split", type=click.Choice(["train", "val", "test"]), default=None,
+              help="Only this split (default: every case).")
+@click.option("--strict", is_flag=True, help="Stop at the first bad case and exit non-zero.")
+@config_options
+def preprocess(manifest_path: str, out_dir: str, data_root: str | None, split: str | None,
+               strict: bool, config_name: str | None, overrides: tuple[str, ...]) -> None:
+    """Write normalised NIfTI (RAS, target spacing and shape), one montage per case, an index."""
+    from mri_vqvae.manifest import load_manifest
+    from mri_vqvae.preprocess import preprocess_manifest
+
+    config = resolve(config_name, overrides)
+    manifest = load_manifest(manifest_path, data_root=data_root, check_files=False)
+    done, failures = preprocess_manifest(manifest, config, out_dir, split=split, strict=strict)
+    click.echo(f"preprocessed {len(done)} case(s) into {Path(out_dir).resolve()} "
+               f"(index.json, images/, montages/)")
+    report_failures(failures, strict, "case(s)")
+
+
+if __name__ == "__main__":
+    preprocess()
