@@ -48,17 +48,23 @@ def run_batch(
             results.append(process(item))
         except (MriVqvaeError, OSError, RuntimeError, ValueError) as exc:
             if strict:
-                raise
-            reason = _root_cause(exc)
+                raise _innermost(exc) from None
+            reason = _describe(_innermost(exc))
             log.warning("skipping %s: %s", item.get("case_id"), reason)
             failures.append(Failure(str(item.get("case_id")), str(item.get("image")), reason))
     return results, failures
 
 
-def _root_cause(exc: BaseException) -> str:
+def _innermost(exc: BaseException) -> BaseException:
+    """The project's own error inside a MONAI wrapper (or the deepest cause)."""
     while exc.__cause__ is not None and not isinstance(exc, MriVqvaeError):
         exc = exc.__cause__
-    return f"{type(exc).__name__}: {exc}".replace("\n", " ")
+    return exc
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc) if isinstance(exc, MriVqvaeError) else f"{type(exc).__name__}: {exc}"
+    return text.replace("\n", " ")
 
 
 def write_failures(path: str | Path, failures: list[Failure]) -> None:

@@ -30,7 +30,7 @@ class DataConfig(_Strict):
     """How volumes are loaded and normalised (see `mri_vqvae.transforms`)."""
 
     spacing: Triple = Field((2.5, 2.5, 2.5), description="target voxel size in mm, RAS order")
-    spatial_size: IntTriple = Field((64, 80, 64), description="output shape (D, H, W) after pad/crop")
+    spatial_size: IntTriple = Field((64, 80, 64), description="output (D, H, W) after pad/crop")
     percentiles: tuple[float, float] = Field((0.5, 99.5), description="intensity window, in %")
     crop_foreground: bool = True
     foreground_margin: int = Field(2, ge=0, description="voxels kept around the foreground box")
@@ -38,7 +38,7 @@ class DataConfig(_Strict):
         2**28, gt=0, description="largest header-declared volume accepted (checked before reading)"
     )
     max_shear: float = Field(
-        1e-3, ge=0, description="largest |cos| between affine axes before a volume counts as sheared"
+        1e-3, ge=0, description="largest |cos| between affine axes before a volume is sheared"
     )
 
     @field_validator("spacing")
@@ -102,6 +102,139 @@ class AugmentConfig(_Strict):
     noise: NoiseAugment = NoiseAugment()
 
 
+class VQVAEConfig(_Strict):
+    """The 3D VQ-VAE (`mri_vqvae.vqvae.VQVAE`) and its EMA codebook (`mri_vqvae.quantizer`).
+
+    The latent grid is ``data.spatial_size // 2**levels`` per axis, so every axis of
+    ``data.spatial_size`` must be a multiple of ``2**levels``.
+    """
+
+    levels: int = Field(
+        3, ge=2, le=3, description="stride-2 downsamplings: 2 -> 4x, 3 -> 8x smaller per axis"
+    )
+    channels: tuple[int, ...] = Field(
+        (32, 64, 128),
+        validate_default=True,
+        description="feature channels of each level, finest first (one per level)",
+    )
+    num_res_layers: int = Field(2, ge=0, description="residual units after each downsampling")
+    num_res_channels: tuple[int, ...] = Field(
+        (32, 64, 128),
+        validate_default=True,
+        description="hidden channels inside the residual units of each level",
+    )
+    residual_kernels: tuple[int, int] = Field(
+        (3, 1),
+        description="kernel sizes of the two convolutions of a residual unit; (3, 1) is the "
+        "original VQ-VAE unit and measured faster, (3, 3) is MONAI's",
+    )
+    activation: str = Field("relu", description="relu | leaky_relu | silu | gelu")
+    norm: str = Field("none", description="none | group (GroupNorm with 8 groups)")
+    upsample: str = Field(
+        "transpose", description="transpose (4^3 transposed conv) | nearest (upsample + 3^3 conv)"
+    )
+    codebook_size: int = Field(512, ge=2, description="number of codes K")
+    embedding_dim: int = Field(64, ge=1, description="length D of each code vector")
+    commitment_cost: float = Field(0.25, ge=0, description="weight of ||z_e - sg(z_q)||^2")
+    ema_decay: float = Field(
+        0.99, ge=0, lt=1, description="EMA decay of code counts and sums (0: batch means)"
+    )
+    ema_epsilon: float = Field(1e-5, gt=0, description="Laplace smoothing of the EMA counts")
+    dead_code_threshold: float = Field(
+        0.03,
+        ge=0,
+        description="a code is dead when its EMA count is below this fraction of the uniform "
+        "share (EMA vectors per step / codebook_size); 0 disables revival",
+    )
+    revival_interval: int = Field(10, ge=1, description="training steps between dead-code checks")
+    kmeans_init: bool = Field(
+        True, description="initialise the codebook by k-means on the first training batch"
+    )
+    kmeans_iters: int = Field(10, ge=1, description="Lloyd iterations of the k-means init")
+    gradient_checkpointing: bool = Field(
+        False, description="recompute each level's activations in backward (less memory)"
+    )
+    channels_last: bool = Field(
+        True, description="run convolutions in channels_last_3d (measured faster on CPU)"
+    )
+
+    @field_validator("channels", "num_res_channels")
+    @classmethod
+    def _match_levels(cls, v: tuple[int, ...], info: Any) -> tuple[int, ...]:
+        levels = info.data.get("levels")
+        if levels is not None and len(v) != levels:
+            raise ValueError(
+                f"needs one entry per level: levels={levels} but got {len(v)} entries {v}; "
+                f"give {levels} values or change vqvae.levels"
+            )
+        if min(v, default=1) <= 0:
+            raise ValueError(f"channel counts must be positive, got {v}")
+        return v
+
+    @field_validator("residual_kernels")
+    @classmethod
+    def _odd_kernels(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if any(k <= 0 or k % 2 == 0 for k in v):
+            raise ValueError(f"residual kernels must be positive odd sizes, got {v}")
+        return v
+
+    @field_validator("activation", "norm", "upsample")
+    @classmethod
+    def _known_choice(cls, v: str, info: Any) -> str:
+        choices = {
+            "activation": ("relu", "leaky_relu", "silu", "gelu"),
+            "norm": ("none", "group"),
+            "upsample": ("transpose", "nearest"),
+        }[info.field_name]
+        if v not in choices:
+            raise ValueError(f"{info.field_name} must be one of {choices}, got {v!r}")
+        widths = info.data.get("channels", ()) + info.data.get("num_res_channels", ())
+        if v == "group" and any(c % 8 for c in widths):
+            raise ValueError(
+                f"norm='group' uses 8 groups: every channel count must be a multiple of 8, "
+                f"got {widths}"
+            )
+        return v
+
+
+class PriorConfig(_Strict):
+    """The 3D gated PixelCNN prior over VQ-VAE code grids (`mri_vqvae.prior.GatedPixelCNN3D`).
+
+    Each stack reaches ``num_layers * (kernel_size // 2)`` latents back along its axis, so the
+    defaults cover a 16^3 latent grid with half its extent as context per axis.
+    """
+
+    codebook_size: int = Field(
+        512, ge=2, description="number of codes K; must equal vqvae.codebook_size"
+    )
+    embedding_dim: int = Field(32, ge=1, description="width of the learned input-code embedding")
+    hidden_channels: int = Field(64, ge=1, description="channels C of each causal stack")
+    num_layers: int = Field(8, ge=1, description="gated layers; the first uses mask A")
+    kernel_size: int = Field(3, ge=3, description="odd size k of the causal convolution window")
+    head_channels: int = Field(128, ge=1, description="hidden width of the 1x1 output head")
+    num_classes: int = Field(
+        0, ge=0, description="0 = unconditional; else a learned class embedding in every layer"
+    )
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the width-stack gate output")
+    temperature: float = Field(1.0, ge=0, description="default sampling temperature (0 = argmax)")
+    top_k: int | None = Field(None, ge=1, description="default top-k cut for sampling; null = none")
+
+    @field_validator("kernel_size")
+    @classmethod
+    def _odd_kernel(cls, v: int) -> int:
+        if v % 2 == 0:
+            raise ValueError(f"kernel_size must be odd (the window is centred), got {v}")
+        return v
+
+    @field_validator("top_k")
+    @classmethod
+    def _top_k_in_codebook(cls, v: int | None, info: Any) -> int | None:
+        size = info.data.get("codebook_size")
+        if v is not None and size is not None and v > size:
+            raise ValueError(f"top_k={v} exceeds codebook_size={size}; use at most {size}")
+        return v
+
+
 class KitConfig(_Strict):
     """The offline real-MRI kit (`mri-vqvae data kit`)."""
 
@@ -119,6 +252,8 @@ class ExperimentConfig(_Strict):
     data: DataConfig = DataConfig()
     augment: AugmentConfig = AugmentConfig()
     kit: KitConfig = KitConfig()
+    vqvae: VQVAEConfig = VQVAEConfig()
+    prior: PriorConfig = PriorConfig()
 
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "pipelines" / "configs"
@@ -185,7 +320,7 @@ def load_config(
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML ({exc}); fix the syntax") from exc
         if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: expected a mapping at top level, got {type(loaded).__name__}")
+            raise ConfigError(f"{path}: top level must be a mapping, got {type(loaded).__name__}")
         tree = loaded
     for item in overrides:
         if "=" not in item:

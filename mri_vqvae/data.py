@@ -12,7 +12,9 @@ from mri_vqvae.config import DataConfig, config_digest
 from mri_vqvae.manifest import Manifest
 
 
-def case_items(manifest: Manifest, data: DataConfig, split: str | None = None) -> list[dict[str, Any]]:
+def case_items(
+    manifest: Manifest, data: DataConfig, split: str | None = None
+) -> list[dict[str, Any]]:
     """One dict per case of `split` (all cases if None), sorted by case_id.
 
     ``"prep"`` is the digest of the preprocessing config and ``"sha256"`` the file's checksum, so

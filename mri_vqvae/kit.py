@@ -35,8 +35,8 @@ from mri_vqvae.config import AugmentConfig, KitConfig, config_digest
 from mri_vqvae.download import fetch
 from mri_vqvae.errors import DownloadError
 from mri_vqvae.io import inspect_image, read_volume
+from mri_vqvae.manifest import Case, Manifest, sha256_file, write_manifest
 from mri_vqvae.writers import write_nifti
-from mri_vqvae.manifest import Case, Manifest, assign_splits, sha256_file, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -248,12 +248,12 @@ def make_pseudo_subject(source: Path, out: Path, augment: AugmentConfig, seed: i
     """Write one augmented copy of `source` (RAS, 1.5 mm, intensities scaled to [0, 1])."""
     from monai.transforms import Compose, EnsureChannelFirstd, Orientationd, Spacingd
 
-    from mri_vqvae.transforms import augment_only
+    from mri_vqvae.transforms import RAS_LABELS, augment_only
 
     data, affine = read_volume(source)
     chain = Compose([
         EnsureChannelFirstd("image", channel_dim="no_channel"),
-        Orientationd("image", axcodes="RAS"),
+        Orientationd("image", axcodes="RAS", labels=RAS_LABELS),
         Spacingd("image", pixdim=PSEUDO_SPACING, dtype=np.float32),
     ])
     from monai.data import MetaTensor
@@ -300,12 +300,9 @@ def build_kit(root: str | Path, kit: KitConfig, augment: AugmentConfig) -> Path:
             continue
         cases += _pseudo_cases(root, kf, kit, augment)
     manifest_path = root / MANIFEST_NAME
-    fixed = {kf.subject_id: kf.split for kf in ready}
     manifest = Manifest(
         name="offline-real-mri-kit",
-        cases=assign_splits(cases, seed=kit.seed, fixed=fixed),
-        split_seed=kit.seed,
-        split_fractions={"train": 0.0, "val": 0.0, "test": 0.0},
+        cases=tuple(cases),  # splits are fixed per subject in KIT_FILES, not drawn
         data_root=root,
         notes=(
             "Real brain MRI shipped inside public packages (see data_manifests/sources.json). "

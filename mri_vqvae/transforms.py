@@ -38,6 +38,7 @@ from mri_vqvae.config import AugmentConfig, DataConfig
 from mri_vqvae.io import MriReader
 
 IMAGE = "image"
+RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))  # explicit: silences a MONAI default change
 
 
 def foreground(x: torch.Tensor) -> torch.Tensor:
@@ -56,7 +57,7 @@ def preprocessing_steps(data: DataConfig) -> list[tuple[str, MapTransform]]:
     steps: list[tuple[str, MapTransform]] = [
         ("load", LoadImaged(IMAGE, reader=MriReader(data.max_voxels, data.max_shear))),
         ("channel_first", EnsureChannelFirstd(IMAGE, channel_dim="no_channel")),
-        ("orientation", Orientationd(IMAGE, axcodes="RAS")),
+        ("orientation", Orientationd(IMAGE, axcodes="RAS", labels=RAS_LABELS)),
         ("spacing", Spacingd(IMAGE, pixdim=data.spacing, mode="bilinear", dtype=np.float32)),
     ]
     if data.crop_foreground:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 
 import click
 
@@ -21,10 +22,13 @@ def cli(verbose: bool) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    # MONAI announces an optional GPU DICOM codec that CPU installs never have: not actionable.
+    logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")
 
 
 def _register() -> None:
-    """Attach each stage's command (imported lazily here so `--help` stays one import away)."""
+    """Attach each stage's command; stage modules import heavy libraries only when they run."""
     from pipelines import data_kit, demo, manifest_cmd, preprocess
 
     cli.add_command(demo.demo)
@@ -52,3 +56,7 @@ def main() -> None:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

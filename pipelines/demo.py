@@ -37,7 +37,8 @@ def demo(out_dir: str, kit_dir: str | None, quick: bool, config_name: str | None
     problems = verify_manifest(manifest)
     if problems:
         raise click.ClickException(f"kit manifest does not verify: {problems}")
-    click.echo(f"[2/3] manifest verified: {len(manifest.cases)} cases, digest {manifest.digest[:12]}")
+    click.echo(f"[2/3] manifest verified: {len(manifest.cases)} cases, "
+               f"digest {manifest.digest[:12]}")
     run_dir = Path(out_dir) / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     done, failures = preprocess_manifest(manifest, config, run_dir / "preprocessed")
     click.echo(f"[3/3] preprocessed {len(done)} case(s): montages in "

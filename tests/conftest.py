@@ -10,7 +10,7 @@ import pytest
 
 
 def make_head(shape: tuple[int, int, int] = (24, 28, 20), seed: int = 0) -> np.ndarray:
-    """A head-like float32 volume: bright ellipsoid 'brain' in a dimmer 'skull', noisy background."""
+    """A head-like float32 volume: bright 'brain' ellipsoid in a dimmer 'skull', noisy."""
     rng = np.random.default_rng(seed)
     grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij"))
     r = np.sqrt((grid**2).sum(0))

@@ -29,7 +29,7 @@ def test_override_parses_yaml_values() -> None:
 
 
 def test_unknown_key_suggests_closest() -> None:
-    with pytest.raises(ConfigError, match=r"unknown key 'data.spacng'.*did you mean 'data.spacing'"):
+    with pytest.raises(ConfigError, match=r"'data.spacng'.*did you mean 'data.spacing'"):
         load_config(overrides=["data.spacng=2"])
 
 

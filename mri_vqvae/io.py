@@ -1,0 +1,211 @@
+"""Reading MRI volumes in the formats radiology research uses, validated before they are trusted.
+
+Formats (`detect_format` names):
+
+- ``"nifti"``: .nii / .nii.gz (nibabel; NIfTI-1 and NIfTI-2)
+- ``"dicom_series"``: a folder of classic 2D DICOM slices of one series
+- ``"dicom_multiframe"``: one enhanced multi-frame DICOM file (PerFrameFunctionalGroupsSequence)
+- ``"dicom_mosaic"``: one Siemens mosaic DICOM file (geometry from its CSA header)
+- ``"dicom_slice"``: one classic 2D DICOM slice; detected so it can be refused as 2D data
+- ``"itk"``: .nrrd / .nhdr / .mha / .mhd (SimpleITK)
+
+Every volume comes out as a (X, Y, Z) float32 array with a (4, 4) voxel -> RAS affine. Anything
+wrong with a file (missing, unknown type, truncated, too large, 2D/4D/5D, NaN/Inf, constant,
+sheared, broken DICOM series) raises `InvalidImageError`; so does any exception a library raises
+on malformed input. Only geometry goes into MONAI metadata, never header free text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from monai.data import ImageReader
+from monai.utils import MetaKeys, SpaceKeys
+
+from mri_vqvae.config import DataConfig
+from mri_vqvae.errors import InvalidImageError
+from mri_vqvae.readers import dicom, itk, nifti
+from mri_vqvae.readers.common import Header, check_affine, check_values, guard, spacing_of
+
+__all__ = [
+    "FORMATS",
+    "ImageInfo",
+    "MriReader",
+    "detect_format",
+    "inspect_image",
+    "read_volume",
+]
+
+DEFAULT_MAX_VOXELS: int = DataConfig.model_fields["max_voxels"].default
+DEFAULT_MAX_SHEAR: float = DataConfig.model_fields["max_shear"].default
+
+_NIFTI_SUFFIXES = (".nii", ".nii.gz")
+_ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
+_DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
+
+Probe = Callable[[Path, int], Header]
+Load = Callable[[Path, Header], np.ndarray]
+_HANDLERS: dict[str, tuple[Probe, Load | None]] = {
+    "nifti": (nifti.probe, nifti.load),
+    "dicom_series": (dicom.probe_series, dicom.load_series),
+    "dicom_multiframe": (dicom.probe_multiframe, dicom.load_multiframe),
+    "dicom_mosaic": (dicom.probe_mosaic, dicom.load_mosaic),
+    "dicom_slice": (dicom.probe_slice, None),  # probe always refuses it as 2D data
+    "itk": (itk.probe, itk.load),
+}
+FORMATS: tuple[str, ...] = tuple(_HANDLERS)
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What the header declares: format (one of `FORMATS`), (X, Y, Z) shape, voxel size in mm."""
+
+    format: str
+    shape: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+
+
+def _has_dicom_magic(path: Path) -> bool:
+    with guard(path, "a file"), path.open("rb") as fh:
+        return fh.read(132)[128:132] == b"DICM"
+
+
+def detect_format(path: str | Path) -> str:
+    """Name of the reader for `path` (see `FORMATS`); reads at most one DICOM header.
+
+    A folder is a DICOM series. DICOM files are recognised by their "DICM" preamble, whatever
+    their name (scanners often write names without extension), or by a .dcm/.dicom/.ima suffix.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise InvalidImageError(
+            p, "path does not exist", "check the path (and the root it is relative to)"
+        )
+    if p.is_dir():
+        return "dicom_series"
+    name = p.name.lower()
+    if name.endswith(_NIFTI_SUFFIXES):
+        return "nifti"
+    if name.endswith(_ITK_SUFFIXES):
+        return "itk"
+    if name.endswith(_DICOM_SUFFIXES) or _has_dicom_magic(p):
+        return dicom.classify(p)
+    raise InvalidImageError(
+        p,
+        f"unknown image type (extension {''.join(p.suffixes)!r}, no DICOM preamble)",
+        "give a NIfTI (.nii/.nii.gz), NRRD (.nrrd/.nhdr), MetaImage (.mha/.mhd) or DICOM file, "
+        "or a folder holding one DICOM series; decompress .gz archives other than .nii.gz",
+    )
+
+
+def _probe(path: Path, max_voxels: int, max_shear: float) -> tuple[str, Header]:
+    fmt = detect_format(path)
+    with guard(path, f"{fmt} header"):  # last resort: the readers guard every library call
+        header = _HANDLERS[fmt][0](path, max_voxels)
+    check_affine(path, header.affine, max_shear)
+    return fmt, header
+
+
+def inspect_image(
+    path: str | Path,
+    max_voxels: int = DEFAULT_MAX_VOXELS,
+    max_shear: float = DEFAULT_MAX_SHEAR,
+) -> ImageInfo:
+    """Format, (X, Y, Z) shape and voxel size from headers only; validates them, reads no voxel.
+
+    A DICOM series reads every slice header (geometry: gaps, duplicates, spacing).
+    """
+    fmt, header = _probe(Path(path), max_voxels, max_shear)
+    return ImageInfo(fmt, header.shape, spacing_of(header.affine))
+
+
+def _read(path: Path, max_voxels: int, max_shear: float) -> tuple[str, np.ndarray, np.ndarray]:
+    fmt, header = _probe(path, max_voxels, max_shear)
+    load = _HANDLERS[fmt][1]
+    assert load is not None, f"{fmt} has no loader but its probe accepted {path}"
+    with guard(path, f"{fmt} voxel data"):
+        data = load(path, header)
+    assert data.shape == header.shape and data.dtype == np.float32, (data.shape, header.shape)
+    check_values(path, data)
+    return fmt, data, np.array(header.affine, dtype=np.float64)
+
+
+def read_volume(
+    path: str | Path,
+    max_voxels: int = DEFAULT_MAX_VOXELS,
+    max_shear: float = DEFAULT_MAX_SHEAR,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Read and validate one volume: ((X, Y, Z) float32 voxels, (4, 4) voxel -> RAS affine)."""
+    _, data, affine = _read(Path(path), max_voxels, max_shear)
+    return data, affine
+
+
+def geometry_meta(path: str | Path, fmt: str, affine: np.ndarray, shape: Sequence[int]) -> dict:
+    """MONAI metadata of one (X, Y, Z) volume: geometry only, never header free text."""
+    spacing = np.array(spacing_of(affine))
+    return {
+        MetaKeys.AFFINE.value: np.array(affine, dtype=np.float64),
+        MetaKeys.ORIGINAL_AFFINE.value: np.array(affine, dtype=np.float64),
+        MetaKeys.SPATIAL_SHAPE.value: np.array(shape, dtype=np.int64),
+        MetaKeys.SPACE.value: SpaceKeys.RAS.value,
+        MetaKeys.ORIGINAL_CHANNEL_DIM.value: "no_channel",
+        MetaKeys.PIXDIM.value: np.r_[1.0, spacing, 1.0, 1.0, 1.0, 1.0],
+        "spacing": spacing,
+        "format": fmt,
+        "filename_or_obj": str(path),
+    }
+
+
+class MriReader(ImageReader):
+    """MONAI reader over `read_volume`: ``LoadImaged("image", reader=MriReader(...))``.
+
+    `read` only records the paths; all reading and validation happen in `get_data`. This is on
+    purpose: `LoadImage` catches exceptions from `read` and silently retries with its default
+    readers (which would load a file this reader refused), but lets `get_data` errors through,
+    so an `InvalidImageError` reaches the caller.
+
+    Output of `get_data`: (X, Y, Z) float32 with ``original_channel_dim = "no_channel"`` for one
+    path; several paths are stacked as channels (C, X, Y, Z) and must share shape and affine.
+    """
+
+    def __init__(
+        self, max_voxels: int = DEFAULT_MAX_VOXELS, max_shear: float = DEFAULT_MAX_SHEAR
+    ) -> None:
+        super().__init__()
+        self.max_voxels = int(max_voxels)
+        self.max_shear = float(max_shear)
+
+    def verify_suffix(self, filename: Sequence[str | Path] | str | Path) -> bool:
+        """True when every name is a folder or ends in a suffix this reader knows."""
+        names = [filename] if isinstance(filename, (str, Path)) else list(filename)
+        known = _NIFTI_SUFFIXES + _ITK_SUFFIXES + _DICOM_SUFFIXES
+        return bool(names) and all(
+            Path(n).is_dir() or str(n).lower().endswith(known) for n in names
+        )
+
+    def read(self, data: Sequence[str | Path] | str | Path, **kwargs: Any) -> list[Path]:
+        """The paths to read later in `get_data` (no I/O here, see the class docstring)."""
+        names = [data] if isinstance(data, (str, Path)) else list(data)
+        return [Path(n) for n in names]
+
+    def get_data(self, img: Any) -> tuple[np.ndarray, dict]:
+        """Read and validate: ((X, Y, Z) or (C, X, Y, Z) float32, geometry-only meta dict)."""
+        paths = [img] if isinstance(img, (str, Path)) else list(img)
+        volumes = [_read(Path(p), self.max_voxels, self.max_shear) for p in paths]
+        fmt, data, affine = volumes[0]
+        meta = geometry_meta(paths[0], fmt, affine, data.shape)
+        if len(volumes) == 1:
+            return data, meta
+        for p, (_, other, other_affine) in zip(paths[1:], volumes[1:], strict=True):
+            if other.shape != data.shape or not np.allclose(other_affine, affine, atol=1e-4):
+                raise InvalidImageError(
+                    p,
+                    f"grid {other.shape} differs from {paths[0]} {data.shape}",
+                    "channels stacked in one item must share shape and affine: resample first",
+                )
+        meta[MetaKeys.ORIGINAL_CHANNEL_DIM.value] = 0
+        return np.stack([v for _, v, _ in volumes]), meta
