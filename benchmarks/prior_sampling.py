@@ -1,0 +1,199 @@
+"""Sampling speed of the 3D gated PixelCNN prior: cached vs naive sampler, and MONAI's transformer.
+
+Prints one JSON object. For each latent grid (8^3, 16^3) and batch (1, 8):
+
+* ``fast_s``: `GatedPixelCNN3D.sample(method="fast")`, always timed end to end;
+* ``naive_s``: ``method="naive"``; timed end to end where ``naive_extrapolated`` is false,
+  otherwise the mean time of evenly spaced positions (each recomputed from scratch, exactly what
+  the naive sampler does there) times the number of positions;
+* ``forward_per_position_s``: the textbook naive sampler (one vectorised ``forward`` of the whole
+  grid per position), always extrapolated from a few timed forwards.
+
+``monai`` times ``monai.inferers.VQVAETransformerInferer.sample`` with a
+``monai.networks.nets.DecoderOnlyTransformer`` of about the prior's parameter count on the 8^3
+grid (raster ordering, no KV cache, as MONAI samples). Its VQ-VAE is a stub whose
+``decode_samples`` returns the indices, so only the transformer's sampling is timed. Timed on the
+first tokens and extrapolated with timed forwards at growing lengths unless labelled measured.
+
+Usage: ``python benchmarks/prior_sampling.py [--quick] [--threads 1]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from mri_vqvae.config import PriorConfig
+from mri_vqvae.prior import GatedPixelCNN3D
+from mri_vqvae.sampling import StepState, naive_logits_at, sample_categorical
+
+
+def seconds(fn: Callable[[], object], reps: int = 1) -> float:
+    """Mean wall time of ``reps`` calls of ``fn``."""
+    start = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - start) / reps
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def naive_estimate(model: GatedPixelCNN3D, shape: tuple[int, ...], probes: int) -> float:
+    """Naive-sampler seconds estimated from ``probes`` evenly spaced positions of a real sample."""
+    batch, d, h, w = shape
+    codes = model.sample(shape, gen(0))
+    state = StepState(model, batch, (d, h, w), None)
+    total = d * h * w
+    picks = [int((i + 0.5) * total / probes) for i in range(probes)]
+    start = time.perf_counter()
+    for flat in picks:
+        z, rest = divmod(flat, h * w)
+        y, x = divmod(rest, w)
+        sample_categorical(naive_logits_at(state, codes, z, y, x), gen(flat))
+    return (time.perf_counter() - start) / probes * total
+
+
+def bench_prior(model: GatedPixelCNN3D, grid: int, batch: int, quick: bool) -> dict[str, Any]:
+    shape = (batch, grid, grid, grid)
+    positions = grid**3
+    row: dict[str, Any] = {"grid": f"{grid}x{grid}x{grid}", "batch": batch}
+    with torch.no_grad():
+        row["fast_s"] = round(seconds(lambda: model.sample(shape, gen(1))), 3)
+        measure_naive = not quick and grid <= 8
+        if measure_naive:
+            naive = seconds(lambda: model.sample(shape, gen(1), method="naive"))
+            row["naive_estimate_s"] = round(naive_estimate(model, shape, 16), 2)
+        else:
+            naive = naive_estimate(model, shape, 8 if quick else 24)
+        row["naive_s"] = round(naive, 2)
+        row["naive_extrapolated"] = not measure_naive
+        codes = torch.zeros(shape, dtype=torch.long)
+        model(codes)  # warm-up
+        fwd = seconds(lambda: model(codes), reps=2 if quick else 3)
+    row["forward_per_position_s"] = round(fwd * positions, 2)
+    row["forward_per_position_extrapolated"] = True
+    row["speedup_vs_naive"] = round(naive / row["fast_s"], 1)
+    row["speedup_vs_forward_per_position"] = round(fwd * positions / row["fast_s"], 1)
+    return row
+
+
+class _IndexStub:
+    """Stands in for MONAI's VQVAE: BOS token id and an identity ``decode_samples``."""
+
+    def __init__(self, num_embeddings: int) -> None:
+        self.num_embeddings = num_embeddings
+
+    def decode_samples(self, latent: torch.Tensor) -> torch.Tensor:
+        return latent
+
+
+def bench_monai(target_params: int, codebook_size: int, batch: int, quick: bool) -> dict[str, Any]:
+    """MONAI transformer sampling on an 8^3 grid (measured or extrapolated, labelled)."""
+    try:
+        from monai.inferers import VQVAETransformerInferer
+        from monai.networks.nets import DecoderOnlyTransformer
+        from monai.utils.ordering import Ordering
+    except ImportError as exc:  # einops is an optional MONAI dependency
+        return {"skipped": f"MONAI transformer unavailable: {exc}"}
+    grid, dim, heads = 8, 128, 4
+    seq = grid**3
+    stub = _IndexStub(codebook_size)
+
+    def build(depth: int) -> torch.nn.Module:
+        return DecoderOnlyTransformer(
+            num_tokens=codebook_size + 1,
+            max_seq_len=seq + 1,
+            attn_layers_dim=dim,
+            attn_layers_depth=depth,
+            attn_layers_heads=heads,
+        ).eval()
+
+    def count(m: torch.nn.Module) -> int:
+        return sum(p.numel() for p in m.parameters())
+
+    depth = min(range(1, 17), key=lambda n: abs(count(build(n)) - target_params))
+    model = build(depth)
+    torch.manual_seed(0)
+    inferer = VQVAETransformerInferer()
+    bos = torch.full((batch, 1), codebook_size, dtype=torch.long)
+
+    def run(tokens: tuple[int, int, int]) -> None:
+        order = Ordering("raster_scan", spatial_dims=3, dimensions=(1, *tokens))
+        inferer.sample(tokens, bos, stub, model, order, verbose=False)
+
+    out: dict[str, Any] = {
+        "grid": f"{grid}x{grid}x{grid}",
+        "batch": batch,
+        "transformer": {"dim": dim, "depth": depth, "heads": heads, "params": count(model)},
+    }
+    if not quick and batch == 1:
+        out["seconds"] = round(seconds(lambda: run((grid, grid, grid))), 2)
+        out["extrapolated"] = False
+        return out
+    first = 32
+    head_s = seconds(lambda: run((1, 1, first)))
+    lengths = [first, 128, 256, 384, seq] if not quick else [first, 256, seq]
+    per_len = {}
+    with torch.no_grad():
+        for n in lengths:
+            x = torch.randint(0, codebook_size, (batch, n))
+            model(x=x)
+            per_len[n] = seconds(lambda x=x: model(x=x), reps=2)
+    rest = 0.0
+    for n in range(first + 1, seq + 1):  # step n forwards n tokens (BOS + n - 1 codes)
+        lo = max(v for v in lengths if v <= n)
+        hi = min(v for v in lengths if v >= n)
+        frac = 0.0 if hi == lo else (n - lo) / (hi - lo)
+        rest += per_len[lo] + frac * (per_len[hi] - per_len[lo])
+    out["seconds"] = round(head_s + rest, 2)
+    out["extrapolated"] = True
+    out["how"] = (
+        f"first {first} tokens sampled by the inferer and timed; tokens {first + 1}..{seq} "
+        f"from forward times at lengths {lengths}, linearly interpolated"
+    )
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="extrapolate every slow baseline")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch intra-op threads (default 1: small ops)"
+    )
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    cfg = PriorConfig()
+    model = GatedPixelCNN3D(cfg).eval()
+    params = sum(p.numel() for p in model.parameters())
+    rows = [bench_prior(model, g, b, args.quick) for g in (8, 16) for b in (1, 8)]
+    monai = [bench_monai(params, cfg.codebook_size, b, args.quick) for b in (1, 8)]
+    for entry in monai:
+        prior = next(r for r in rows if r["grid"] == "8x8x8" and r["batch"] == entry["batch"])
+        if "seconds" in entry:
+            entry["prior_fast_speedup"] = round(entry["seconds"] / prior["fast_s"], 1)
+    report = {
+        "benchmark": "prior_sampling",
+        "quick": args.quick,
+        "threads": args.threads,
+        "cpu_count": os.cpu_count(),
+        "machine": platform.machine(),
+        "torch": torch.__version__,
+        "prior": {"config": cfg.model_dump(), "params": params},
+        "prior_sampling": rows,
+        "monai_transformer_8cubed": monai,
+    }
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
