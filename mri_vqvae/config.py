@@ -241,6 +241,7 @@ class KitConfig(_Strict):
     pseudo_subjects: int = Field(
         8, ge=0, description="augmented templates made per training source (not patients)"
     )
+    spacing: float = Field(1.5, gt=0, description="isotropic mm of the written pseudo-subjects")
     seed: int = 0
 
 

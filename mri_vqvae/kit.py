@@ -27,21 +27,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from mri_vqvae.atomic import atomic_path, atomic_write_text
 from mri_vqvae.config import AugmentConfig, KitConfig, config_digest
 from mri_vqvae.download import fetch
 from mri_vqvae.errors import DownloadError
-from mri_vqvae.io import inspect_image, read_volume
+from mri_vqvae.io import inspect_image
 from mri_vqvae.manifest import Case, Manifest, sha256_file, write_manifest
+from mri_vqvae.transforms import pseudo_subject_chain
 from mri_vqvae.writers import write_nifti
 
 log = logging.getLogger(__name__)
 
 PYPI_SIMPLE = os.environ.get("PIP_INDEX_URL", "https://pypi.org/simple").rstrip("/")
-PSEUDO_SPACING = 1.5  # mm: pseudo-subjects are written at this isotropic spacing
 MANIFEST_NAME = "kit_manifest.json"
 
 
@@ -244,28 +243,13 @@ def kit_augmentation(augment: AugmentConfig) -> AugmentConfig:
     )
 
 
-def make_pseudo_subject(source: Path, out: Path, augment: AugmentConfig, seed: int) -> None:
-    """Write one augmented copy of `source` (RAS, 1.5 mm, intensities scaled to [0, 1])."""
-    from monai.transforms import Compose, EnsureChannelFirstd, Orientationd, Spacingd
-
-    from mri_vqvae.transforms import RAS_LABELS, augment_only
-
-    data, affine = read_volume(source)
-    chain = Compose([
-        EnsureChannelFirstd("image", channel_dim="no_channel"),
-        Orientationd("image", axcodes="RAS", labels=RAS_LABELS),
-        Spacingd("image", pixdim=PSEUDO_SPACING, dtype=np.float32),
-    ])
-    from monai.data import MetaTensor
-
-    image = MetaTensor(torch.as_tensor(data), affine=torch.as_tensor(affine))
-    item = chain({"image": image})
-    vol = item["image"]
-    lo, hi = torch.quantile(vol.reshape(-1)[::7], torch.tensor([0.005, 0.995]))
-    vol = ((vol - lo) / (hi - lo)).clamp(0, 1)
-    aug = augment_only(kit_augmentation(augment), seed)({"image": vol})["image"]
-    arr = np.asarray(aug[0].detach().cpu().numpy(), dtype=np.float32).clip(0, None)
-    write_nifti(out, arr, np.asarray(vol.affine, dtype=np.float64))
+def make_pseudo_subject(source: Path, out: Path, kit: KitConfig, augment: AugmentConfig,
+                        seed: int) -> None:
+    """Write one augmented copy of `source` (RAS, `kit.spacing` mm, intensities in [0, 1])."""
+    chain = pseudo_subject_chain(kit.spacing, kit_augmentation(augment), seed)
+    image = chain({"image": str(source)})["image"]  # MetaTensor (1, X, Y, Z)
+    volume = image[0].detach().cpu().numpy().clip(0, None)
+    write_nifti(out, volume, np.asarray(image.affine, dtype=np.float64))
 
 
 # --- the manifest ---------------------------------------------------------------------------
@@ -320,13 +304,13 @@ def _pseudo_cases(root: Path, kf: KitFile, kit: KitConfig, augment: AugmentConfi
     cases = []
     source = root / real_path(kf)
     # A folder per augmentation setting, so a changed config never reuses stale pseudo-subjects.
-    tag = f"s{kit.seed}-" + config_digest(kit_augmentation(augment))[:10]
+    tag = f"s{kit.seed}-{kit.spacing:g}mm-" + config_digest(kit_augmentation(augment))[:10]
     for i in range(kit.pseudo_subjects):
         case_id = f"{kf.subject_id}-aug{i:02d}"
         rel = f"augmented/{tag}/{case_id}.nii.gz"
         if not (root / rel).is_file():
             seed = kit.seed * 100_003 + KIT_FILES.index(kf) * 1_000 + i
-            make_pseudo_subject(source, root / rel, augment, seed)
+            make_pseudo_subject(source, root / rel, kit, augment, seed)
         cases.append(_case(root, rel, kf, case_id, "augmented", kf.subject_id))
     return cases
 

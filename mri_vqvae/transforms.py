@@ -149,3 +149,23 @@ def augment_only(augment: AugmentConfig, seed: int) -> Compose:
     chain = Compose([t for _, t in augmentation_steps(augment)] + [EnsureTyped(IMAGE)])
     chain.set_random_state(seed=seed)
     return chain
+
+
+def pseudo_subject_chain(spacing: float, augment: AugmentConfig, seed: int) -> Compose:
+    """Load → RAS → isotropic `spacing` → percentile scaling to [0, 1] → the random steps.
+
+    Used by the offline kit to write augmented templates; seeded, so each one is replayable.
+    """
+    chain = Compose(
+        [
+            LoadImaged(IMAGE, reader=MriReader()),
+            EnsureChannelFirstd(IMAGE, channel_dim="no_channel"),
+            Orientationd(IMAGE, axcodes="RAS", labels=RAS_LABELS),
+            Spacingd(IMAGE, pixdim=spacing, mode="bilinear", dtype=np.float32),
+            ScaleIntensityRangePercentilesd(IMAGE, 0.5, 99.5, b_min=0.0, b_max=1.0, clip=True),
+        ]
+        + [t for _, t in augmentation_steps(augment)]
+        + [EnsureTyped(IMAGE, dtype=torch.float32)]
+    )
+    chain.set_random_state(seed=seed)
+    return chain
