@@ -143,10 +143,12 @@ class VQVAEConfig(_Strict):
     dead_code_threshold: float = Field(
         0.03,
         ge=0,
-        description="a code is dead when its EMA count is below this fraction of the uniform "
-        "share (EMA vectors per step / codebook_size); 0 disables revival",
+        description="a code is dead when, over the last revival_interval steps, it was used "
+        "fewer than this fraction of the average code's uses; 0 disables revival",
     )
-    revival_interval: int = Field(10, ge=1, description="training steps between dead-code checks")
+    revival_interval: int = Field(
+        50, ge=1, description="training steps between dead-code checks (the usage window)"
+    )
     kmeans_init: bool = Field(
         True, description="initialise the codebook by k-means on the first training batch"
     )
@@ -235,6 +237,59 @@ class PriorConfig(_Strict):
         return v
 
 
+class TrainConfig(_Strict):
+    """VQ-VAE training (`mri_vqvae.training`, `mri-vqvae train-vqvae`).
+
+    Progress is counted in optimizer steps (one batch each): the run stops after ``max_steps``.
+    An epoch is ``ceil(train cases / batch_size)`` steps, one pass over a seeded permutation of
+    the train split; every ``*_every`` period is in steps. The loss is the reconstruction loss
+    (``loss``) plus the model's commitment loss.
+    """
+
+    max_steps: int = Field(20_000, ge=1, description="optimizer steps to train for")
+    batch_size: int = Field(2, ge=1, description="volumes per step")
+    lr: float = Field(2e-4, gt=0, description="AdamW learning rate (constant)")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay")
+    grad_clip: float | None = Field(
+        1.0, gt=0, description="clip the global gradient norm to this; null = no clipping"
+    )
+    loss: str = Field("l1", description="reconstruction loss: l1 | mse")
+    log_every: int = Field(10, ge=1, description="steps between train lines in metrics.jsonl")
+    val_every: int = Field(500, ge=1, description="steps between validations (and at the end)")
+    checkpoint_every: int = Field(
+        500, ge=1, description="steps between checkpoints/last saves (and at the end)"
+    )
+    preview_every: int = Field(1000, ge=1, description="steps between preview montages")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes (0: main process)")
+    bf16: bool = Field(False, description="bfloat16 autocast for encoder/decoder (CPU or GPU)")
+    time_limit_minutes: float | None = Field(
+        None,
+        gt=0,
+        description="wall-clock minutes from the command's start (data caching included); when "
+        "exceeded, stop after the current step with a resumable checkpoint; null = no limit",
+    )
+    cache_dir: str | None = Field(
+        None, description="PersistentDataset folder for preprocessed volumes; null = in memory"
+    )
+    device: str = Field("auto", description="auto (cuda when available) | cpu | cuda")
+
+    @field_validator("loss", "device")
+    @classmethod
+    def _known_choice(cls, v: str, info: Any) -> str:
+        choices = {"loss": ("l1", "mse"), "device": ("auto", "cpu", "cuda")}[info.field_name]
+        if v not in choices:
+            raise ValueError(f"{info.field_name} must be one of {choices}, got {v!r}")
+        return v
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= b < 1 for b in v):
+            raise ValueError(f"betas must lie in [0, 1), got {v}")
+        return v
+
+
 class KitConfig(_Strict):
     """The offline real-MRI kit (`mri-vqvae data kit`)."""
 
@@ -255,6 +310,7 @@ class ExperimentConfig(_Strict):
     kit: KitConfig = KitConfig()
     vqvae: VQVAEConfig = VQVAEConfig()
     prior: PriorConfig = PriorConfig()
+    train_vqvae: TrainConfig = TrainConfig()
 
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "pipelines" / "configs"

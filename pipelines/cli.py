@@ -29,12 +29,13 @@ def cli(verbose: bool) -> None:
 
 def _register() -> None:
     """Attach each stage's command; stage modules import heavy libraries only when they run."""
-    from pipelines import data_kit, demo, manifest_cmd, preprocess
+    from pipelines import data_kit, demo, manifest_cmd, preprocess, train_vqvae
 
     cli.add_command(demo.demo)
     cli.add_command(data_kit.data)
     cli.add_command(manifest_cmd.manifest)
     cli.add_command(preprocess.preprocess)
+    cli.add_command(train_vqvae.train_vqvae)
 
 
 _register()

@@ -1,0 +1,50 @@
+"""`mri-vqvae train-vqvae`: train the 3D VQ-VAE on a manifest (also ``python -m`` this module)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from pipelines.common import config_options, resolve
+
+
+@click.command("train-vqvae")
+@click.option("--manifest", "manifest_path", required=True, type=click.Path(dir_okay=False),
+              help="Dataset manifest: trains on its train split, validates on its val split.")
+@click.option("--data-root", default=None, type=click.Path(file_okay=False),
+              help="Override the manifest's data root.")
+@click.option("--resume", "resume_dir", default=None, type=click.Path(file_okay=False),
+              help="Continue this run folder from its checkpoints/last (default config: the "
+              "run's own config.yaml).")
+@click.option("--runs-root", default="runs", show_default=True, type=click.Path(file_okay=False),
+              help="New runs go to RUNS_ROOT/vqvae/<UTC>-<config>-s<seed>/.")
+@config_options
+def train_vqvae(manifest_path: str, data_root: str | None, resume_dir: str | None,
+                runs_root: str, config_name: str | None, overrides: tuple[str, ...]) -> None:
+    """Train the VQ-VAE; writes checkpoints, metrics, TensorBoard scalars and previews."""
+    from mri_vqvae import training
+
+    if resume_dir is not None and config_name is None:
+        own = Path(resume_dir) / "config.yaml"
+        if not own.is_file():
+            raise click.BadParameter(f"{own} does not exist: is this a run folder?",
+                                     param_hint="--resume")
+        config_name = str(own)
+    config = resolve(config_name, overrides)
+    result = training.train_vqvae(config, manifest_path, runs_root=runs_root, resume=resume_dir,
+                                  data_root=data_root, argv=sys.argv)
+    best = f"{result.best_psnr:.2f} dB" if result.best_psnr is not None else "n/a"
+    click.echo(f"run written to {result.run_dir.resolve()} (step {result.step}, "
+               f"{result.stop_reason}; best val PSNR {best})")
+    if result.stop_reason != "max_steps":
+        click.echo(f"continue with: mri-vqvae train-vqvae --manifest {manifest_path} "
+                   f"--resume {result.run_dir}")
+
+
+if __name__ == "__main__":
+    from pipelines.cli import main
+
+    sys.argv.insert(1, "train-vqvae")  # same as `mri-vqvae train-vqvae ...`, same error handling
+    main()
