@@ -14,7 +14,7 @@ Layout per level ``i`` (finest first)::
 
 The residual unit is ``act(x + conv_b(act(conv_a(x))))`` with kernels ``residual_kernels``
 (default (3, 1), the original VQ-VAE unit; MONAI's is (3, 3)). Why the model is our own and not
-``monai.networks.nets.VQVAE``: see docs/vqvae_model.md (measured in benchmarks/vqvae_throughput.py).
+``monai.networks.nets.VQVAE``: docs/vqvae.md; measured by benchmarks/vqvae_throughput.py.
 """
 
 from __future__ import annotations
