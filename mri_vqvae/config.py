@@ -14,7 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from mri_vqvae.errors import ConfigError
 
@@ -238,12 +245,14 @@ class PriorConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    """VQ-VAE training (`mri_vqvae.training`, `mri-vqvae train-vqvae`).
+    """One training run (`mri_vqvae.training`): ``train_vqvae`` and ``train_prior`` sections.
 
     Progress is counted in optimizer steps (one batch each): the run stops after ``max_steps``.
     An epoch is ``ceil(train cases / batch_size)`` steps, one pass over a seeded permutation of
-    the train split; every ``*_every`` period is in steps. The loss is the reconstruction loss
-    (``loss``) plus the model's commitment loss.
+    the train split; every ``*_every`` period is in steps. The VQ-VAE's loss is the
+    reconstruction loss (``loss``) plus the model's commitment loss. The prior's loss is the
+    cross-entropy of the code grids (``loss``, ``preview_every`` and ``cache_dir`` do not apply
+    to it; ``batch_size`` counts code grids).
     """
 
     max_steps: int = Field(20_000, ge=1, description="optimizer steps to train for")
@@ -311,6 +320,18 @@ class ExperimentConfig(_Strict):
     vqvae: VQVAEConfig = VQVAEConfig()
     prior: PriorConfig = PriorConfig()
     train_vqvae: TrainConfig = TrainConfig()
+    train_prior: TrainConfig = TrainConfig()
+
+    @model_validator(mode="after")
+    def _same_codebook(self) -> ExperimentConfig:
+        if self.prior.codebook_size != self.vqvae.codebook_size:
+            raise ValueError(
+                f"prior.codebook_size={self.prior.codebook_size} differs from "
+                f"vqvae.codebook_size={self.vqvae.codebook_size}: the prior models the VQ-VAE's "
+                f"codes, so both must be equal; set both to the same value, e.g. "
+                f"--set prior.codebook_size={self.vqvae.codebook_size}"
+            )
+        return self
 
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "pipelines" / "configs"
@@ -342,7 +363,9 @@ def _explain(err: ValidationError, source: str) -> str:
     valid = _valid_keys(ExperimentConfig)
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"])
-        if e["type"] == "extra_forbidden":
+        if not key:  # a check across sections (model_validator): the message says it all
+            lines.append(f"  {str(e['msg']).removeprefix('Value error, ')}")
+        elif e["type"] == "extra_forbidden":
             close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             lines.append(f"  unknown key {key!r}{hint}")

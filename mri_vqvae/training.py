@@ -1,46 +1,62 @@
-"""VQ-VAE training: one plain step loop (single process) with exact resume.
+"""Training runs of the VQ-VAE and of the prior: one plain step loop with exact resume.
 
-Data. The deterministic preprocessing chain runs once per case (MONAI `CacheDataset` in memory,
-or `PersistentDataset` on disk when ``train_vqvae.cache_dir`` is set). The random augmentation
-steps then run per item with a seed derived from ``(config seed, epoch, dataset index)``, so an
-augmented volume does not depend on the worker count or on what was drawn before. Step ``s``
-(0-based) trains on chunk ``s % steps_per_epoch`` of epoch ``s // steps_per_epoch``'s
-permutation, drawn from a `torch.Generator` seeded with ``(seed, epoch)``: the global step alone
-fixes the position in the data, so a resume restarts at the exact batch.
+Both stages share the loop, the run folder, checkpoints and resume (`_Session` and `_run`); a
+stage says what one step trains on, how it validates and what its checkpoints record.
+
+VQ-VAE data. The deterministic preprocessing chain runs once per case (MONAI `CacheDataset` in
+memory, or `PersistentDataset` on disk when ``train_vqvae.cache_dir`` is set). The random
+augmentation steps then run per item with a seed derived from ``(config seed, epoch, dataset
+index)``, so an augmented volume does not depend on the worker count or on what was drawn before.
+
+Prior data. The uint16 code grids of a latents folder (`mri_vqvae.latents`), held in memory as
+int64; no augmentation. The loss is the cross-entropy of each code given the codes before it,
+reported in nats (``loss``) and bits per latent (nats / ln 2).
+
+Batch order. Step ``s`` (0-based) trains on chunk ``s % steps_per_epoch`` of epoch
+``s // steps_per_epoch``'s permutation, drawn from a `torch.Generator` seeded with
+``(seed, epoch)``: the global step alone fixes the position in the data, so a resume restarts at
+the exact batch.
 
 Exact resume. ``checkpoints/last`` holds the weights and buffers (EMA codebook included),
-the optimizer state, the step, the best validation PSNR and every random state, captured after
+the optimizer state, the step, the best validation metric and every random state, captured after
 all the work of its step (validation, preview). Resuming rebuilds the model, loads that state,
 restores the random states last and continues with the next batch; metrics.jsonl loses the lines
 written after the checkpoint. On CPU the result is bit-identical to an uninterrupted run.
 
-Run folder (`mri_vqvae.runs`): config.yaml, manifest.json, run.json, metrics.jsonl, tb/,
-previews/step_XXXXXXX.png, checkpoints/{last,best}/ (best = highest mean validation PSNR).
+Run folders (`mri_vqvae.runs`): config.yaml, run.json, metrics.jsonl, tb/, previews/,
+checkpoints/{last,best}/. VQ-VAE runs add manifest.json and previews/step_XXXXXXX.png; best is
+the highest mean validation PSNR. Prior runs add latents_index.json (a copy of the latents'
+index.json) and, once complete, likelihood.json; best is the lowest val bits per latent. The
+prior's checkpoints and run.json record the latents' provenance (`LatentIndex.provenance`).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.data import CacheDataset, MetaTensor
 from monai.transforms import Compose
-from torch import Tensor
+from pydantic import BaseModel
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from mri_vqvae.atomic import atomic_write_bytes, atomic_write_text
 from mri_vqvae.checkpoint import (
     build_resume_state,
     load_checkpoint,
@@ -52,8 +68,17 @@ from mri_vqvae.checkpoint import (
 from mri_vqvae.config import ExperimentConfig, TrainConfig
 from mri_vqvae.data import case_items, make_dataset
 from mri_vqvae.errors import CheckpointError, MriVqvaeError
+from mri_vqvae.latents import INDEX as LATENTS_INDEX
+from mri_vqvae.latents import (
+    LatentDataset,
+    LatentIndex,
+    load_latents,
+    uniform_bits,
+    unigram_bits,
+)
 from mri_vqvae.manifest import Manifest, load_manifest
 from mri_vqvae.metrics import mean_of, psnr, ssim
+from mri_vqvae.prior import GatedPixelCNN3D
 from mri_vqvae.quantizer import usage
 from mri_vqvae.report import orthogonal_montage
 from mri_vqvae.runs import RunRecorder, new_run_dir, seed_everything
@@ -62,8 +87,9 @@ from mri_vqvae.vqvae import VQVAE
 
 log = logging.getLogger(__name__)
 
-STAGE = "vqvae"
-KIND = "vqvae"
+LN2 = math.log(2.0)
+LATENTS_COPY = "latents_index.json"  # a prior run's copy of its latents' index.json
+LIKELIHOOD = "likelihood.json"
 # Test-only hook: with this set to k, the process SIGKILLs itself right after step k's work
 # (checkpoint included), so tests can interrupt a run at an exact point without polling.
 KILL_ENV = "MRI_VQVAE_TEST_KILL_AFTER_STEP"
@@ -76,14 +102,25 @@ class TrainingError(MriVqvaeError):
 
 @dataclass(frozen=True)
 class TrainResult:
-    """Where a run went and how it ended (``stop_reason``: max_steps | time_limit)."""
+    """Where a run went and how it ended (``stop_reason``: max_steps | time_limit).
+
+    ``best_metric`` is the best validation value of ``metric`` (VQ-VAE: psnr, prior:
+    bits_per_latent); ``likelihood`` is the prior's likelihood.json once complete.
+    """
 
     run_dir: Path
     step: int
     stop_reason: str
-    best_psnr: float | None
+    best_metric: float | None
     last_checkpoint: Path
     best_checkpoint: Path | None
+    metric: str = "psnr"
+    likelihood: dict[str, Any] | None = None
+
+    @property
+    def best_psnr(self) -> float | None:
+        """The best validation PSNR of a VQ-VAE run (None for other stages)."""
+        return self.best_metric if self.metric == "psnr" else None
 
 
 # --- seeds and batch order (pure) ----------------------------------------------------------------
@@ -193,13 +230,13 @@ def _val_images(ds: Dataset, start: int, stop: int) -> Tensor:
 # --- model, loss, one step -----------------------------------------------------------------------
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, section: str = "train_vqvae") -> torch.device:
     """``auto`` -> cuda when available, else cpu; ``cuda`` without a GPU raises."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
         raise TrainingError(
-            "train_vqvae.device='cuda' but no CUDA GPU is visible; use device=cpu or auto"
+            f"{section}.device='cuda' but no CUDA GPU is visible; use device=cpu or auto"
         )
     return torch.device(name)
 
@@ -295,33 +332,121 @@ def write_preview(
     return orthogonal_montage(rows, spacing, path, title=title, vmax=1.0)
 
 
+# --- prior: one step, likelihood -----------------------------------------------------------------
+
+
+def prior_train_step(
+    model: GatedPixelCNN3D,
+    optimizer: torch.optim.Optimizer,
+    indices: Tensor,
+    tc: TrainConfig,
+    device: torch.device,
+) -> dict[str, Tensor]:
+    """One optimizer step on code grids `indices` (B, d, h, w) int64; detached scalar terms.
+
+    ``loss`` is the mean cross-entropy in nats, ``bits_per_latent`` the same in bits.
+    """
+    model.train()
+    with _autocast(device, tc.bf16):
+        logits = model(indices)
+    loss = F.cross_entropy(logits.float(), indices)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    max_norm = tc.grad_clip if tc.grad_clip is not None else math.inf
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    optimizer.step()
+    return {"loss": loss.detach(), "bits_per_latent": loss.detach() / LN2,
+            "grad_norm": grad_norm.detach()}
+
+
+@torch.no_grad()
+def prior_bits(
+    model: GatedPixelCNN3D, grids: Tensor, batch_size: int, device: torch.device,
+    bf16: bool = False,
+) -> float:
+    """Mean bits per latent of the prior over every position of `grids` (N, d, h, w), N > 0.
+
+    The model runs in eval mode and is put back in its previous mode afterwards.
+    """
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    try:
+        for start in range(0, len(grids), batch_size):
+            x = grids[start : start + batch_size].to(device)
+            with _autocast(device, bf16):
+                logits = model(x)
+            total += float(F.cross_entropy(logits.float(), x, reduction="sum"))
+    finally:
+        model.train(was_training)
+    return total / grids.numel() / LN2
+
+
+def likelihood_report(
+    model: GatedPixelCNN3D, index: LatentIndex, batch_size: int, device: torch.device,
+    bf16: bool = False,
+) -> dict[str, Any]:
+    """Bits per latent of `model` on the val and test grids beside two baselines.
+
+    ``uniform`` is log2 K; ``unigram`` the cross-entropy under the code frequencies of the train
+    grids with add-one smoothing. A split without grids reports ``num_cases`` 0 and nulls.
+    """
+    k = index.codebook_size
+    train = index.stack("train")
+    splits: dict[str, Any] = {}
+    for split in ("val", "test"):
+        grids = LatentDataset(index, split).grids
+        n = len(grids)
+        splits[split] = {
+            "num_cases": n,
+            "prior_bits_per_latent": prior_bits(model, grids, batch_size, device, bf16)
+            if n else None,
+            "uniform_bits_per_latent": uniform_bits(k) if n else None,
+            "unigram_bits_per_latent": unigram_bits(train, grids, k) if n else None,
+        }
+    return {"codebook_size": k, "latent_shape": list(index.latent_shape),
+            "train_cases": len(train), "unigram": "add-one smoothed code frequencies of train",
+            "splits": splits}
+
+
 # --- session -------------------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(kw_only=True)
 class _Session:
-    """Everything the loop touches; `step` counts completed optimizer steps."""
+    """Everything the shared loop touches; `step` counts completed optimizer steps.
+
+    A stage subclasses it: what it trains on (`batches`), one step, one validation, the metric
+    that picks checkpoints/best, and what its checkpoints record besides the common fields.
+    ``stage`` names the run subfolder, the checkpoint kind and the config sections
+    (``config.<stage>`` for the model, ``config.train_<stage>`` for training).
+    """
+
+    stage: ClassVar[str]
+    best_key: ClassVar[str]
+    maximize: ClassVar[bool]
 
     config: ExperimentConfig
-    run_dir: Path
-    model: VQVAE
+    model: nn.Module
     optimizer: torch.optim.Optimizer
-    train_ds: AugmentedDataset
-    val_ds: Dataset
     device: torch.device
+    run_dir: Path = Path()
     recorder: RunRecorder | None = None
     step: int = 0
-    best_psnr: float | None = None
+    best_metric: float | None = None
     best_step: int | None = None
-    manifest_digest: str = ""
 
     @property
     def tc(self) -> TrainConfig:
-        return self.config.train_vqvae
+        return getattr(self.config, f"train_{self.stage}")
+
+    @property
+    def model_config(self) -> BaseModel:
+        return getattr(self.config, self.stage)
 
     @property
     def n_train(self) -> int:
-        return len(self.train_ds)
+        raise NotImplementedError
 
     @property
     def last_dir(self) -> Path:
@@ -335,11 +460,181 @@ class _Session:
         """Epoch of the batch trained as 1-based `step`."""
         return (step - 1) // steps_per_epoch(self.n_train, self.tc.batch_size) if step else 0
 
+    def batches(self) -> Iterable[Any]:
+        """The batches of steps ``self.step .. max_steps - 1``, in order."""
+        raise NotImplementedError
+
+    def train_step(self, batch: Any) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def validate(self) -> dict[str, float]:
+        raise NotImplementedError
+
+    def describe(self, val: dict[str, float]) -> str:
+        """One log line about a validation."""
+        return f"val {self.best_key} {val[self.best_key]:.4f}"
+
+    def postfix(self, values: dict[str, Any]) -> dict[str, str]:
+        """Progress bar fields from the logged train values."""
+        return {"loss": f"{values['loss']:.4f}"}
+
+    def stage_extra(self) -> dict[str, Any]:
+        """Checkpoint metadata of this stage (merged into the common fields)."""
+        return {}
+
+    def check_resume(self, extra: dict[str, Any]) -> None:
+        """Raise `TrainingError` when checkpoints/last (its `extra`) cannot continue here."""
+
+    def after_step(self, step: int, last: bool) -> None:
+        """Stage outputs due after `step` (before checkpoints/last is saved)."""
+
+    def on_start(self) -> None:
+        """After the run folder's provenance is written; must draw no random numbers."""
+
+    def on_complete(self) -> dict[str, Any] | None:
+        """After the last step of a completed run; returns a summary for the result."""
+        return None
+
+    def is_better(self, value: float) -> bool:
+        if math.isnan(value):
+            return False
+        if self.best_metric is None:
+            return True
+        return value > self.best_metric if self.maximize else value < self.best_metric
+
+
+@dataclass(kw_only=True)
+class _VQVAESession(_Session):
+    stage: ClassVar[str] = "vqvae"
+    best_key: ClassVar[str] = "psnr"
+    maximize: ClassVar[bool] = True
+
+    model: VQVAE
+    train_ds: AugmentedDataset
+    val_ds: Dataset
+    manifest_digest: str = ""
+
+    @property
+    def n_train(self) -> int:
+        return len(self.train_ds)
+
+    def batches(self) -> Iterable[Any]:
+        """A DataLoader over the steps left; a private generator leaves global RNG alone."""
+        sampler = StepBatchSampler(self.n_train, self.tc.batch_size, self.config.seed,
+                                   self.step, self.tc.max_steps)
+        return DataLoader(
+            self.train_ds, batch_sampler=sampler, num_workers=self.tc.num_workers,
+            generator=torch.Generator().manual_seed(self.config.seed),
+            pin_memory=self.device.type == "cuda",
+        )
+
+    def train_step(self, batch: Any) -> dict[str, Tensor]:
+        images = batch["image"].to(self.device)
+        return train_step(self.model, self.optimizer, images, self.tc, self.device)
+
+    def validate(self) -> dict[str, float]:
+        return validate(self.model, self.val_ds, self.tc, self.device)
+
+    def describe(self, val: dict[str, float]) -> str:
+        return (f"val psnr {val['psnr']:.2f} dB, ssim {val['ssim']:.4f}, "
+                f"{val['codes_used']} codes used")
+
+    def postfix(self, values: dict[str, Any]) -> dict[str, str]:
+        return {"loss": f"{values['loss']:.4f}", "ppl": f"{values['perplexity']:.1f}"}
+
+    def stage_extra(self) -> dict[str, Any]:
+        return {"manifest_digest": self.manifest_digest}
+
+    def after_step(self, step: int, last: bool) -> None:
+        if _due(step, self.tc.preview_every, last):
+            assert self.recorder is not None
+            image = _plain(self.val_ds[0][IMAGE])
+            write_preview(self.model, image, self.config.data.spacing,
+                          self.recorder.preview_path(f"step_{step:07d}.png"), f"step {step}",
+                          self.device, self.tc.bf16)
+
+
+@dataclass(kw_only=True)
+class _PriorSession(_Session):
+    stage: ClassVar[str] = "prior"
+    best_key: ClassVar[str] = "bits_per_latent"
+    maximize: ClassVar[bool] = False
+
+    model: GatedPixelCNN3D
+    latents: LatentIndex
+    train_grids: Tensor
+    val_grids: Tensor
+
+    @property
+    def n_train(self) -> int:
+        return len(self.train_grids)
+
+    def batches(self) -> Iterable[Any]:
+        """(B, d, h, w) int64 grids of each step left, in the seeded per-epoch order."""
+        for step in range(self.step, self.tc.max_steps):
+            keys = batch_keys(step, self.n_train, self.tc.batch_size, self.config.seed)
+            yield self.train_grids[[i for _, i in keys]]
+
+    def train_step(self, batch: Any) -> dict[str, Tensor]:
+        return prior_train_step(self.model, self.optimizer, batch.to(self.device), self.tc,
+                                self.device)
+
+    def validate(self) -> dict[str, float]:
+        bits = prior_bits(self.model, self.val_grids, self.tc.batch_size, self.device,
+                          self.tc.bf16)
+        return {"loss": bits * LN2, "bits_per_latent": bits, "num_cases": len(self.val_grids)}
+
+    def describe(self, val: dict[str, float]) -> str:
+        return f"val {val['bits_per_latent']:.4f} bits/latent"
+
+    def postfix(self, values: dict[str, Any]) -> dict[str, str]:
+        return {"bits": f"{values['bits_per_latent']:.3f}"}
+
+    def stage_extra(self) -> dict[str, Any]:
+        return self.latents.provenance()
+
+    def check_resume(self, extra: dict[str, Any]) -> None:
+        ours = self.latents.provenance()
+        changed = [k for k in ("vqvae_sha256", "latent_shape", "codebook_size")
+                   if extra.get(k) != ours[k]]
+        if changed:
+            raise TrainingError(
+                f"cannot resume {self.run_dir}: it was trained on latents of another VQ-VAE "
+                f"({changed} differ from {self.latents.root}); resume with the latents it used "
+                f"({extra.get('latents_dir')}) or start a new run"
+            )
+
+    def on_start(self) -> None:
+        copy = self.run_dir / LATENTS_COPY
+        if not copy.exists():
+            atomic_write_bytes(copy, (self.latents.root / LATENTS_INDEX).read_bytes())
+        assert self.recorder is not None
+        self.recorder.update(**self.latents.provenance())
+
+    def on_complete(self) -> dict[str, Any]:
+        """Write likelihood.json (best checkpoint, else the final weights) and return it."""
+        model: nn.Module = self.model
+        step = self.step
+        if self.best_step is not None:
+            loaded = load_checkpoint(self.best_dir)
+            model, step = loaded.model.to(self.device), self.best_step
+        assert isinstance(model, GatedPixelCNN3D)
+        report = likelihood_report(model, self.latents, self.tc.batch_size, self.device,
+                                   self.tc.bf16)
+        used = self.best_dir if self.best_step is not None else self.last_dir
+        report = {"run": self.run_dir.name, "checkpoint": str(used.resolve()), "step": step,
+                  **report}
+        atomic_write_text(self.run_dir / LIKELIHOOD, json.dumps(report, indent=2) + "\n")
+        assert self.recorder is not None
+        self.recorder.update(likelihood=report["splits"])
+        log.info("likelihood written to %s", self.run_dir / LIKELIHOOD)
+        return report
+
 
 def _extra(s: _Session, val: dict[str, float] | None = None) -> dict[str, Any]:
     return {"experiment": s.config.model_dump(mode="json"), "run": s.run_dir.name,
-            "manifest_digest": s.manifest_digest, "best_psnr": s.best_psnr,
-            "best_step": s.best_step, "val": val or {}}
+            **s.stage_extra(), f"best_{s.best_key}": s.best_metric, "best_step": s.best_step,
+            "val": val or {}}
 
 
 def save_last(s: _Session) -> Path:
@@ -347,27 +642,28 @@ def save_last(s: _Session) -> Path:
     spe = steps_per_epoch(s.n_train, s.tc.batch_size)
     epoch, position = divmod(s.step, spe)
     state = build_resume_state(
-        s.optimizer, s.step, epoch, position, s.best_psnr,
+        s.optimizer, s.step, epoch, position, s.best_metric,
         best_step=-1 if s.best_step is None else s.best_step,
         steps_per_epoch=spe, train_cases=s.n_train,
     )
-    return save_checkpoint(s.last_dir, s.model, KIND, s.config.vqvae, _extra(s), state,
+    return save_checkpoint(s.last_dir, s.model, s.stage, s.model_config, _extra(s), state,
                            step=s.step)
 
 
 def _maybe_save_best(s: _Session, val: dict[str, float]) -> None:
-    value = val["psnr"]
-    if math.isnan(value) or (s.best_psnr is not None and value <= s.best_psnr):
+    value = val[s.best_key]
+    if not s.is_better(value):
         return
-    s.best_psnr, s.best_step = value, s.step
-    save_checkpoint(s.best_dir, s.model, KIND, s.config.vqvae, _extra(s, val), step=s.step)
+    s.best_metric, s.best_step = value, s.step
+    save_checkpoint(s.best_dir, s.model, s.stage, s.model_config, _extra(s, val), step=s.step)
     if s.recorder is not None:
-        s.recorder.update(best_checkpoint=str(s.best_dir), best_val_psnr=value, best_step=s.step)
+        s.recorder.update(best_checkpoint=str(s.best_dir), best_step=s.step,
+                          **{f"best_val_{s.best_key}": value})
 
 
 def _build_session(
     config: ExperimentConfig, manifest: Manifest, device: torch.device
-) -> _Session:
+) -> _VQVAESession:
     """Seeded model and optimizer plus both datasets; raises before any folder is made."""
     tc = config.train_vqvae
     train_items = split_items(manifest, config, "train")
@@ -376,16 +672,56 @@ def _build_session(
     model = VQVAE(config.vqvae)
     model.latent_shape(config.data.spatial_size)  # SpatialShapeError: names the fix
     model.to(device)
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay
-    )
+    optimizer = _adamw(model, tc)
     prep = build_transforms(config.data)
     log.info("preprocessing %d train and %d val case(s) once", len(train_items), len(val_items))
     train_base = preprocessed_dataset(train_items, prep, tc.cache_dir)
     val_ds = preprocessed_dataset(val_items, prep, tc.cache_dir)
     train_ds = AugmentedDataset(train_base, augment_only(config.augment, seed=0), config.seed)
-    return _Session(config, Path(), model, optimizer, train_ds, val_ds, device,
-                    manifest_digest=manifest.digest)
+    return _VQVAESession(config=config, model=model, optimizer=optimizer, device=device,
+                         train_ds=train_ds, val_ds=val_ds, manifest_digest=manifest.digest)
+
+
+def _adamw(model: nn.Module, tc: TrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(
+        model.parameters(), lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay
+    )
+
+
+def _split_grids(index: LatentIndex, split: str) -> Tensor:
+    """The `split` grids (N, d, h, w) int64; raises `TrainingError` when there are none."""
+    grids = LatentDataset(index, split).grids
+    if not len(grids):
+        counts = dict(Counter(c.split for c in index.cases))
+        raise TrainingError(
+            f"latents folder {index.root} has no {split!r} grids (cases per split {counts}): "
+            "train-prior trains on 'train' and validates on 'val'; encode both splits "
+            "(`mri-vqvae encode` without --split)"
+        )
+    return grids
+
+
+def _build_prior_session(
+    config: ExperimentConfig, index: LatentIndex, device: torch.device
+) -> _PriorSession:
+    """Seeded prior and optimizer plus the train/val grids; raises before any folder is made."""
+    if config.prior.codebook_size != index.codebook_size:
+        raise TrainingError(
+            f"prior.codebook_size={config.prior.codebook_size} but the latents in {index.root} "
+            f"hold codes of a VQ-VAE with codebook_size={index.codebook_size} (index.json): set "
+            f"--set vqvae.codebook_size={index.codebook_size} --set "
+            f"prior.codebook_size={index.codebook_size}, or use the VQ-VAE run's config.yaml"
+        )
+    if config.data.model_dump(mode="json") != index.data:
+        log.warning("config.data differs from the data config the latents were made with; the "
+                    "prior records the latents' one (%s)", index.root / LATENTS_INDEX)
+    train_grids = _split_grids(index, "train")
+    val_grids = _split_grids(index, "val")
+    seed_everything(config.seed)
+    model = GatedPixelCNN3D(config.prior).to(device)
+    return _PriorSession(config=config, model=model, optimizer=_adamw(model, config.train_prior),
+                         device=device, latents=index, train_grids=train_grids,
+                         val_grids=val_grids)
 
 
 def _resumable(run_dir: Path) -> Path:
@@ -409,37 +745,33 @@ def _restore(s: _Session, run_dir: Path) -> dict[str, Any]:
         state = load_resume_state(folder)
     except CheckpointError as exc:
         raise TrainingError(f"cannot resume {run_dir}: {exc}") from None
-    wanted = s.config.vqvae.model_dump(mode="json")
+    if loaded.kind != s.stage:
+        raise TrainingError(
+            f"cannot resume {run_dir}: it holds a {loaded.kind!r} run, not a {s.stage!r} run; "
+            f"resume it with `mri-vqvae train-{loaded.kind}`"
+        )
+    wanted = s.model_config.model_dump(mode="json")
     if loaded.config != wanted:
         changed = sorted(k for k in wanted if loaded.config.get(k) != wanted[k])
         raise TrainingError(
-            f"cannot resume {run_dir}: its checkpoint holds a VQ-VAE with different "
-            f"vqvae.{changed} than the config given; resume with the run's own config.yaml "
-            "(drop --config/--set for vqvae.*)"
+            f"cannot resume {run_dir}: its checkpoint holds a {s.stage} model with different "
+            f"{s.stage}.{changed} than the config given; resume with the run's own config.yaml "
+            f"(drop --config/--set for {s.stage}.*)"
         )
+    s.check_resume(loaded.extra)
     if state.get("train_cases") != s.n_train:
         log.warning("resuming with %d train cases, the run had %s: batch order changes",
                     s.n_train, state.get("train_cases"))
     s.model.load_state_dict(loaded.model.state_dict())
     s.optimizer.load_state_dict(state["optimizer"])
     s.step = int(state["step"])
-    s.best_psnr = state.get("best_metric")
+    s.best_metric = state.get("best_metric")
     best_step = int(state.get("best_step", -1))
     s.best_step = None if best_step < 0 else best_step
     return state
 
 
 # --- the loop ------------------------------------------------------------------------------------
-
-
-def _train_loader(s: _Session) -> DataLoader:
-    """Batches for steps s.step .. max_steps-1; a private generator leaves global RNG alone."""
-    sampler = StepBatchSampler(s.n_train, s.tc.batch_size, s.config.seed, s.step, s.tc.max_steps)
-    return DataLoader(
-        s.train_ds, batch_sampler=sampler, num_workers=s.tc.num_workers,
-        generator=torch.Generator().manual_seed(s.config.seed),
-        pin_memory=s.device.type == "cuda",
-    )
 
 
 def _kill_after() -> int | None:
@@ -452,7 +784,7 @@ def _due(step: int, every: int, last: bool) -> bool:
 
 
 def _after_step(s: _Session, terms: dict[str, Tensor], timed_out: bool, bar: Any) -> None:
-    """Logging, validation, best/last checkpoints and previews due after step `s.step`."""
+    """Logging, validation, best/last checkpoints and stage outputs due after step `s.step`."""
     tc, step = s.tc, s.step
     rec = s.recorder
     assert rec is not None
@@ -461,17 +793,13 @@ def _after_step(s: _Session, terms: dict[str, Tensor], timed_out: bool, bar: Any
     if _due(step, tc.log_every, last):
         values = {k: v.item() for k, v in terms.items()}  # codes_used stays an int
         rec.log_metrics(step, epoch, "train", **values, lr=s.optimizer.param_groups[0]["lr"])
-        bar.set_postfix(loss=f"{values['loss']:.4f}", ppl=f"{values['perplexity']:.1f}")
+        bar.set_postfix(s.postfix(values))
     if _due(step, tc.val_every, last):
-        val = validate(s.model, s.val_ds, tc, s.device)
+        val = s.validate()
         rec.log_metrics(step, epoch, "val", **val)
-        log.info("step %d: val psnr %.2f dB, ssim %.4f, %d codes used", step, val["psnr"],
-                 val["ssim"], val["codes_used"])
+        log.info("step %d: %s", step, s.describe(val))
         _maybe_save_best(s, val)
-    if _due(step, tc.preview_every, last):
-        image = _plain(s.val_ds[0][IMAGE])
-        write_preview(s.model, image, s.config.data.spacing,
-                      rec.preview_path(f"step_{step:07d}.png"), f"step {step}", s.device, tc.bf16)
+    s.after_step(step, last)
     if _due(step, tc.checkpoint_every, last) or timed_out:
         save_last(s)  # last: its random states must be the ones the next step starts from
 
@@ -480,16 +808,16 @@ def _loop(s: _Session, deadline: float | None) -> str:
     """Train from s.step to max_steps (or the deadline); returns the stop reason."""
     tc = s.tc
     kill_after = _kill_after()
-    bar = tqdm(total=tc.max_steps, initial=s.step, desc="train-vqvae", unit="step",
+    bar = tqdm(total=tc.max_steps, initial=s.step, desc=f"train-{s.stage}", unit="step",
                disable=not sys.stderr.isatty(), dynamic_ncols=True)
     try:
-        for batch in _train_loader(s):
-            terms = train_step(s.model, s.optimizer, batch["image"].to(s.device), tc, s.device)
+        for batch in s.batches():
+            terms = s.train_step(batch)
             s.step += 1
             if not torch.isfinite(terms["loss"]):
                 raise TrainingError(
                     f"loss became {float(terms['loss'])} at step {s.step}: lower "
-                    f"train_vqvae.lr ({tc.lr}), set grad_clip, or turn off bf16, then resume "
+                    f"train_{s.stage}.lr ({tc.lr}), set grad_clip, or turn off bf16, then resume "
                     f"from {s.last_dir}"
                 )
             timed_out = deadline is not None and time.monotonic() >= deadline
@@ -504,6 +832,51 @@ def _loop(s: _Session, deadline: float | None) -> str:
     finally:
         bar.close()
     return "max_steps"
+
+
+def _run(
+    s: _Session,
+    started: float,
+    runs_root: str | Path,
+    resume: str | Path | None,
+    manifest_path: str | Path | None = None,
+    argv: list[str] | None = None,
+) -> TrainResult:
+    """Make (or reopen) the run folder, train, record how it ended; shared by every stage."""
+    tc = s.tc
+    state = None
+    if resume is not None:
+        s.run_dir = Path(resume)
+        state = _restore(s, s.run_dir)
+    else:
+        s.run_dir = new_run_dir(runs_root, s.stage, s.config.name, s.config.seed)
+    s.recorder = RunRecorder(
+        s.run_dir, s.config, manifest=manifest_path, argv=argv, device=s.device,
+        resume_step=None if state is None else s.step,
+        resumed_from=None if state is None else s.last_dir,
+    )
+    s.recorder.start()
+    s.on_start()
+    deadline = None if tc.time_limit_minutes is None else started + 60 * tc.time_limit_minutes
+    summary = None
+    try:
+        if state is not None:
+            restore_rng_state(state["rng"])  # last: nothing may draw before the next step
+        reason = _loop(s, deadline) if s.step < tc.max_steps else "max_steps"
+        if reason == "max_steps":
+            summary = s.on_complete()
+    except KeyboardInterrupt as exc:
+        s.recorder.finish("interrupted", exc)
+        raise
+    except BaseException as exc:
+        s.recorder.finish("failed", exc)
+        raise
+    s.recorder.update(stop_reason=reason, steps_done=s.step, last_checkpoint=str(s.last_dir))
+    s.recorder.finish("completed" if reason == "max_steps" else "interrupted")
+    log.info("run %s stopped at step %d (%s)", s.run_dir, s.step, reason)
+    best = s.best_dir if s.best_step is not None else None
+    return TrainResult(s.run_dir, s.step, reason, s.best_metric, s.last_dir, best,
+                       metric=s.best_key, likelihood=summary)
 
 
 def train_vqvae(
@@ -521,37 +894,49 @@ def train_vqvae(
     folder is made or changed.
     """
     started = time.monotonic()
-    tc = config.train_vqvae
     manifest = load_manifest(manifest_path, data_root=data_root)
-    device = resolve_device(tc.device)
+    device = resolve_device(config.train_vqvae.device)
     if resume is not None:
         _resumable(Path(resume))
     s = _build_session(config, manifest, device)
-    state = None
-    if resume is not None:
-        s.run_dir = Path(resume)
-        state = _restore(s, s.run_dir)
-    else:
-        s.run_dir = new_run_dir(runs_root, STAGE, config.name, config.seed)
-    s.recorder = RunRecorder(
-        s.run_dir, config, manifest=manifest_path, argv=argv, device=device,
-        resume_step=None if state is None else s.step,
-        resumed_from=None if state is None else s.last_dir,
-    )
-    s.recorder.start()
-    deadline = None if tc.time_limit_minutes is None else started + 60 * tc.time_limit_minutes
+    return _run(s, started, runs_root, resume, manifest_path=manifest_path, argv=argv)
+
+
+def recorded_latents_dir(run_dir: str | Path) -> Path:
+    """The latents folder a prior run recorded in its run.json (for a resume without one)."""
+    path = Path(run_dir) / "run.json"
     try:
-        if state is not None:
-            restore_rng_state(state["rng"])  # last: nothing may draw before the next step
-        reason = _loop(s, deadline) if s.step < tc.max_steps else "max_steps"
-    except KeyboardInterrupt as exc:
-        s.recorder.finish("interrupted", exc)
-        raise
-    except BaseException as exc:
-        s.recorder.finish("failed", exc)
-        raise
-    s.recorder.update(stop_reason=reason, steps_done=s.step, last_checkpoint=str(s.last_dir))
-    s.recorder.finish("completed" if reason == "max_steps" else "interrupted")
-    log.info("run %s stopped at step %d (%s)", s.run_dir, s.step, reason)
-    best = s.best_dir if s.best_step is not None else None
-    return TrainResult(s.run_dir, s.step, reason, s.best_psnr, s.last_dir, best)
+        recorded = json.loads(path.read_text(encoding="utf-8")).get("latents_dir")
+    except (OSError, json.JSONDecodeError, AttributeError) as exc:
+        raise TrainingError(f"cannot resume {run_dir}: {path} is unreadable ({exc})") from None
+    if not recorded:
+        raise TrainingError(f"{path} records no latents_dir: is {run_dir} a prior run?")
+    return Path(recorded)
+
+
+def train_prior(
+    config: ExperimentConfig,
+    latents_dir: str | Path | None,
+    runs_root: str | Path = "runs",
+    resume: str | Path | None = None,
+    argv: list[str] | None = None,
+) -> TrainResult:
+    """Train (or continue) the gated PixelCNN prior on the grids of a latents folder.
+
+    Trains on the ``train`` grids, keeps checkpoints/best by the lowest val bits per latent and,
+    once complete, writes ``likelihood.json`` (val and test bits per latent beside the uniform
+    and unigram baselines). With `resume` and no `latents_dir`, the run's own latents are used.
+    A fresh run makes ``runs_root/prior/<UTC>-<config.name>-s<seed>/``; every error a user can
+    cause (codebook mismatch, empty split, tampered grids, nothing to resume) comes first.
+    """
+    started = time.monotonic()
+    if resume is not None:
+        _resumable(Path(resume))
+        if latents_dir is None:
+            latents_dir = recorded_latents_dir(resume)
+    if latents_dir is None:
+        raise TrainingError("train-prior needs --latents DIR (made by `mri-vqvae encode`)")
+    index = load_latents(latents_dir)
+    device = resolve_device(config.train_prior.device, "train_prior")
+    s = _build_prior_session(config, index, device)
+    return _run(s, started, runs_root, resume, argv=argv)

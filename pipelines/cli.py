@@ -29,13 +29,19 @@ def cli(verbose: bool) -> None:
 
 def _register() -> None:
     """Attach each stage's command; stage modules import heavy libraries only when they run."""
-    from pipelines import data_kit, demo, manifest_cmd, preprocess, train_vqvae
+    from pipelines import data_kit, demo, encode, manifest_cmd, preprocess, train_prior, train_vqvae
+    from pipelines import likelihood as likelihood_cmd
+    from pipelines import sample as sample_cmd
 
     cli.add_command(demo.demo)
     cli.add_command(data_kit.data)
     cli.add_command(manifest_cmd.manifest)
     cli.add_command(preprocess.preprocess)
     cli.add_command(train_vqvae.train_vqvae)
+    cli.add_command(encode.encode)
+    cli.add_command(train_prior.train_prior)
+    cli.add_command(sample_cmd.sample)
+    cli.add_command(likelihood_cmd.likelihood)
 
 
 _register()

@@ -12,7 +12,8 @@ from click.testing import CliRunner
 from pipelines.cli import cli
 from tests.conftest import write_nifti
 
-SUBCOMMANDS = ["demo", "data", "manifest", "preprocess"]
+SUBCOMMANDS = ["demo", "data", "manifest", "preprocess", "sample", "likelihood", "encode",
+               "train-prior"]
 
 
 def test_help_lists_subcommands() -> None:
@@ -26,7 +27,7 @@ def test_help_lists_subcommands() -> None:
     "args",
     [["demo"], ["data"], ["data", "kit"], ["manifest"], ["manifest", "build"],
      ["manifest", "verify"], ["manifest", "split"], ["manifest", "merge"], ["manifest", "fetch"],
-     ["preprocess"]],
+     ["preprocess"], ["sample"], ["likelihood"], ["encode"], ["train-prior"]],
 )
 def test_each_subcommand_has_help(args: list[str]) -> None:
     result = CliRunner().invoke(cli, [*args, "--help"])

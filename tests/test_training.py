@@ -231,7 +231,8 @@ def test_resume_refuses_folders_it_cannot_continue(
         train_vqvae(_config(), manifest, resume=empty)
     before = (reference / "metrics.jsonl").read_bytes()
     with pytest.raises(TrainingError, match="codebook_size"):
-        train_vqvae(_config("vqvae.codebook_size=16"), manifest, resume=reference)
+        train_vqvae(_config("vqvae.codebook_size=16", "prior.codebook_size=16"), manifest,
+                    resume=reference)
     assert (reference / "metrics.jsonl").read_bytes() == before
 
 

@@ -1,0 +1,46 @@
+"""`mri-vqvae encode`: a manifest's cases -> uint16 latent code grids (also ``python -m``)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from pipelines.common import report_failures
+
+
+@click.command("encode")
+@click.option("--vqvae", "vqvae_run", required=True, type=click.Path(exists=True),
+              help="VQ-VAE run folder (uses checkpoints/best, else checkpoints/last).")
+@click.option("--manifest", "manifest_path", required=True, type=click.Path(dir_okay=False),
+              help="Dataset manifest whose cases to encode.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Latents folder (convention: runs/latents/<vqvae-run>/). A rerun into the same "
+              "folder keeps the grids that still verify and encodes the rest.")
+@click.option("--split", type=click.Choice(["train", "val", "test"]), default=None,
+              help="Only this split (default: every case).")
+@click.option("--strict", is_flag=True, help="Stop at the first bad case and exit non-zero.")
+@click.option("--data-root", default=None, type=click.Path(file_okay=False),
+              help="Override the manifest's data root.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+              show_default=True, help="Where the VQ-VAE runs.")
+def encode(vqvae_run: str, manifest_path: str, out_dir: str, split: str | None, strict: bool,
+           data_root: str | None, device: str) -> None:
+    """Encode each case with the VQ-VAE: <case_id>.npy grids, index.json, failures.csv."""
+    from mri_vqvae.latents import encode_manifest
+    from mri_vqvae.manifest import load_manifest
+
+    manifest = load_manifest(manifest_path, data_root=data_root, check_files=False)
+    result = encode_manifest(vqvae_run, manifest, out_dir, split=split, strict=strict,
+                             device=device, manifest_path=manifest_path)
+    click.echo(f"encoded {len(result.encoded)} case(s), kept {len(result.reused)} already "
+               f"encoded, into {Path(out_dir).resolve()} (index.json, <case_id>.npy)")
+    report_failures(result.failures, strict, "case(s)")
+
+
+if __name__ == "__main__":
+    from pipelines.cli import main
+
+    sys.argv.insert(1, "encode")  # same as `mri-vqvae encode ...`, same error handling
+    main()

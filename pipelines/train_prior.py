@@ -1,0 +1,69 @@
+"""`mri-vqvae train-prior`: train the 3D gated PixelCNN on latent grids (also ``python -m``)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from pipelines.common import config_options, resolve
+
+
+def _bits(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def likelihood_table(report: dict[str, Any]) -> str:
+    """The likelihood.json numbers as a small text table (bits per latent)."""
+    lines = [f"{'split':<6} {'cases':>5} {'prior':>8} {'unigram':>8} {'uniform':>8}"]
+    for split, row in report["splits"].items():
+        lines.append(
+            f"{split:<6} {row['num_cases']:>5} {_bits(row['prior_bits_per_latent']):>8} "
+            f"{_bits(row['unigram_bits_per_latent']):>8} {_bits(row['uniform_bits_per_latent']):>8}"
+        )
+    return "\n".join(lines)
+
+
+@click.command("train-prior")
+@click.option("--latents", "latents_dir", default=None, type=click.Path(file_okay=False),
+              help="Latents folder made by `mri-vqvae encode` (default with --resume: the run's "
+              "own).")
+@click.option("--resume", "resume_dir", default=None, type=click.Path(file_okay=False),
+              help="Continue this run folder from its checkpoints/last (default config: the "
+              "run's own config.yaml).")
+@click.option("--runs-root", default="runs", show_default=True, type=click.Path(file_okay=False),
+              help="New runs go to RUNS_ROOT/prior/<UTC>-<config>-s<seed>/.")
+@config_options
+def train_prior(latents_dir: str | None, resume_dir: str | None, runs_root: str,
+                config_name: str | None, overrides: tuple[str, ...]) -> None:
+    """Train the prior; writes checkpoints, metrics, TensorBoard scalars and likelihood.json."""
+    from mri_vqvae import training
+
+    if resume_dir is None and latents_dir is None:
+        raise click.BadParameter("give the latents folder made by `mri-vqvae encode`",
+                                 param_hint="--latents")
+    if resume_dir is not None and config_name is None:
+        own = Path(resume_dir) / "config.yaml"
+        if not own.is_file():
+            raise click.BadParameter(f"{own} does not exist: is this a run folder?",
+                                     param_hint="--resume")
+        config_name = str(own)
+    config = resolve(config_name, overrides)
+    result = training.train_prior(config, latents_dir, runs_root=runs_root, resume=resume_dir,
+                                  argv=sys.argv)
+    click.echo(f"run written to {result.run_dir.resolve()} (step {result.step}, "
+               f"{result.stop_reason}; best val {_bits(result.best_metric)} bits/latent)")
+    if result.likelihood is not None:
+        click.echo(f"bits per latent ({result.run_dir / training.LIKELIHOOD}):")
+        click.echo(likelihood_table(result.likelihood))
+    if result.stop_reason != "max_steps":
+        click.echo(f"continue with: mri-vqvae train-prior --resume {result.run_dir}")
+
+
+if __name__ == "__main__":
+    from pipelines.cli import main
+
+    sys.argv.insert(1, "train-prior")  # same as `mri-vqvae train-prior ...`, same error handling
+    main()
