@@ -41,7 +41,6 @@ from mri_vqvae.writers import write_nifti
 log = logging.getLogger(__name__)
 
 PYPI_SIMPLE = os.environ.get("PIP_INDEX_URL", "https://pypi.org/simple").rstrip("/")
-MANIFEST_NAME = "kit_manifest.json"
 
 
 @dataclass(frozen=True)
@@ -283,7 +282,7 @@ def build_kit(root: str | Path, kit: KitConfig, augment: AugmentConfig) -> Path:
         if kf.split == "test":
             continue
         cases += _pseudo_cases(root, kf, kit, augment)
-    manifest_path = root / MANIFEST_NAME
+    manifest_path = root / manifest_name(kit, augment)
     manifest = Manifest(
         name="offline-real-mri-kit",
         cases=tuple(cases),  # splits are fixed per subject in KIT_FILES, not drawn
@@ -300,11 +299,21 @@ def build_kit(root: str | Path, kit: KitConfig, augment: AugmentConfig) -> Path:
     return manifest_path
 
 
+def pseudo_tag(kit: KitConfig, augment: AugmentConfig) -> str:
+    """Names what the pseudo-subjects depend on: seed, spacing and the augmentation digest."""
+    return f"s{kit.seed}-{kit.spacing:g}mm-" + config_digest(kit_augmentation(augment))[:10]
+
+
+def manifest_name(kit: KitConfig, augment: AugmentConfig) -> str:
+    """One manifest per kit setting, so kits built with other settings never overwrite it."""
+    return f"kit_manifest-{pseudo_tag(kit, augment)}-n{kit.pseudo_subjects}.json"
+
+
 def _pseudo_cases(root: Path, kf: KitFile, kit: KitConfig, augment: AugmentConfig) -> list[Case]:
     cases = []
     source = root / real_path(kf)
-    # A folder per augmentation setting, so a changed config never reuses stale pseudo-subjects.
-    tag = f"s{kit.seed}-{kit.spacing:g}mm-" + config_digest(kit_augmentation(augment))[:10]
+    # A folder per setting, so a changed config never reuses stale pseudo-subjects.
+    tag = pseudo_tag(kit, augment)
     for i in range(kit.pseudo_subjects):
         case_id = f"{kf.subject_id}-aug{i:02d}"
         rel = f"augmented/{tag}/{case_id}.nii.gz"

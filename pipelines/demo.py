@@ -1,6 +1,7 @@
 """`mri-vqvae demo`: the main job on the embedded default data (the offline real-MRI kit).
 
-Today it runs the data stage end to end: kit → manifest verify → preprocess → montages.
+kit → manifest verify → preprocess → train VQ-VAE → encode → train prior → sample, each stage
+writing into one demo folder; `--quick` runs the same chain at toy sizes.
 """
 
 from __future__ import annotations
@@ -18,32 +19,69 @@ from pipelines.common import config_options, default_cache_dir, report_failures,
               type=click.Path(file_okay=False), help="Where this demo run's folder goes.")
 @click.option("--kit", "kit_dir", default=None, type=click.Path(file_okay=False),
               help="Kit folder (default: $MRI_VQVAE_CACHE/kit or ~/.cache/mri-vqvae/kit).")
-@click.option("--quick", is_flag=True, help="Toy sizes for CI: one pseudo-subject per source.")
+@click.option("--quick", is_flag=True,
+              help="Toy sizes for CI (config demo_quick): the whole chain in a few minutes.")
+@click.option("-n", "--num-samples", default=4, show_default=True, help="Synthetic volumes.")
 @config_options
-def demo(out_dir: str, kit_dir: str | None, quick: bool, config_name: str | None,
-         overrides: tuple[str, ...]) -> None:
-    """Run kit → manifest → preprocess → montage on the embedded default data."""
+def demo(out_dir: str, kit_dir: str | None, quick: bool, num_samples: int,
+         config_name: str | None, overrides: tuple[str, ...]) -> None:
+    """Run the whole chain on the embedded default data and print where everything went."""
     from mri_vqvae.kit import build_kit
+    from mri_vqvae.latents import encode_manifest
     from mri_vqvae.manifest import load_manifest, verify_manifest
     from mri_vqvae.preprocess import preprocess_manifest
+    from mri_vqvae.synthesis import SampleSettings, load_prior_run, sample_volumes
+    from mri_vqvae.training import train_prior, train_vqvae
 
-    if quick:
-        overrides = ("kit.pseudo_subjects=1", *overrides)
-    config = resolve(config_name or "brain64", overrides)
+    config = resolve(config_name or ("demo_quick" if quick else "demo"), overrides)
     kit_root = Path(kit_dir) if kit_dir else default_cache_dir() / "kit"
-    click.echo(f"[1/3] kit → {kit_root}")
+    run_dir = Path(out_dir) / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    step = _Stages(total=6)
+
+    step(f"kit → {kit_root}")
     manifest_path = build_kit(kit_root, config.kit, config.augment)
     manifest = load_manifest(manifest_path)
     problems = verify_manifest(manifest)
     if problems:
         raise click.ClickException(f"kit manifest does not verify: {problems}")
-    click.echo(f"[2/3] manifest verified: {len(manifest.cases)} cases, "
-               f"digest {manifest.digest[:12]}")
-    run_dir = Path(out_dir) / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    click.echo(f"      {len(manifest.cases)} cases verified, digest {manifest.digest[:12]}")
+
+    step("preprocess")
     done, failures = preprocess_manifest(manifest, config, run_dir / "preprocessed")
-    click.echo(f"[3/3] preprocessed {len(done)} case(s): montages in "
-               f"{(run_dir / 'preprocessed' / 'montages').resolve()}")
     report_failures(failures, True, "case(s)")
+    click.echo(f"      {len(done)} montages in {(run_dir / 'preprocessed' / 'montages').resolve()}")
+
+    step("train VQ-VAE")
+    vq = train_vqvae(config, manifest_path, runs_root=run_dir / "runs")
+    click.echo(f"      {vq.run_dir} (step {vq.step}, best val PSNR {vq.best_metric:.2f} dB)")
+
+    step("encode latent grids")
+    encode_manifest(vq.run_dir, manifest, run_dir / "latents", manifest_path=manifest_path)
+
+    step("train prior")
+    prior = train_prior(config, run_dir / "latents", runs_root=run_dir / "runs")
+    click.echo(f"      {prior.run_dir} (step {prior.step}, best val "
+               f"{prior.best_metric:.3f} bits/latent)")
+
+    step(f"sample {num_samples} synthetic volume(s)")
+    samples = sample_volumes(
+        load_prior_run(prior.run_dir), SampleSettings(num_samples, seed=config.seed),
+        run_dir / "samples",
+    )
+    click.echo(f"      montage: {samples.montage.resolve()}")
+    click.echo(f"demo finished: everything is under {run_dir.resolve()}")
+
+
+class _Stages:
+    """Numbered stage headers with elapsed time."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.done, self.start = total, 0, time.monotonic()
+
+    def __call__(self, what: str) -> None:
+        self.done += 1
+        minutes = (time.monotonic() - self.start) / 60
+        click.echo(f"[{self.done}/{self.total}] {what}  (+{minutes:.1f} min)")
 
 
 if __name__ == "__main__":

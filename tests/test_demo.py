@@ -1,12 +1,14 @@
-"""The README's main job, at toy sizes: kit → manifest → preprocess → montages."""
+"""The README's main job, at toy sizes: kit → preprocess → VQ-VAE → encode → prior → sample."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import nibabel as nib
 import pytest
 
 pytestmark = [pytest.mark.slow, pytest.mark.kit]
@@ -20,8 +22,18 @@ def test_quick_demo_runs_end_to_end(tmp_path: Path) -> None:
     )
     if proc.returncode != 0 and "no kit file could be fetched" in proc.stderr:
         pytest.skip(f"the kit cannot be downloaded here: {proc.stderr[-300:]}")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    montages = list((tmp_path / "runs").glob("*/preprocessed/montages/*.png"))
-    images = list((tmp_path / "runs").glob("*/preprocessed/images/*.nii.gz"))
-    assert len(montages) == len(images) >= 6
-    assert "montages in" in proc.stdout
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (demo,) = (tmp_path / "runs").iterdir()
+    montages = list((demo / "preprocessed" / "montages").glob("*.png"))
+    assert len(montages) >= 6
+    (vq_run,) = (demo / "runs" / "vqvae").iterdir()
+    (prior_run,) = (demo / "runs" / "prior").iterdir()
+    for run in (vq_run, prior_run):
+        assert json.loads((run / "run.json").read_text())["status"] == "completed"
+        assert (run / "checkpoints" / "best" / "COMPLETE").is_file()
+    likelihood = json.loads((prior_run / "likelihood.json").read_text())
+    assert likelihood
+    samples = sorted((demo / "samples").glob("sample_*.nii.gz"))
+    assert len(samples) == 4
+    assert nib.aff2axcodes(nib.load(samples[0]).affine) == ("R", "A", "S")
+    assert "demo finished" in proc.stdout

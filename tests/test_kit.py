@@ -17,6 +17,7 @@ from pipelines.cli import cli
 
 pytestmark = pytest.mark.kit
 CFG = load_config("smoke")
+MANIFEST = kit_mod.manifest_name(CFG.kit, CFG.augment)
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +33,7 @@ def kit_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_kit_manifest_verifies_with_fixed_real_test_split(kit_root: Path) -> None:
-    manifest = load_manifest(kit_root / kit_mod.MANIFEST_NAME, verify_checksums=True)
+    manifest = load_manifest(kit_root / MANIFEST, verify_checksums=True)
     assert verify_manifest(manifest) == []
     by_id = {c.case_id: c for c in manifest.cases}
     expected = {kf.subject_id: kf.split for kf in kit_mod.KIT_FILES}
@@ -50,7 +51,7 @@ def test_kit_manifest_verifies_with_fixed_real_test_split(kit_root: Path) -> Non
 
 
 def test_pseudo_subjects_are_distinct_volumes(kit_root: Path) -> None:
-    manifest = load_manifest(kit_root / kit_mod.MANIFEST_NAME)
+    manifest = load_manifest(kit_root / MANIFEST)
     aug = [c for c in manifest.cases if c.origin == "augmented"]
     assert len(aug) == CFG.kit.pseudo_subjects * len(
         [c for c in manifest.cases if c.origin == "real" and c.split != "test"]
@@ -61,7 +62,7 @@ def test_pseudo_subjects_are_distinct_volumes(kit_root: Path) -> None:
 
 
 def test_second_build_is_cached(kit_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    before = load_manifest(kit_root / kit_mod.MANIFEST_NAME).digest
+    before = load_manifest(kit_root / MANIFEST).digest
 
     def no_download(*args: object) -> Path:
         raise AssertionError("a cached kit must not download again")
@@ -69,13 +70,13 @@ def test_second_build_is_cached(kit_root: Path, monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr(kit_mod, "_download_archive", no_download)
     monkeypatch.setattr(kit_mod, "make_pseudo_subject", no_download)
     kit_mod.build_kit(kit_root, CFG.kit, CFG.augment)
-    assert load_manifest(kit_root / kit_mod.MANIFEST_NAME).digest == before
+    assert load_manifest(kit_root / MANIFEST).digest == before
 
 
 def test_altered_file_fails_verify_and_names_it(kit_root: Path, tmp_path: Path) -> None:
     copy = tmp_path / "kit"
     shutil.copytree(kit_root, copy)
-    manifest_path = copy / kit_mod.MANIFEST_NAME
+    manifest_path = copy / MANIFEST
     victim = load_manifest(manifest_path).cases[0]
     with open(copy / victim.path, "r+b") as fh:  # same size, one byte flipped
         fh.seek(100)
@@ -91,7 +92,7 @@ def test_altered_file_fails_verify_and_names_it(kit_root: Path, tmp_path: Path) 
 def test_kit_preprocesses_to_configured_shape(kit_root: Path, tmp_path: Path) -> None:
     from mri_vqvae.preprocess import preprocess_manifest
 
-    manifest = load_manifest(kit_root / kit_mod.MANIFEST_NAME)
+    manifest = load_manifest(kit_root / MANIFEST)
     done, failures = preprocess_manifest(manifest, CFG, tmp_path / "pre", split="test")
     assert failures == [] and done
     for case in done:
