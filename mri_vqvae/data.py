@@ -1,11 +1,12 @@
-"""Datasets and loaders over manifest cases (MONAI Dataset / PersistentDataset / DataLoader)."""
+"""Datasets over manifest cases: dataset items and cached preprocessing (MONAI)."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
-from monai.data import DataLoader, Dataset, PersistentDataset
+from monai.data import CacheDataset, Dataset, PersistentDataset
 from monai.transforms import Compose
 
 from mri_vqvae.config import DataConfig, config_digest
@@ -38,21 +39,13 @@ def case_items(
 def make_dataset(
     items: list[dict[str, Any]], transform: Compose, cache_dir: str | Path | None = None
 ) -> Dataset:
-    """A MONAI dataset; with `cache_dir`, the deterministic prefix of `transform` is cached on disk.
+    """`items` through the deterministic `transform`, computed once and cached.
 
-    PersistentDataset caches up to the first random transform, keyed by a hash of each item
-    (which holds the file checksum and the preprocessing digest, see `case_items`).
+    In memory (MONAI CacheDataset) by default; on disk (PersistentDataset) with `cache_dir`,
+    keyed by a hash of each item, which holds the file checksum and the preprocessing digest
+    (see `case_items`), so the cache changes when either changes. Training does not use MONAI's
+    DataLoader: with ``num_workers=0`` it reseeds the global torch RNG, breaking exact resume.
     """
     if cache_dir is None:
-        return Dataset(items, transform=transform)
+        return CacheDataset(items, transform, progress=sys.stderr.isatty(), num_workers=None)
     return PersistentDataset(items, transform=transform, cache_dir=Path(cache_dir))
-
-
-def make_loader(
-    dataset: Dataset, batch_size: int, shuffle: bool = False, num_workers: int = 0
-) -> DataLoader:
-    """A MONAI DataLoader (it seeds each worker's transforms from the torch generator)."""
-    return DataLoader(
-        dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
-        persistent_workers=num_workers > 0,
-    )

@@ -49,7 +49,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.data import CacheDataset, MetaTensor
+from monai.data import MetaTensor
 from monai.transforms import Compose
 from pydantic import BaseModel
 from torch import Tensor, nn
@@ -198,15 +198,6 @@ class AugmentedDataset(Dataset):
         self.augment.set_random_state(seed=item_seed(self.seed, epoch, index))
         out = self.augment(dict(self.base[index]))
         return {"image": _plain(out[IMAGE]), "index": index}
-
-
-def preprocessed_dataset(
-    items: list[dict[str, Any]], transform: Compose, cache_dir: str | Path | None
-) -> Dataset:
-    """`items` through the deterministic `transform`, cached once (disk or memory)."""
-    if cache_dir is not None:
-        return make_dataset(items, transform, cache_dir)
-    return CacheDataset(items, transform, progress=sys.stderr.isatty(), num_workers=None)
 
 
 def split_items(manifest: Manifest, config: ExperimentConfig, split: str) -> list[dict[str, Any]]:
@@ -675,8 +666,8 @@ def _build_session(
     optimizer = _adamw(model, tc)
     prep = build_transforms(config.data)
     log.info("preprocessing %d train and %d val case(s) once", len(train_items), len(val_items))
-    train_base = preprocessed_dataset(train_items, prep, tc.cache_dir)
-    val_ds = preprocessed_dataset(val_items, prep, tc.cache_dir)
+    train_base = make_dataset(train_items, prep, tc.cache_dir)
+    val_ds = make_dataset(val_items, prep, tc.cache_dir)
     train_ds = AugmentedDataset(train_base, augment_only(config.augment, seed=0), config.seed)
     return _VQVAESession(config=config, model=model, optimizer=optimizer, device=device,
                          train_ds=train_ds, val_ds=val_ds, manifest_digest=manifest.digest)
