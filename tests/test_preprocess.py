@@ -89,3 +89,17 @@ def test_cli_preprocess_reports_and_strict_exits(mixed_root: Path, tmp_path: Pat
     assert "flat.nii.gz" in ok.output and "1 case(s) failed" in ok.output
     strict = runner.invoke(cli, [*args, "--out", str(tmp_path / "b"), "--strict"])
     assert strict.exit_code != 0
+
+
+def test_preprocess_is_deterministic(mixed_root: Path, tmp_path: Path) -> None:
+    """Same config and input: voxel-identical outputs and identical indexes."""
+    manifest = load_manifest(_manifest(mixed_root, ["good1", "good2"]))
+    cfg = load_config("smoke")
+    for name in ("a", "b"):
+        preprocess_manifest(manifest, cfg, tmp_path / name)
+    for case in ("good1", "good2"):
+        a = np.asarray(nib.load(tmp_path / "a" / "images" / f"{case}.nii.gz").dataobj)
+        b = np.asarray(nib.load(tmp_path / "b" / "images" / f"{case}.nii.gz").dataobj)
+        assert np.array_equal(a, b)
+    index_a = json.loads((tmp_path / "a" / "index.json").read_text())
+    assert index_a == json.loads((tmp_path / "b" / "index.json").read_text())
