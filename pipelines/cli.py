@@ -30,7 +30,9 @@ def cli(verbose: bool) -> None:
 def _register() -> None:
     """Attach each stage's command; stage modules import heavy libraries only when they run."""
     from pipelines import data_kit, demo, encode, manifest_cmd, preprocess, train_prior, train_vqvae
+    from pipelines import evaluate as evaluate_cmd
     from pipelines import likelihood as likelihood_cmd
+    from pipelines import reconstruct as reconstruct_cmd
     from pipelines import sample as sample_cmd
 
     cli.add_command(demo.demo)
@@ -42,6 +44,8 @@ def _register() -> None:
     cli.add_command(train_prior.train_prior)
     cli.add_command(sample_cmd.sample)
     cli.add_command(likelihood_cmd.likelihood)
+    cli.add_command(reconstruct_cmd.reconstruct)
+    cli.add_command(evaluate_cmd.evaluate)
 
 
 _register()

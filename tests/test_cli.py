@@ -13,7 +13,7 @@ from pipelines.cli import cli
 from tests.conftest import write_nifti
 
 SUBCOMMANDS = ["demo", "data", "manifest", "preprocess", "sample", "likelihood", "encode",
-               "train-prior"]
+               "train-prior", "reconstruct", "evaluate"]
 
 
 def test_help_lists_subcommands() -> None:
@@ -27,7 +27,8 @@ def test_help_lists_subcommands() -> None:
     "args",
     [["demo"], ["data"], ["data", "kit"], ["manifest"], ["manifest", "build"],
      ["manifest", "verify"], ["manifest", "split"], ["manifest", "merge"], ["manifest", "fetch"],
-     ["preprocess"], ["sample"], ["likelihood"], ["encode"], ["train-prior"]],
+     ["preprocess"], ["sample"], ["likelihood"], ["encode"], ["train-prior"], ["reconstruct"],
+     ["evaluate"]],
 )
 def test_each_subcommand_has_help(args: list[str]) -> None:
     result = CliRunner().invoke(cli, [*args, "--help"])

@@ -1,0 +1,55 @@
+"""`mri-vqvae reconstruct`: batch reconstruction of a manifest split with a trained VQ-VAE."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from pipelines.common import report_failures
+from pipelines.sample import DEVICES, pick_device
+
+
+@click.command("reconstruct")
+@click.option("--vqvae", "vqvae_run", required=True, type=click.Path(exists=True),
+              help="VQ-VAE run folder runs/vqvae/<run>/ (checkpoints/best, else last).")
+@click.option("--manifest", "manifest_path", required=True, type=click.Path(dir_okay=False),
+              help="Dataset manifest JSON.")
+@click.option("--data-root", default=None, type=click.Path(file_okay=False),
+              help="Override the manifest's data root.")
+@click.option("--split", type=click.Choice(["train", "val", "test"]), default=None,
+              help="Only this split (default: every case).")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Output folder; rerunning with the same one resumes (finished cases are "
+                   "verified by sha256 and skipped).")
+@click.option("--native-space", is_flag=True,
+              help="Resample each reconstruction onto its input file's own grid and affine.")
+@click.option("--strict", is_flag=True, help="Stop at the first bad case and exit non-zero.")
+@click.option("--num-workers", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Worker processes that preprocess cases ahead of the model.")
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
+@click.option("--threads", default=0, show_default=True, type=click.IntRange(min=0),
+              help="torch CPU threads; 0 keeps torch's default.")
+def reconstruct(vqvae_run: str, manifest_path: str, data_root: str | None, split: str | None,
+                out_dir: str, native_space: bool, strict: bool, num_workers: int, device: str,
+                threads: int) -> None:
+    """Reconstruct every case: images/<case>.nii.gz, cases/<case>.json, metrics.csv (resumable)."""
+    from mri_vqvae.manifest import load_manifest
+    from mri_vqvae.reconstruct import reconstruct_manifest
+
+    manifest = load_manifest(manifest_path, data_root=data_root, check_files=False)
+    result = reconstruct_manifest(vqvae_run, manifest, out_dir, split=split,
+                                  native_space=native_space, strict=strict,
+                                  num_workers=num_workers, device=pick_device(device),
+                                  threads=threads or None)
+    click.echo(f"reconstructed {len(result.computed)} case(s), reused {len(result.reused)} "
+               f"finished earlier, into {Path(out_dir).resolve()} (images/, cases/, metrics.csv)")
+    report_failures(result.failures, strict, "case(s)")
+
+
+if __name__ == "__main__":
+    from pipelines.cli import main
+
+    sys.argv.insert(1, "reconstruct")
+    main()
