@@ -33,3 +33,7 @@ class CheckpointError(MriVqvaeError):
 
 class DownloadError(MriVqvaeError):
     """A download that failed or whose checksum does not match."""
+
+
+class EvaluationError(MriVqvaeError, ValueError):
+    """An evaluation request that would not measure held-out data (says what and how to fix)."""

@@ -1,40 +1,22 @@
 """Held-out evaluation of a trained VQ-VAE (and optionally its prior) on the cases of one split.
 
 Each case goes through the deterministic chain of the config the VQ-VAE was trained with, then
-the model in eval mode (the codebook never moves). Reconstruction metrics are per case on the
-[0, 1] scale (the decoder output is clamped to it first), each over the whole volume and inside
-the foreground, ``target > FOREGROUND``:
+the model in eval mode (the codebook never moves). Reconstruction metrics (`quality_of`) are per
+case on the [0, 1] scale (the decoder output is clamped to it first), each over the whole volume
+and inside the foreground, ``target > FOREGROUND``: PSNR, SSIM, MS-SSIM and NMSE of
+`mri_vqvae.metrics` (see there for the MS-SSIM settings and the masked forms). Volumes are
+(1, 1, D, H, W) tensors for the metrics, (D, H, W) arrays once preprocessed (`iter_prepared`).
 
-* PSNR (MONAI), NMSE ``sum (pred - target)^2 / sum target^2``;
-* SSIM (MONAI's 3D Gaussian window, `metrics.ssim`); inside the foreground it is the SSIM map
-  averaged over the windows whose centre voxel is foreground;
-* MS-SSIM (``monai.metrics.MultiScaleSSIMMetric``) with the settings of `ms_ssim_settings`: up
-  to 3 scales (Wang et al.'s first weights renormalised: 0.0711, 0.4530, 0.4760) and the largest
-  odd Gaussian window <= 7 (sigma 1.5) that MONAI accepts for the volume. 64 x 80 x 64 volumes get
-  3 scales and a 7-voxel window (the coarsest scale is 16 voxels); 16^3 test volumes 3 scales and a
-  3-voxel window. The five-scale, 11-voxel default needs >= 161 voxels per axis. Inside the
-  foreground each scale's map is averaged with the foreground fraction (average-pooled with the
-  images) as weights; with an all-foreground mask it equals MONAI's value.
-
-Statistics over cases (`summarise`): mean, sample std, and a seeded percentile bootstrap interval
-of the mean (2000 resamples, 95 %). Non-finite values (PSNR of a perfect reconstruction is inf)
-are left out and counted.
-
-Sets of volumes (samples vs held-out scans): `mean_pairwise_ms_ssim` (diversity: lower is more
-diverse), `gaussian_mmd2` between VQ-VAE encoder features (`pooled_features`: z_e average-pooled
-to 2 x 2 x 2 and flattened; this is *not* an FID, no pretrained feature network is available
-offline), and memorisation (`NearestScan`): each volume's nearest training scan by Pearson
-correlation; a sample nearer to a training scan than the closest held-out scan comes is flagged.
-
-`evaluate_runs` ties these together for `mri-vqvae evaluate`; it refuses anything but a held-out
-split of the manifest the VQ-VAE was trained on (`check_held_out`).
+`evaluate_runs` ties these together for `mri-vqvae evaluate`: it refuses anything but a held-out
+split of the manifest the VQ-VAE was trained on (`heldout.check_held_out`), summarises per-case
+values (`statistics.summarise`), measures samples against the held-out scans
+(`sample_metrics`), and writes metrics.json, per_case.csv and report.html (`report`).
 """
 
 from __future__ import annotations
 
 import csv
 import io
-import itertools
 import json
 import logging
 import math
@@ -47,9 +29,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.data import MetaTensor
-from monai.metrics import MultiScaleSSIMMetric
-from monai.metrics.regression import compute_ssim_and_cs
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
@@ -59,9 +38,31 @@ from mri_vqvae.batch import Failure, run_batch, write_failures
 from mri_vqvae.checkpoint import LoadedCheckpoint, load_checkpoint
 from mri_vqvae.config import DataConfig, ExperimentConfig
 from mri_vqvae.data import case_items
-from mri_vqvae.errors import CheckpointError, MriVqvaeError
+from mri_vqvae.errors import CheckpointError, EvaluationError, MriVqvaeError
+from mri_vqvae.heldout import check_held_out, recorded_manifest_digests
 from mri_vqvae.manifest import Manifest
-from mri_vqvae.metrics import mean_of, psnr, ssim_window
+from mri_vqvae.metrics import (
+    MsSsimSettings,
+    masked_psnr,
+    mean_of,
+    ms_ssim_settings,
+    multiscale_per_mask,
+    nmse,
+    plain_float,
+    prepare_pair,
+    psnr,
+    ssim_window,
+)
+from mri_vqvae.sample_metrics import (
+    FEATURE_GRID,
+    NearestScan,
+    code_perplexity,
+    gaussian_mmd2,
+    mean_pairwise_ms_ssim,
+    memorisation_flags,
+    pooled_features,
+)
+from mri_vqvae.statistics import BOOTSTRAP_RESAMPLES, CI_LEVEL, summarise
 from mri_vqvae.transforms import build_transforms
 
 if TYPE_CHECKING:
@@ -73,13 +74,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FOREGROUND = 0.05  # intensity on the [0, 1] scale above which a voxel counts as foreground
-MS_SSIM_SCALE_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # Wang et al. 2003, 5 scales
-MS_SSIM_MAX_SCALES = 3
-MS_SSIM_KERNELS = (7, 5, 3)
-SSIM_SIGMA = 1.5
-BOOTSTRAP_RESAMPLES = 2000
-CI_LEVEL = 0.95
-FEATURE_GRID = 2
 METRIC_KEYS = ("psnr", "ssim", "ms_ssim", "nmse")
 FOREGROUND_KEYS = tuple(f"{k}_foreground" for k in METRIC_KEYS)
 NOT_FID = (
@@ -90,11 +84,7 @@ NOT_FID = (
 )
 
 
-class EvaluationError(MriVqvaeError, ValueError):
-    """An evaluation request that would not measure held-out data (says what and how to fix)."""
-
-
-# --- per-case reconstruction metrics -------------------------------------------------------------
+# --- per-case reconstruction quality -------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -140,158 +130,18 @@ class QualityReport:
         }
 
 
-@dataclass(frozen=True)
-class MsSsimSettings:
-    """MS-SSIM window (odd, voxels), per-scale weights (sum 1) and Gaussian sigma."""
-
-    kernel_size: int
-    weights: tuple[float, ...]
-    sigma: float = SSIM_SIGMA
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"kernel_size": self.kernel_size, "sigma": self.sigma,
-                "weights": list(self.weights), "scales": len(self.weights)}
-
-
-def ms_ssim_settings(spatial_shape: Sequence[int]) -> MsSsimSettings:
-    """The most scales (<= 3), then the largest window (7, 5, 3) that fit `spatial_shape` (D, H, W).
-
-    A setting fits when MONAI accepts it (``min(shape) // (scales - 1)**2 > kernel - 1``) and the
-    coarsest scale is still at least one window wide.
-    """
-    smallest = min(int(s) for s in spatial_shape)
-    for scales in range(MS_SSIM_MAX_SCALES, 0, -1):
-        divisor = max(1, scales - 1) ** 2
-        coarsest = smallest // 2 ** (scales - 1)
-        for kernel in MS_SSIM_KERNELS:
-            if smallest // divisor > kernel - 1 and coarsest >= kernel:
-                raw = MS_SSIM_SCALE_WEIGHTS[:scales]
-                total = math.fsum(raw)
-                return MsSsimSettings(kernel, tuple(w / total for w in raw))
-    raise ValueError(f"MS-SSIM needs every axis >= 3 voxels, received shape {tuple(spatial_shape)}")
-
-
-def _plain(x: Any) -> Tensor:
-    """A float32 torch tensor (no MetaTensor)."""
-    t = x.as_tensor() if isinstance(x, MetaTensor) else torch.as_tensor(x)
-    return t.detach().float()
-
-
-def _pair(pred: Tensor, target: Tensor, data_range: float) -> tuple[Tensor, Tensor]:
-    """(B, 1, D, H, W) float32 tensors, ``pred`` clamped to ``[0, data_range]``."""
-    pred, target = _plain(pred), _plain(target)
-    if pred.shape != target.shape or pred.ndim != 5 or pred.shape[1] != 1:
-        raise ValueError(
-            f"metrics need pred and target of the same (B, 1, D, H, W) shape, received "
-            f"{tuple(pred.shape)} and {tuple(target.shape)}"
-        )
-    return pred.clamp(0.0, data_range), target
-
-
-def ms_ssim(pred: Tensor, target: Tensor, data_range: float = 1.0,
-            settings: MsSsimSettings | None = None) -> Tensor:
-    """Multi-scale SSIM per volume with MONAI's metric: (B, 1, D, H, W) x 2 -> (B,); 1 = equal."""
-    pred, target = _pair(pred, target, data_range)
-    s = settings or ms_ssim_settings(tuple(pred.shape[2:]))
-    metric = MultiScaleSSIMMetric(spatial_dims=3, data_range=data_range, kernel_size=s.kernel_size,
-                                  kernel_sigma=s.sigma, weights=s.weights, reduction="none")
-    return metric(pred, target).reshape(-1)
-
-
-def _weighted_mean(values: Tensor, weights: Tensor) -> Tensor:
-    """(B, 1, ...) values and weights -> (B,) weighted means (nan where the weights sum to 0)."""
-    w = weights.flatten(1)
-    return (values.flatten(1) * w).sum(1) / w.sum(1)
-
-
-def _window_centres(weights: Tensor, kernel: int) -> Tensor:
-    """Crop (B, 1, D, H, W) weights to the centres of the valid windows of size `kernel`."""
-    c = (kernel - 1) // 2
-    d, h, w = weights.shape[2:]
-    return weights[:, :, c:d - c, c:h - c, c:w - c]
-
-
-def _multiscale(pred: Tensor, target: Tensor, masks: Sequence[Tensor | None],
-                s: MsSsimSettings, relu: bool = True) -> list[Tensor]:
-    """(MS-)SSIM of prepared pred/target (B, 1, D, H, W) averaged over each mask -> [(B,), ...].
-
-    MONAI's formula (`compute_ssim_and_cs` per scale; contrast sensitivity at the finer scales,
-    SSIM at the coarsest; relu; product of the values to the scale weights), with each scale's
-    map averaged over the windows centred in a mask; None averages every window, which is
-    exactly MONAI's value. The maps are computed once for all masks; a mask is average-pooled
-    with the images and used as weights. ``relu=False`` with one scale is plain (masked) SSIM.
-    """
-    weights = [None if m is None else _plain(m).to(pred.dtype) for m in masks]
-    values: list[list[Tensor]] = [[] for _ in masks]
-    k = (s.kernel_size,) * 3
-    for i in range(len(s.weights)):
-        ssim_map, cs_map = compute_ssim_and_cs(pred, target, 3, k, (s.sigma,) * 3)
-        last = i == len(s.weights) - 1
-        chosen = ssim_map if last else cs_map
-        for j, w in enumerate(weights):
-            v = (chosen.flatten(1).mean(1) if w is None
-                 else _weighted_mean(chosen, _window_centres(w, s.kernel_size)))
-            values[j].append(torch.relu(v) if relu else v)
-        if not last:
-            pred, target = F.avg_pool3d(pred, 2), F.avg_pool3d(target, 2)
-            weights = [None if w is None else F.avg_pool3d(w, 2) for w in weights]
-    exponents = torch.tensor(s.weights, dtype=pred.dtype, device=pred.device).view(-1, 1)
-    return [torch.prod(torch.stack(v) ** exponents, dim=0) for v in values]
-
-
-def masked_ms_ssim(pred: Tensor, target: Tensor, mask: Tensor, data_range: float = 1.0,
-                   settings: MsSsimSettings | None = None) -> Tensor:
-    """MS-SSIM with each scale's map averaged over `mask` (B, 1, D, H, W) -> (B,) (`_multiscale`).
-
-    Per scale the mask is average-pooled with the images and used as weights; with an all-ones
-    mask this equals MONAI's MS-SSIM.
-    """
-    pred, target = _pair(pred, target, data_range)
-    pred, target = pred / data_range, target / data_range
-    s = settings or ms_ssim_settings(tuple(pred.shape[2:]))
-    return _multiscale(pred, target, [mask], s)[0]
-
-
-def masked_ssim(pred: Tensor, target: Tensor, mask: Tensor, data_range: float = 1.0) -> Tensor:
-    """SSIM (the window of `metrics.ssim`) averaged over windows centred in `mask` -> (B,)."""
-    pred, target = _pair(pred, target, data_range)
-    pred, target = pred / data_range, target / data_range
-    window = ssim_window(tuple(pred.shape[2:]))
-    return _multiscale(pred, target, [mask], MsSsimSettings(window, (1.0,)), relu=False)[0]
-
-
-def nmse(pred: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
-    """Normalised squared error ``sum (pred - target)^2 / sum target^2`` over `mask` -> (B,)."""
-    pred, target = _pair(pred, target, 1.0)
-    w = torch.ones_like(target) if mask is None else _plain(mask)
-    err = ((pred - target) ** 2 * w).flatten(1).sum(1)
-    return err / (target**2 * w).flatten(1).sum(1)
-
-
-def masked_psnr(pred: Tensor, target: Tensor, mask: Tensor, data_range: float = 1.0) -> Tensor:
-    """PSNR in dB over the voxels of `mask` -> (B,); inf where they are reproduced exactly."""
-    pred, target = _pair(pred, target, data_range)
-    w = _plain(mask)
-    mse = ((pred - target) ** 2 * w).flatten(1).sum(1) / w.flatten(1).sum(1)
-    return 20 * math.log10(data_range) - 10 * torch.log10(mse)
-
-
-def _psnr_in(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> float:
-    return float(masked_psnr(pred, target, mask.float())[0])
-
-
 def quality_of(pred: Tensor, target: Tensor, item: Mapping[str, Any], indices: Tensor
                ) -> CaseQuality:
     """Every metric of one reconstruction: pred, target (1, 1, D, H, W), indices (1, d, h, w).
 
     SSIM and MS-SSIM maps are computed once for the whole volume and the foreground together.
     """
-    pred, target = _pair(pred, target, 1.0)
+    pred, target = prepare_pair(pred, target, 1.0)
     mask = (target > FOREGROUND).float()
     shape = tuple(target.shape[2:])
-    ssim_all, ssim_fg = _multiscale(pred, target, [None, mask],
+    ssim_all, ssim_fg = multiscale_per_mask(pred, target, [None, mask],
                                     MsSsimSettings(ssim_window(shape), (1.0,)), relu=False)
-    ms_all, ms_fg = _multiscale(pred, target, [None, mask], ms_ssim_settings(shape))
+    ms_all, ms_fg = multiscale_per_mask(pred, target, [None, mask], ms_ssim_settings(shape))
     return CaseQuality(
         case_id=str(item["case_id"]),
         subject_id=str(item.get("subject_id", "")),
@@ -323,7 +173,7 @@ def experiment_of(loaded: LoadedCheckpoint) -> ExperimentConfig:
 def case_quality(model: torch.nn.Module, image: torch.Tensor, item: dict[str, Any]
                  ) -> tuple[CaseQuality, torch.Tensor]:
     """Metrics of one preprocessed volume (1, D, H, W); returns them and the code indices."""
-    target = _plain(image).unsqueeze(0)  # (1, 1, D, H, W)
+    target = plain_float(image).unsqueeze(0)  # (1, 1, D, H, W)
     out = model(target)
     return quality_of(out.reconstruction, target, item, out.indices), out.indices
 
@@ -347,166 +197,6 @@ def evaluate_reconstruction(
         case_items(manifest, config.data, split), one, strict=strict, desc=f"evaluate {split}"
     )
     return QualityReport(cases, failures, len(seen), model.config.codebook_size)
-
-
-# --- statistics over cases -----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Summary:
-    """Mean, sample std and bootstrap interval of the mean over the finite values."""
-
-    mean: float
-    std: float
-    ci_low: float
-    ci_high: float
-    n: int
-    n_excluded: int = 0
-    level: float = CI_LEVEL
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"mean": self.mean, "std": self.std, "ci": [self.ci_low, self.ci_high],
-                "ci_level": self.level, "n": self.n, "n_excluded_non_finite": self.n_excluded}
-
-    def text(self, digits: int = 4) -> str:
-        """``mean ± std [low, high]``."""
-        if not self.n:
-            return "n/a"
-        return (f"{self.mean:.{digits}f} ± {self.std:.{digits}f} "
-                f"[{self.ci_low:.{digits}f}, {self.ci_high:.{digits}f}]")
-
-
-def bootstrap_ci(values: Sequence[float], num_resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0,
-                 level: float = CI_LEVEL) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean of `values` (n,): the same seed, the same interval.
-
-    `num_resamples` resamples of n values drawn with replacement by ``numpy.random.default_rng
-    (seed)``; the interval is their means' (1 - level)/2 and (1 + level)/2 quantiles.
-    """
-    x = np.asarray(values, dtype=np.float64)
-    if x.size == 0:
-        return math.nan, math.nan
-    rng = np.random.default_rng(seed)
-    means = x[rng.integers(0, x.size, size=(num_resamples, x.size))].mean(axis=1)
-    tail = (1.0 - level) / 2
-    low, high = np.quantile(means, [tail, 1.0 - tail])
-    return float(low), float(high)
-
-
-def summarise(values: Sequence[float], num_resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0,
-              level: float = CI_LEVEL) -> Summary:
-    """`Summary` of per-case `values`; non-finite ones (PSNR inf) are left out and counted."""
-    x = np.asarray(values, dtype=np.float64)
-    finite = x[np.isfinite(x)]
-    excluded = int(x.size - finite.size)
-    if finite.size == 0:
-        return Summary(math.nan, math.nan, math.nan, math.nan, 0, excluded, level)
-    std = float(finite.std(ddof=1)) if finite.size > 1 else 0.0
-    low, high = bootstrap_ci(finite, num_resamples, seed, level)
-    return Summary(float(finite.mean()), std, low, high, int(finite.size), excluded, level)
-
-
-# --- sets of volumes: diversity, feature MMD, memorisation ---------------------------------------
-
-
-def gaussian_mmd2(x: np.ndarray, y: np.ndarray, bandwidth: float | None = None
-                  ) -> tuple[float, float]:
-    """Biased (V-statistic) squared MMD between feature sets x (N, F) and y (M, F).
-
-    Kernel ``exp(-|a - b|^2 / (2 bandwidth^2))``; `bandwidth` None takes the median heuristic,
-    the median of the nonzero pairwise distances of x and y pooled. Returns (mmd2 >= 0,
-    bandwidth); exactly 0 when x and y are the same set.
-    """
-    a, b = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or not len(a) or not len(b):
-        raise ValueError(f"MMD needs two non-empty (N, F) sets, received {a.shape} and {b.shape}")
-    z = np.concatenate([a, b])
-    sq = (z**2).sum(1)
-    d2 = np.clip(sq[:, None] + sq[None, :] - 2.0 * z @ z.T, 0.0, None)
-    if bandwidth is None:
-        pairs = d2[np.triu_indices(len(z), 1)]
-        positive = pairs[pairs > 0]
-        bandwidth = float(np.sqrt(np.median(positive))) if positive.size else 1.0
-    k = np.exp(-d2 / (2.0 * bandwidth**2))
-    n = len(a)
-    value = k[:n, :n].mean() + k[n:, n:].mean() - 2.0 * k[:n, n:].mean()
-    return max(float(value), 0.0), float(bandwidth)
-
-
-@torch.no_grad()
-def pooled_features(model: torch.nn.Module, volumes: Tensor, grid: int = FEATURE_GRID,
-                    batch_size: int = 4) -> np.ndarray:
-    """VQ-VAE encoder features: volumes (N, 1, D, H, W) -> z_e pooled to grid^3 -> (N, E*grid^3)."""
-    device = next(model.parameters()).device
-    out = []
-    for start in range(0, len(volumes), batch_size):
-        z = model.encode(_plain(volumes[start:start + batch_size]).to(device))
-        out.append(F.adaptive_avg_pool3d(z.float(), grid).flatten(1).cpu())
-    return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
-
-
-def mean_pairwise_ms_ssim(volumes: np.ndarray, settings: MsSsimSettings | None = None,
-                          chunk: int = 16) -> float:
-    """Mean MS-SSIM over all pairs of `volumes` (N, D, H, W); nan if N < 2. Lower: more diverse."""
-    v = torch.from_numpy(np.ascontiguousarray(volumes, dtype=np.float32))[:, None]
-    pairs = list(itertools.combinations(range(len(v)), 2))
-    if not pairs:
-        return math.nan
-    s = settings or ms_ssim_settings(tuple(v.shape[2:]))
-    values = []
-    for start in range(0, len(pairs), chunk):
-        i, j = zip(*pairs[start:start + chunk], strict=True)
-        values.append(ms_ssim(v[list(i)], v[list(j)], settings=s))
-    return float(torch.cat(values).double().mean())
-
-
-def standardise(volumes: np.ndarray) -> np.ndarray:
-    """(N, ...) -> (N, V) float32 rows with mean 0 and L2 norm 1 (a constant row stays 0).
-
-    The dot product of two such rows is the Pearson correlation of the volumes.
-    """
-    x = np.asarray(volumes, dtype=np.float64).reshape(len(volumes), -1)
-    x = x - x.mean(axis=1, keepdims=True)
-    norm = np.linalg.norm(x, axis=1, keepdims=True)
-    return (x / np.where(norm > 0, norm, 1.0)).astype(np.float32)
-
-
-class NearestScan:
-    """Each query volume's nearest reference volume by Pearson correlation, streamed.
-
-    ``NearestScan(queries (N, D, H, W))``, then ``update(ref_id, volume (D, H, W))`` per reference;
-    ``best`` (N,) holds the highest correlation so far and ``best_id`` (N,) its reference id.
-    """
-
-    def __init__(self, queries: np.ndarray) -> None:
-        self.queries = standardise(queries)
-        self.best = np.full(len(self.queries), -np.inf)
-        self.best_id: list[str | None] = [None] * len(self.queries)
-
-    def update(self, ref_id: str, volume: np.ndarray) -> None:
-        r = self.queries @ standardise(np.asarray(volume)[None])[0]
-        for i in np.flatnonzero(r > self.best):
-            self.best[i] = float(r[i])
-            self.best_id[i] = ref_id
-
-
-def memorisation_flags(sample_r: np.ndarray, held_out_r: np.ndarray) -> tuple[float, np.ndarray]:
-    """(threshold, flags (N,)): samples nearer a training scan than any held-out scan comes.
-
-    ``threshold`` is the largest nearest-training correlation of the held-out scans; a sample
-    whose own nearest-training correlation exceeds it is flagged.
-    """
-    threshold = float(np.max(held_out_r)) if len(held_out_r) else math.inf
-    return threshold, np.asarray(sample_r, dtype=np.float64) > threshold
-
-
-def code_perplexity(indices: Sequence[Tensor], codebook_size: int) -> float:
-    """exp(entropy) of the code histogram of all grids in `indices` (any shapes)."""
-    counts = torch.zeros(codebook_size, dtype=torch.float64)
-    for grid in indices:
-        counts += torch.bincount(grid.reshape(-1).cpu(), minlength=codebook_size).double()
-    p = counts / counts.sum()
-    return float(torch.exp(-(p[p > 0] * p[p > 0].log()).sum()))
 
 
 # --- preprocessing many cases (optionally in worker processes) -----------------------------------
@@ -549,7 +239,7 @@ class _PreparedCases(Dataset):
             image = self.chain(dict(item))["image"]
         except Exception as exc:  # any unreadable case is reported, never fatal in a worker
             return Prepared(item, None, None, describe_error(exc))
-        volume = _plain(image)[0].cpu().numpy().astype(np.float32)
+        volume = plain_float(image)[0].cpu().numpy().astype(np.float32)
         return Prepared(item, volume, np.asarray(image.affine, dtype=np.float64))
 
 
@@ -570,78 +260,6 @@ def iter_prepared(items: Sequence[dict[str, Any]], data: DataConfig, num_workers
 def progress(total: int, desc: str, enabled: bool = True) -> tqdm:
     """A tqdm bar with ETA on a terminal (off otherwise)."""
     return tqdm(total=total, desc=desc, unit="case", disable=not enabled or not sys.stderr.isatty())
-
-
-# --- the held-out guard --------------------------------------------------------------------------
-
-HELD_OUT_SPLITS = ("val", "test")
-
-
-def recorded_manifest_digests(run_dir: Path, extra: Mapping[str, Any]) -> dict[str, str]:
-    """Manifest digests a VQ-VAE run recorded: ``run.json`` and the checkpoint's extra."""
-    found: dict[str, str] = {}
-    run_json = run_dir / "run.json"
-    if run_json.is_file():
-        try:
-            doc = json.loads(run_json.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            doc = {}
-        if isinstance(doc, dict) and doc.get("manifest_digest"):
-            found[str(run_json)] = str(doc["manifest_digest"])
-    if extra.get("manifest_digest"):
-        found["checkpoint extra.manifest_digest"] = str(extra["manifest_digest"])
-    return found
-
-
-def refuse_split(split: str) -> None:
-    """Raise `EvaluationError` unless `split` is a held-out split (val or test)."""
-    if split == "train":
-        raise EvaluationError(
-            "refusing to evaluate on the train split: its cases trained the model, so the "
-            "numbers would not measure generalisation; pass --split test (or val)"
-        )
-    if split not in HELD_OUT_SPLITS:
-        raise EvaluationError(f"unknown split {split!r}; use one of {list(HELD_OUT_SPLITS)}")
-
-
-def check_held_out(manifest: Manifest, split: str, recorded: Mapping[str, str],
-                   run_label: str) -> dict[str, Any]:
-    """Refuse anything but a held-out split of the manifest the run was trained on.
-
-    Raises `EvaluationError` when `split` is ``train`` (or unknown), when the run recorded no
-    manifest digest or one that differs from ``manifest.digest``, when the split is empty, or
-    when a held-out subject also has training cases. Returns what was checked (JSON-ready).
-    """
-    refuse_split(split)
-    if not recorded:
-        raise EvaluationError(
-            f"{run_label} records no manifest digest (run.json manifest_digest or checkpoint "
-            "extra.manifest_digest), so it cannot be checked that the evaluated cases were held "
-            "out; evaluate a run made by `mri-vqvae train-vqvae`"
-        )
-    wrong = {where: d for where, d in recorded.items() if d != manifest.digest}
-    if wrong:
-        where, digest = next(iter(wrong.items()))
-        raise EvaluationError(
-            f"manifest {manifest.name!r} has digest {manifest.digest[:16]}..., but {run_label} was "
-            f"trained on a manifest with digest {digest[:16]}... ({where}); the splits may "
-            "differ, so held-out cases cannot be trusted: pass the exact manifest the run used "
-            "(a copy is in the run folder as manifest.json)"
-        )
-    held = {c.subject_id for c in manifest.cases if c.split == split}
-    train = {c.subject_id for c in manifest.cases if c.split == "train"}
-    if not held:
-        raise EvaluationError(f"manifest {manifest.name!r} has no case in split {split!r}")
-    overlap = sorted(held & train)
-    if overlap:
-        raise EvaluationError(
-            f"subjects {overlap[:5]} of split {split!r} also have training cases in manifest "
-            f"{manifest.name!r}: they are not held out; re-split the manifest by subject and "
-            "retrain, or evaluate on a split whose subjects the model never saw"
-        )
-    return {"split": split, "manifest_digest": manifest.digest,
-            "digest_sources": sorted(recorded), "held_out_subjects": len(held),
-            "train_subjects": len(train), "subject_overlap": 0}
 
 
 # --- the evaluate command ------------------------------------------------------------------------
@@ -1035,7 +653,9 @@ def write_report(out: Path, metrics: Mapping[str, Any], held: HeldOut, source: V
                  prior: PriorRun | None) -> Path:
     """report.html in `out` (figures in out/figures/, each embedded as a base64 data URI).
 
-    Likelihood maps (`synthesis.likelihood_map`) are computed here for the cases shown.
+    Turns what the evaluate command kept (`HeldOut`, the runs) into `report`'s plain views; the
+    page itself is `report.evaluation_report`. Likelihood maps (`synthesis.likelihood_map`) are
+    computed here for the cases shown.
     """
     from mri_vqvae.report import CaseView, LikelihoodView, RunCurves, evaluation_report
     from mri_vqvae.runs import read_metrics

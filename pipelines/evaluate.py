@@ -44,7 +44,8 @@ def evaluate(vqvae_run: str, prior_run: str | None, manifest_path: str, data_roo
              num_resamples: int, max_train_cases: int | None, report_cases: int,
              num_workers: int, strict: bool, device: str) -> None:
     """Measure a VQ-VAE (and prior) on held-out scans: metrics.json, per_case.csv, report.html."""
-    from mri_vqvae.evaluation import EvaluateSettings, evaluate_runs, refuse_split
+    from mri_vqvae.evaluation import EvaluateSettings, evaluate_runs
+    from mri_vqvae.heldout import refuse_split
     from mri_vqvae.manifest import load_manifest
     from mri_vqvae.report import stat_text
 

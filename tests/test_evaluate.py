@@ -21,27 +21,27 @@ from click.testing import CliRunner
 
 from mri_vqvae.checkpoint import WEIGHTS, save_checkpoint
 from mri_vqvae.config import load_config
-from mri_vqvae.evaluation import (
-    EvaluateSettings,
-    EvaluationError,
-    NearestScan,
-    bootstrap_ci,
-    check_held_out,
-    evaluate_runs,
-    gaussian_mmd2,
+from mri_vqvae.errors import EvaluationError
+from mri_vqvae.evaluation import EvaluateSettings, evaluate_runs, quality_of
+from mri_vqvae.heldout import check_held_out
+from mri_vqvae.manifest import Case, Manifest, sha256_file, write_manifest
+from mri_vqvae.metrics import (
     masked_ms_ssim,
     masked_ssim,
-    memorisation_flags,
     ms_ssim,
     ms_ssim_settings,
     nmse,
-    pooled_features,
-    quality_of,
-    summarise,
+    psnr,
+    ssim,
 )
-from mri_vqvae.manifest import Case, Manifest, sha256_file, write_manifest
-from mri_vqvae.metrics import psnr, ssim
 from mri_vqvae.prior import GatedPixelCNN3D
+from mri_vqvae.sample_metrics import (
+    NearestScan,
+    gaussian_mmd2,
+    memorisation_flags,
+    pooled_features,
+)
+from mri_vqvae.statistics import bootstrap_ci, summarise
 from mri_vqvae.vqvae import VQVAE
 from pipelines.cli import cli
 from tests.conftest import make_head, write_nifti
