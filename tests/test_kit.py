@@ -14,6 +14,7 @@ from mri_vqvae.config import load_config
 from mri_vqvae.errors import DownloadError
 from mri_vqvae.manifest import load_manifest, verify_manifest
 from pipelines.cli import cli
+from tests.test_preprocess import assert_sitk_agrees
 
 pytestmark = pytest.mark.kit
 CFG = load_config("smoke")
@@ -99,6 +100,7 @@ def test_kit_preprocesses_to_configured_shape(kit_root: Path, tmp_path: Path) ->
         img = nib.load(tmp_path / "pre" / case.image)
         assert img.shape == CFG.data.spatial_size
         assert nib.aff2axcodes(img.affine) == ("R", "A", "S")
+        assert_sitk_agrees(tmp_path / "pre" / case.image, img.affine)
 
 
 def test_wrong_archive_checksum_is_refused(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

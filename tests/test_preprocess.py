@@ -59,7 +59,7 @@ def test_preprocess_writes_ras_nifti_montage_index(mixed_root: Path, tmp_path: P
         np.testing.assert_allclose(img.get_sform(), img.get_qform(), atol=1e-5)
         assert img.header["descrip"].tobytes().strip(b"\0") == b""
         assert b"John" not in path.read_bytes()
-        _assert_sitk_agrees(path, img.affine)
+        assert_sitk_agrees(path, img.affine)
         data = np.asarray(img.dataobj)
         assert data.min() >= 0 and data.max() <= 1
         assert (out / case.montage).stat().st_size > 1000
@@ -69,7 +69,7 @@ def test_preprocess_writes_ras_nifti_montage_index(mixed_root: Path, tmp_path: P
     assert "flat" in (out / "failures.csv").read_text()
 
 
-def _assert_sitk_agrees(path: Path, affine: np.ndarray) -> None:
+def assert_sitk_agrees(path: Path, affine: np.ndarray) -> None:
     """SimpleITK's LPS geometry, converted to RAS, equals nibabel's affine."""
     img = sitk.ReadImage(str(path))
     direction = np.array(img.GetDirection()).reshape(3, 3)
