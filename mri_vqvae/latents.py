@@ -10,6 +10,13 @@ Every file is written atomically and index.json is rewritten after each encoded 
 encode loses nothing: a rerun keeps each grid whose file still matches the sha256 recorded in
 index.json and encodes only the rest. `load_latents` validates a folder (shape, dtype, range,
 sha256) and `LatentDataset` serves the grids of one split to the prior.
+
+Under ``torchrun`` (`mri_vqvae.distributed`) `encode_manifest` shards the cases: rank r encodes
+its contiguous share and writes only those .npy files (atomically); rank 0 also keeps index.json
+current for its own cases as it goes, then gathers every rank's entries and failures and writes
+index.json and failures.csv once more, the same documents a single process would write. A kill
+mid-run loses at most the index entries of other ranks' cases: their grids are re-encoded by the
+rerun (the sha256 check never trusts a file that index.json does not vouch for).
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from pydantic import ValidationError
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from mri_vqvae import distributed
 from mri_vqvae.atomic import atomic_write_bytes, atomic_write_text
 from mri_vqvae.batch import Failure, run_batch, write_failures
 from mri_vqvae.checkpoint import WEIGHTS, load_checkpoint, resolve_checkpoint
@@ -257,6 +265,8 @@ class EncodeResult:
 
 
 def _resolve_device(name: str | torch.device) -> torch.device:
+    if distributed.is_distributed() and str(name) in ("auto", "cuda"):
+        return distributed.local_device(str(name))  # cuda:LOCAL_RANK or cpu
     if str(name) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
@@ -279,7 +289,9 @@ def encode_manifest(
     latent_shape, codebook_size, data config) and one entry per case: case_id, subject_id,
     split, file, sha256 (of the .npy), source_sha256 (of the input, from the manifest).
     Resumable: a case whose entry and file still match is kept, not recomputed. A bad case is
-    listed in failures.csv and skipped, or raised when `strict`.
+    listed in failures.csv and skipped, or raised when `strict`. Under DDP each rank encodes its
+    share of the cases, rank 0 writes index.json and failures.csv, and every rank returns the
+    result of the whole encode.
     """
     out = Path(out_dir)
     source = load_vqvae_source(vqvae_run)
@@ -293,13 +305,17 @@ def encode_manifest(
         if cid in by_id and e.get("source_sha256") == by_id[cid].sha256
         and e.get("split") == (by_id[cid].split or "")
     }
+    distributed.barrier()  # every rank has read the old index.json before rank 0 rewrites it
     dev = _resolve_device(device)
     model = source.model.to(dev).eval()
     chain = build_transforms(source.data)
     encoded: list[str] = []
     reused: list[str] = []
+    main = distributed.is_main()
 
     def write_index(failures: list[Failure]) -> None:
+        if not main:
+            return
         doc = {**header, "updated_utc": _utc_now(),
                "cases": [entries[k] for k in sorted(entries)],
                "failures": [asdict(f) for f in failures]}
@@ -325,12 +341,54 @@ def encode_manifest(
         return cid
 
     write_index([])
-    _, failures = run_batch(items, process, strict=strict, desc="encode")
+    mine = distributed.shard(items)
+    _, failures = run_batch(mine, process, strict=strict, desc="encode")
+    if distributed.is_distributed():
+        encoded, reused, failures = _merge_shards(items, mine, entries, encoded, reused, failures)
     write_index(failures)
-    write_failures(out / FAILURES, failures)
+    if main:
+        write_failures(out / FAILURES, failures)
     log.info("encoded %d case(s), reused %d, %d failed, into %s", len(encoded), len(reused),
              len(failures), out)
     return EncodeResult(out, encoded, reused, failures)
+
+
+def _ids(case_ids: list[str], most: int = 10) -> str:
+    """Up to `most` case ids for a log line, with how many more."""
+    more = f" (+{len(case_ids) - most} more)" if len(case_ids) > most else ""
+    return f"{case_ids[:most]}{more}"
+
+
+def _merge_shards(
+    items: list[dict[str, Any]],
+    mine: list[dict[str, Any]],
+    entries: dict[str, dict[str, Any]],
+    encoded: list[str],
+    reused: list[str],
+    failures: list[Failure],
+) -> tuple[list[str], list[str], list[Failure]]:
+    """Gather every rank's outcome; `entries` becomes the whole encode's (in place).
+
+    Entries of cases outside `items` are the same on every rank (read before the encode); each
+    case of `items` takes the entry of the rank that processed it, or none when it failed. The
+    lists come back in case order (shards are contiguous and gathered in rank order).
+    """
+    ours = {it["case_id"]: entries[it["case_id"]] for it in mine if it["case_id"] in entries}
+    log.info("rank %d of %d: encoded %s, reused %s, %d failed", distributed.rank(),
+             distributed.world_size(), _ids(encoded), _ids(reused), len(failures))
+    parts = distributed.all_gather_object((ours, encoded, reused, failures))
+    ids = {it["case_id"] for it in items}
+    for cid in ids:
+        entries.pop(cid, None)
+    all_encoded: list[str] = []
+    all_reused: list[str] = []
+    all_failures: list[Failure] = []
+    for part_entries, part_encoded, part_reused, part_failures in parts:
+        entries.update(part_entries)
+        all_encoded += part_encoded
+        all_reused += part_reused
+        all_failures += part_failures
+    return all_encoded, all_reused, all_failures
 
 
 # --- reading -------------------------------------------------------------------------------------

@@ -29,7 +29,8 @@ class QuantizerOutput(NamedTuple):
         flows straight through to the encoder output.
     indices: (B, d, h, w) int64 code of each latent position.
     commitment_loss: scalar float32, ``commitment_cost * mean((z_e - sg(z_q))**2)``.
-    perplexity: scalar float32, ``exp(entropy)`` of this batch's code histogram.
+    perplexity: scalar float32, ``exp(entropy)`` of this batch's code histogram (under DDP in
+        training mode: of every rank's share together; codes_used likewise).
     codes_used: scalar int64, number of distinct codes in this batch.
     """
 
@@ -94,7 +95,27 @@ def kmeans(flat: Tensor, k: int, iters: int) -> Tensor:
 
 
 def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _gather_rows(flat: Tensor) -> Tensor:
+    """Every rank's rows of ``flat`` (n_r, D), concatenated in rank order -> (sum n_r, D).
+
+    Ranks may hold different row counts (a ragged last batch): rows are padded to the largest
+    count for the all-gather and trimmed after. Outside ``torch.distributed`` returns ``flat``.
+    """
+    if not _distributed():
+        return flat
+    world = dist.get_world_size()
+    n = torch.tensor([flat.shape[0]], dtype=torch.long, device=flat.device)
+    sizes = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n)
+    counts = [int(s) for s in sizes]
+    padded = flat.new_zeros(max(counts), flat.shape[1])
+    padded[: flat.shape[0]] = flat
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded.contiguous())
+    return torch.cat([part[:c] for part, c in zip(parts, counts, strict=True)])
 
 
 class EMAQuantizer(nn.Module):
@@ -110,8 +131,11 @@ class EMAQuantizer(nn.Module):
        (A window, not the EMA counts: with decay 0.99 an abandoned code needs ~350 steps to fall
        to 3 % of the uniform share, long after a collapse has set in.)
 
-    Under ``torch.distributed`` the counts and sums are all-reduced and initial/revived codes are
-    broadcast from rank 0, so every rank keeps the same codebook.
+    Under ``torch.distributed`` (DDP, each rank holding a share of the batch) the update is the
+    one a single process would make on the whole batch: counts and sums are all-reduced; k-means
+    and revival draw from every rank's vectors gathered in rank order (with the global RNG,
+    identical on every rank) and rank 0's result is broadcast, so every rank keeps the same
+    codebook; perplexity and codes_used describe the whole batch.
 
     Buffers (all in the state dict): ``codebook`` (K, D), ``ema_count`` (K,), ``ema_sum`` (K, D),
     ``recent_count`` (K,) uses since the last revival check, ``initialised`` (bool), ``steps``.
@@ -218,6 +242,7 @@ class EMAQuantizer(nn.Module):
 
     def _initialise(self, flat: Tensor) -> None:
         """First training batch: k-means codebook (optional) and uniform EMA statistics."""
+        flat = _gather_rows(flat)  # the whole batch under DDP
         if self.kmeans_init:
             self.codebook.copy_(kmeans(flat, self.codebook_size, self.kmeans_iters))
         if _distributed():
@@ -228,9 +253,11 @@ class EMAQuantizer(nn.Module):
         self.initialised.fill_(True)
 
     def _update(self, flat: Tensor, idx: Tensor) -> Tensor:
-        """EMA step on (N, D) vectors assigned to ``idx`` (N,); returns this rank's counts (K,)."""
+        """EMA step on (N, D) vectors assigned to ``idx`` (N,); returns the batch's counts (K,).
+
+        Under DDP the counts are those of every rank's share together.
+        """
         counts, sums = code_statistics(flat, idx, self.codebook_size)
-        local_counts = counts.clone()
         if _distributed():
             dist.all_reduce(counts)
             dist.all_reduce(sums)
@@ -249,7 +276,7 @@ class EMAQuantizer(nn.Module):
         self.steps += 1
         if self.dead_code_threshold > 0 and int(self.steps) % self.revival_interval == 0:
             self._revive(flat)
-        return local_counts
+        return counts
 
     def dead_codes(self) -> Tensor:
         """(K,) bool: codes used fewer than ``dead_code_threshold`` x the average code's uses
@@ -261,8 +288,9 @@ class EMAQuantizer(nn.Module):
         dead = self.dead_codes()
         self.recent_count.zero_()
         n_dead = int(dead.sum())
-        if n_dead == 0:
+        if n_dead == 0:  # the same on every rank: dead codes come from all-reduced counts
             return
+        flat = _gather_rows(flat)
         n = flat.shape[0]
         if n >= n_dead:
             pick = torch.randperm(n, device=flat.device)[:n_dead]

@@ -23,6 +23,24 @@ all the work of its step (validation, preview). Resuming rebuilds the model, loa
 restores the random states last and continues with the next batch; metrics.jsonl loses the lines
 written after the checkpoint. On CPU the result is bit-identical to an uninterrupted run.
 
+Several processes (DDP). Under ``torchrun`` (`mri_vqvae.distributed`) the model is wrapped in
+DistributedDataParallel and ``batch_size`` is the global batch: each rank trains on its
+contiguous share of the step's keys (`shard_bounds`), so the ranks together see exactly the
+single-process batch; ``batch_size`` must divide by the world size. A share's loss is weighted
+by ``share * world / batch`` so that DDP's gradient average is the gradient of the whole batch's
+mean loss, even for the smaller last batch of an epoch. The EMA codebook is kept identical on
+every rank by the quantizer (`mri_vqvae.quantizer`). Logged train terms are those of the whole
+batch. Only rank 0 writes (run folder, metrics, checkpoints, previews, likelihood.json) and
+validates; the others wait for its validation result (a broadcast) and, after each
+checkpoints/last save, at a barrier. Random states: the VQ-VAE step draws only from the global
+RNG (k-means initialisation, code revival), which stays identical on every rank (same seed,
+same draws), so rank 0's saved states are restored on every rank at a resume (the CUDA state
+of rank 0's GPU onto each rank's GPU). The prior's dropout needs different draws per rank: under
+DDP each step's forward/backward runs on a forked RNG seeded from ``(seed, step, rank)``, which a
+resume reproduces without saving any per-rank state. A DDP run matches a single-process run with
+the same global batch up to floating-point reduction order (tested), not bit for bit; a
+single-process run and its resume stay bit-identical on CPU.
+
 Run folders (`mri_vqvae.runs`): config.yaml, run.json, metrics.jsonl, tb/, previews/,
 checkpoints/{last,best}/. VQ-VAE runs add manifest.json and previews/step_XXXXXXX.png; best is
 the highest mean validation PSNR. Prior runs add latents_index.json (a copy of the latents'
@@ -32,6 +50,7 @@ prior's checkpoints and run.json record the latents' provenance (`LatentIndex.pr
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
@@ -39,6 +58,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager
@@ -53,9 +73,11 @@ from monai.data import MetaTensor
 from monai.transforms import Compose
 from pydantic import BaseModel
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from mri_vqvae import distributed
 from mri_vqvae.atomic import atomic_write_bytes, atomic_write_text
 from mri_vqvae.checkpoint import (
     build_resume_state,
@@ -93,7 +115,10 @@ LIKELIHOOD = "likelihood.json"
 # Test-only hook: with this set to k, the process SIGKILLs itself right after step k's work
 # (checkpoint included), so tests can interrupt a run at an exact point without polling.
 KILL_ENV = "MRI_VQVAE_TEST_KILL_AFTER_STEP"
-_PERM_STREAM, _ITEM_STREAM = 0, 1
+# Test-only hook: with this set to a folder, every rank saves its final model state_dict and torch
+# RNG state to <folder>/rank<r>.pt when the run ends, so tests can compare the ranks of a DDP run.
+DUMP_ENV = "MRI_VQVAE_TEST_DUMP_DIR"
+_PERM_STREAM, _ITEM_STREAM, _DROPOUT_STREAM = 0, 1, 2
 
 
 class TrainingError(MriVqvaeError):
@@ -156,19 +181,65 @@ def batch_keys(step: int, n: int, batch_size: int, seed: int) -> list[tuple[int,
     return [(epoch, int(i)) for i in chunk]
 
 
-class StepBatchSampler:
-    """Batches of (epoch, index) keys for global steps ``start_step .. stop_step - 1``."""
+def global_batch_size(step: int, n: int, batch_size: int) -> int:
+    """Items in the (whole, all ranks) batch of 0-based `step`: batch_size, less at epoch end."""
+    position = step % steps_per_epoch(n, batch_size)
+    return min(batch_size, n - position * batch_size)
 
-    def __init__(self, n: int, batch_size: int, seed: int, start_step: int, stop_step: int):
+
+def rank_keys(
+    step: int, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1
+) -> list[tuple[int, int]]:
+    """Rank `rank`'s contiguous share of `batch_keys`; the shares of ranks 0..world-1 in order
+    concatenate to the whole batch."""
+    keys = batch_keys(step, n, batch_size, seed)
+    start, stop = distributed.shard_bounds(len(keys), rank, world)
+    return keys[start:stop]
+
+
+def check_world_size(n: int, batch_size: int, world: int, section: str) -> None:
+    """Raise `TrainingError` unless n train items in global batches of `batch_size` can be
+    shared by `world` ranks: batch_size divisible by world, and every rank gets at least one item
+    of every batch (also of the smaller last batch of an epoch)."""
+    if world <= 1:
+        return
+    if batch_size % world:
+        lower = batch_size - batch_size % world
+        fits = [b for b in (lower, lower + world) if b > 0]
+        raise TrainingError(
+            f"{section}.batch_size={batch_size} is the global batch and must be divisible by the "
+            f"number of processes ({world} = torchrun's nproc_per_node x nnodes): each rank "
+            f"trains on batch_size / {world} items; set --set {section}.batch_size="
+            f"{' or '.join(map(str, fits))}"
+        )
+    smallest = global_batch_size(steps_per_epoch(n, batch_size) - 1, n, batch_size)  # the last
+    if smallest < world:
+        raise TrainingError(
+            f"{n} train items in batches of {section}.batch_size={batch_size} leave a last batch "
+            f"of {smallest} per epoch, fewer than the {world} processes: some rank would have "
+            f"nothing to train on; pick a batch_size that divides {n} (or leaves a remainder of "
+            f"at least {world}), or use fewer processes"
+        )
+
+
+class StepBatchSampler:
+    """Batches of (epoch, index) keys for global steps ``start_step .. stop_step - 1``.
+
+    With ``world > 1`` each batch is rank `rank`'s share of it (`rank_keys`).
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, start_step: int, stop_step: int,
+                 rank: int = 0, world: int = 1):
         self.n, self.batch_size, self.seed = n, batch_size, seed
         self.start_step, self.stop_step = start_step, stop_step
+        self.rank, self.world = rank, world
 
     def __len__(self) -> int:
         return max(0, self.stop_step - self.start_step)
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         for step in range(self.start_step, self.stop_step):
-            yield batch_keys(step, self.n, self.batch_size, self.seed)
+            yield rank_keys(step, self.n, self.batch_size, self.seed, self.rank, self.world)
 
 
 # --- datasets ------------------------------------------------------------------------------------
@@ -222,13 +293,18 @@ def _val_images(ds: Dataset, start: int, stop: int) -> Tensor:
 
 
 def resolve_device(name: str, section: str = "train_vqvae") -> torch.device:
-    """``auto`` -> cuda when available, else cpu; ``cuda`` without a GPU raises."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """``auto`` -> cuda when available, else cpu; ``cuda`` without a GPU raises.
+
+    Under DDP a CUDA device is this rank's ``cuda:LOCAL_RANK``.
+    """
     if name == "cuda" and not torch.cuda.is_available():
         raise TrainingError(
             f"{section}.device='cuda' but no CUDA GPU is visible; use device=cpu or auto"
         )
+    if distributed.is_distributed():
+        return distributed.local_device(name)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
 
 
@@ -242,32 +318,53 @@ def _autocast(device: torch.device, enabled: bool) -> AbstractContextManager[Any
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
+def _share_weight(local: int, total: int | None) -> float:
+    """Loss weight of a rank's `local` items of a `total`-item batch: DDP averages the ranks'
+    gradients, so ``local * world / total`` makes that average the whole batch's gradient."""
+    if total is None:
+        return 1.0
+    return local * distributed.world_size() / total
+
+
+def _whole_batch(terms: dict[str, Tensor], local: int, total: int | None) -> dict[str, Tensor]:
+    """Batch means of a rank's per-share mean `terms`, summed over ranks (a no-op when the
+    batch is not shared)."""
+    if total is None or not distributed.is_distributed():
+        return terms
+    stacked = torch.stack([terms[k].float() for k in terms]) * (local / total)
+    torch.distributed.all_reduce(stacked)
+    return dict(zip(terms, stacked.unbind(), strict=True))
+
+
 def train_step(
-    model: VQVAE,
+    model: VQVAE | DistributedDataParallel,
     optimizer: torch.optim.Optimizer,
     images: Tensor,
     tc: TrainConfig,
     device: torch.device,
+    batch_total: int | None = None,
 ) -> dict[str, Tensor]:
-    """One optimizer step on `images` (B, 1, D, H, W); returns detached scalar terms."""
+    """One optimizer step on `images` (B, 1, D, H, W); returns detached scalar terms.
+
+    Under DDP `images` is this rank's share of a `batch_total`-item batch: the loss is weighted
+    for DDP's gradient average (`_share_weight`) and the returned terms are the whole batch's.
+    """
     model.train()
     with _autocast(device, tc.bf16):
         out = model(images)
     recon = reconstruction_loss(out.reconstruction, images, tc.loss)
     loss = recon + out.commitment_loss
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    weight = _share_weight(images.shape[0], batch_total)
+    (loss if weight == 1.0 else loss * weight).backward()
     max_norm = tc.grad_clip if tc.grad_clip is not None else math.inf
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
     optimizer.step()
-    return {
-        "loss": loss.detach(),
-        "recon_loss": recon.detach(),
-        "commitment_loss": out.commitment_loss.detach(),
-        "perplexity": out.perplexity,
-        "codes_used": out.codes_used,
-        "grad_norm": grad_norm.detach(),
-    }
+    means = _whole_batch({"loss": loss.detach(), "recon_loss": recon.detach(),
+                          "commitment_loss": out.commitment_loss.detach()},
+                         images.shape[0], batch_total)
+    return {**means, "perplexity": out.perplexity, "codes_used": out.codes_used,
+            "grad_norm": grad_norm.detach()}
 
 
 @torch.no_grad()
@@ -327,27 +424,36 @@ def write_preview(
 
 
 def prior_train_step(
-    model: GatedPixelCNN3D,
+    model: GatedPixelCNN3D | DistributedDataParallel,
     optimizer: torch.optim.Optimizer,
     indices: Tensor,
     tc: TrainConfig,
     device: torch.device,
+    batch_total: int | None = None,
 ) -> dict[str, Tensor]:
     """One optimizer step on code grids `indices` (B, d, h, w) int64; detached scalar terms.
 
-    ``loss`` is the mean cross-entropy in nats, ``bits_per_latent`` the same in bits.
+    ``loss`` is the mean cross-entropy in nats, ``bits_per_latent`` the same in bits. Under DDP
+    `indices` is this rank's share of a `batch_total`-grid batch (see `train_step`).
     """
     model.train()
     with _autocast(device, tc.bf16):
         logits = model(indices)
     loss = F.cross_entropy(logits.float(), indices)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    weight = _share_weight(indices.shape[0], batch_total)
+    (loss if weight == 1.0 else loss * weight).backward()
     max_norm = tc.grad_clip if tc.grad_clip is not None else math.inf
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
     optimizer.step()
-    return {"loss": loss.detach(), "bits_per_latent": loss.detach() / LN2,
-            "grad_norm": grad_norm.detach()}
+    mean = _whole_batch({"loss": loss.detach()}, indices.shape[0], batch_total)["loss"]
+    return {"loss": mean, "bits_per_latent": mean / LN2, "grad_norm": grad_norm.detach()}
+
+
+def dropout_seed(seed: int, step: int, rank: int) -> int:
+    """Seed of rank `rank`'s dropout draws at 0-based `step` of a DDP prior run, in [0, 2**63)."""
+    words = _seed_words(seed, _DROPOUT_STREAM, step, rank)
+    return int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0]) >> 1
 
 
 @torch.no_grad()
@@ -403,6 +509,13 @@ def likelihood_report(
 # --- session -------------------------------------------------------------------------------------
 
 
+def _no_buffer_sync() -> dict[str, bool]:
+    """DDP keyword that turns off the per-forward buffer broadcast (renamed in newer torch)."""
+    params = inspect.signature(DistributedDataParallel).parameters
+    key = "forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers"
+    return {key: False}
+
+
 @dataclass(kw_only=True)
 class _Session:
     """Everything the shared loop touches; `step` counts completed optimizer steps.
@@ -410,7 +523,9 @@ class _Session:
     A stage subclasses it: what it trains on (`batches`), one step, one validation, the metric
     that picks checkpoints/best, and what its checkpoints record besides the common fields.
     ``stage`` names the run subfolder, the checkpoint kind and the config sections
-    (``config.<stage>`` for the model, ``config.train_<stage>`` for training).
+    (``config.<stage>`` for the model, ``config.train_<stage>`` for training). Under DDP
+    ``model`` stays the bare module (validation, previews, checkpoints) and ``ddp`` wraps it for
+    the training steps; ``rank`` / ``world`` say where this process stands.
     """
 
     stage: ClassVar[str]
@@ -426,6 +541,39 @@ class _Session:
     step: int = 0
     best_metric: float | None = None
     best_step: int | None = None
+    rank: int = 0
+    world: int = 1
+    ddp: DistributedDataParallel | None = None
+
+    @property
+    def net(self) -> nn.Module:
+        """The module a training step runs: the DDP wrapper under DDP, else the model."""
+        return self.ddp if self.ddp is not None else self.model
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the process that validates and writes."""
+        return self.rank == 0
+
+    def batch_total(self, step: int) -> int | None:
+        """Items in the whole batch of 0-based `step` under DDP (None in one process)."""
+        if self.world <= 1:
+            return None
+        return global_batch_size(step, self.n_train, self.tc.batch_size)
+
+    def wrap(self) -> None:
+        """Wrap the model in DDP (a no-op in one process); after any resume has loaded it.
+
+        Buffers are not broadcast at each forward: the only ones, the quantizer's, are kept
+        identical by the quantizer itself.
+        """
+        if self.world <= 1:
+            return
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        # channels_last 1x1x1 conv weights: their size-1 dims give grads other (equivalent)
+        # strides than DDP's bucket views, and DDP warns about it; the layout is the same.
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+        self.ddp = DistributedDataParallel(self.model, device_ids=ids, **_no_buffer_sync())
 
     @property
     def tc(self) -> TrainConfig:
@@ -512,7 +660,7 @@ class _VQVAESession(_Session):
     def batches(self) -> Iterable[Any]:
         """A DataLoader over the steps left; a private generator leaves global RNG alone."""
         sampler = StepBatchSampler(self.n_train, self.tc.batch_size, self.config.seed,
-                                   self.step, self.tc.max_steps)
+                                   self.step, self.tc.max_steps, self.rank, self.world)
         return DataLoader(
             self.train_ds, batch_sampler=sampler, num_workers=self.tc.num_workers,
             generator=torch.Generator().manual_seed(self.config.seed),
@@ -521,7 +669,8 @@ class _VQVAESession(_Session):
 
     def train_step(self, batch: Any) -> dict[str, Tensor]:
         images = batch["image"].to(self.device)
-        return train_step(self.model, self.optimizer, images, self.tc, self.device)
+        return train_step(self.net, self.optimizer, images, self.tc, self.device,
+                          self.batch_total(self.step))
 
     def validate(self) -> dict[str, float]:
         return validate(self.model, self.val_ds, self.tc, self.device)
@@ -563,12 +712,23 @@ class _PriorSession(_Session):
     def batches(self) -> Iterable[Any]:
         """(B, d, h, w) int64 grids of each step left, in the seeded per-epoch order."""
         for step in range(self.step, self.tc.max_steps):
-            keys = batch_keys(step, self.n_train, self.tc.batch_size, self.config.seed)
+            keys = rank_keys(step, self.n_train, self.tc.batch_size, self.config.seed,
+                             self.rank, self.world)
             yield self.train_grids[[i for _, i in keys]]
 
     def train_step(self, batch: Any) -> dict[str, Tensor]:
-        return prior_train_step(self.model, self.optimizer, batch.to(self.device), self.tc,
-                                self.device)
+        """One step; under DDP dropout draws from an RNG forked per (seed, step, rank)."""
+        args = (self.net, self.optimizer, batch.to(self.device), self.tc, self.device,
+                self.batch_total(self.step))
+        if self.world <= 1:
+            return prior_train_step(*args)
+        cuda = self.device.type == "cuda"
+        with torch.random.fork_rng(devices=[self.device] if cuda else []):
+            seed = dropout_seed(self.config.seed, self.step, self.rank)
+            torch.default_generator.manual_seed(seed)
+            if cuda:
+                torch.cuda.manual_seed(seed)  # this rank's device only
+            return prior_train_step(*args)
 
     def validate(self) -> dict[str, float]:
         bits = prior_bits(self.model, self.val_grids, self.tc.batch_size, self.device,
@@ -596,6 +756,8 @@ class _PriorSession(_Session):
             )
 
     def on_start(self) -> None:
+        if not self.is_main:
+            return
         copy = self.run_dir / LATENTS_COPY
         if not copy.exists():
             atomic_write_bytes(copy, (self.latents.root / LATENTS_INDEX).read_bytes())
@@ -603,7 +765,13 @@ class _PriorSession(_Session):
         self.recorder.update(**self.latents.provenance())
 
     def on_complete(self) -> dict[str, Any]:
-        """Write likelihood.json (best checkpoint, else the final weights) and return it."""
+        """Write likelihood.json (best checkpoint, else the final weights) and return it.
+
+        Under DDP rank 0 computes and writes it; every rank returns rank 0's report.
+        """
+        return distributed.broadcast_object(self._likelihood() if self.is_main else {})
+
+    def _likelihood(self) -> dict[str, Any]:
         model: nn.Module = self.model
         step = self.step
         if self.best_step is not None:
@@ -629,16 +797,43 @@ def _extra(s: _Session, val: dict[str, float] | None = None) -> dict[str, Any]:
 
 
 def save_last(s: _Session) -> Path:
-    """checkpoints/last with the full resume state; random states captured now."""
-    spe = steps_per_epoch(s.n_train, s.tc.batch_size)
-    epoch, position = divmod(s.step, spe)
-    state = build_resume_state(
-        s.optimizer, s.step, epoch, position, s.best_metric,
-        best_step=-1 if s.best_step is None else s.best_step,
-        steps_per_epoch=spe, train_cases=s.n_train,
-    )
-    return save_checkpoint(s.last_dir, s.model, s.stage, s.model_config, _extra(s), state,
-                           step=s.step)
+    """checkpoints/last with the full resume state; random states captured now.
+
+    Under DDP rank 0 writes it and every rank waits at a barrier until it is on disk.
+    """
+    if s.is_main:
+        spe = steps_per_epoch(s.n_train, s.tc.batch_size)
+        epoch, position = divmod(s.step, spe)
+        state = build_resume_state(
+            s.optimizer, s.step, epoch, position, s.best_metric,
+            best_step=-1 if s.best_step is None else s.best_step,
+            steps_per_epoch=spe, train_cases=s.n_train, rng_device=_cuda_index(s.device),
+        )
+        save_checkpoint(s.last_dir, s.model, s.stage, s.model_config, _extra(s), state,
+                        step=s.step)
+    distributed.barrier()
+    return s.last_dir
+
+
+def _cuda_index(device: torch.device) -> int:
+    """The CUDA device whose random state a checkpoint's ``rng.cuda[i]`` is, -1 on CPU."""
+    if device.type != "cuda":
+        return -1
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def _restore_rng(state: dict[str, Any], device: torch.device) -> None:
+    """Restore the random states of a resume state; under DDP on CUDA, the saving rank's GPU
+    state goes onto this rank's GPU (the ranks' states are identical by construction)."""
+    rng = state["rng"]
+    saved_index = int(state.get("rng_device", 0))
+    if not distributed.is_distributed() or device.type != "cuda":
+        restore_rng_state(rng)
+        return
+    cuda = list(rng.get("cuda") or [])
+    restore_rng_state({**rng, "cuda": []})
+    if 0 <= saved_index < len(cuda):
+        torch.cuda.set_rng_state(torch.as_tensor(cuda[saved_index]).cpu(), device)
 
 
 def _maybe_save_best(s: _Session, val: dict[str, float]) -> None:
@@ -646,7 +841,9 @@ def _maybe_save_best(s: _Session, val: dict[str, float]) -> None:
     if not s.is_better(value):
         return
     s.best_metric, s.best_step = value, s.step
-    save_checkpoint(s.best_dir, s.model, s.stage, s.model_config, _extra(s, val), step=s.step)
+    if s.is_main:
+        save_checkpoint(s.best_dir, s.model, s.stage, s.model_config, _extra(s, val),
+                        step=s.step)
     if s.recorder is not None:
         s.recorder.update(best_checkpoint=str(s.best_dir), best_step=s.step,
                           **{f"best_val_{s.best_key}": value})
@@ -659,6 +856,8 @@ def _build_session(
     tc = config.train_vqvae
     train_items = split_items(manifest, config, "train")
     val_items = split_items(manifest, config, "val")
+    world = distributed.world_size()
+    check_world_size(len(train_items), tc.batch_size, world, "train_vqvae")
     seed_everything(config.seed)
     model = VQVAE(config.vqvae)
     model.latent_shape(config.data.spatial_size)  # SpatialShapeError: names the fix
@@ -670,7 +869,8 @@ def _build_session(
     val_ds = make_dataset(val_items, prep, tc.cache_dir)
     train_ds = AugmentedDataset(train_base, augment_only(config.augment, seed=0), config.seed)
     return _VQVAESession(config=config, model=model, optimizer=optimizer, device=device,
-                         train_ds=train_ds, val_ds=val_ds, manifest_digest=manifest.digest)
+                         train_ds=train_ds, val_ds=val_ds, manifest_digest=manifest.digest,
+                         rank=distributed.rank(), world=world)
 
 
 def _adamw(model: nn.Module, tc: TrainConfig) -> torch.optim.Optimizer:
@@ -708,11 +908,13 @@ def _build_prior_session(
                     "prior records the latents' one (%s)", index.root / LATENTS_INDEX)
     train_grids = _split_grids(index, "train")
     val_grids = _split_grids(index, "val")
+    world = distributed.world_size()
+    check_world_size(len(train_grids), config.train_prior.batch_size, world, "train_prior")
     seed_everything(config.seed)
     model = GatedPixelCNN3D(config.prior).to(device)
     return _PriorSession(config=config, model=model, optimizer=_adamw(model, config.train_prior),
                          device=device, latents=index, train_grids=train_grids,
-                         val_grids=val_grids)
+                         val_grids=val_grids, rank=distributed.rank(), world=world)
 
 
 def _resumable(run_dir: Path) -> Path:
@@ -775,7 +977,11 @@ def _due(step: int, every: int, last: bool) -> bool:
 
 
 def _after_step(s: _Session, terms: dict[str, Tensor], timed_out: bool, bar: Any) -> None:
-    """Logging, validation, best/last checkpoints and stage outputs due after step `s.step`."""
+    """Logging, validation, best/last checkpoints and stage outputs due after step `s.step`.
+
+    Under DDP only rank 0 validates, writes previews and logs; the other ranks receive its
+    validation result (so every rank agrees on the best metric) and wait for checkpoints/last.
+    """
     tc, step = s.tc, s.step
     rec = s.recorder
     assert rec is not None
@@ -786,13 +992,24 @@ def _after_step(s: _Session, terms: dict[str, Tensor], timed_out: bool, bar: Any
         rec.log_metrics(step, epoch, "train", **values, lr=s.optimizer.param_groups[0]["lr"])
         bar.set_postfix(s.postfix(values))
     if _due(step, tc.val_every, last):
-        val = s.validate()
+        val = distributed.broadcast_object(s.validate() if s.is_main else {})
         rec.log_metrics(step, epoch, "val", **val)
-        log.info("step %d: %s", step, s.describe(val))
+        if s.is_main:
+            log.info("step %d: %s", step, s.describe(val))
         _maybe_save_best(s, val)
-    s.after_step(step, last)
+    if s.is_main:
+        s.after_step(step, last)
     if _due(step, tc.checkpoint_every, last) or timed_out:
         save_last(s)  # last: its random states must be the ones the next step starts from
+
+
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    """True when `flag` is True on some rank (each rank's own clock may say otherwise)."""
+    if not distributed.is_distributed():
+        return flag
+    t = torch.tensor([int(flag)], device=device)  # nccl reduces GPU tensors only
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def _loop(s: _Session, deadline: float | None) -> str:
@@ -800,7 +1017,7 @@ def _loop(s: _Session, deadline: float | None) -> str:
     tc = s.tc
     kill_after = _kill_after()
     bar = tqdm(total=tc.max_steps, initial=s.step, desc=f"train-{s.stage}", unit="step",
-               disable=not sys.stderr.isatty(), dynamic_ncols=True)
+               disable=not (sys.stderr.isatty() and s.is_main), dynamic_ncols=True)
     try:
         for batch in s.batches():
             terms = s.train_step(batch)
@@ -811,18 +1028,32 @@ def _loop(s: _Session, deadline: float | None) -> str:
                     f"train_{s.stage}.lr ({tc.lr}), set grad_clip, or turn off bf16, then resume "
                     f"from {s.last_dir}"
                 )
-            timed_out = deadline is not None and time.monotonic() >= deadline
+            timed_out = deadline is not None and _any_rank(time.monotonic() >= deadline, s.device)
             _after_step(s, terms, timed_out, bar)
             bar.update(1)
             if kill_after == s.step:
                 os.kill(os.getpid(), signal.SIGKILL)
             if timed_out and s.step < tc.max_steps:
-                log.warning("time limit of %s min reached at step %d: stopped with a resumable "
-                            "checkpoint in %s", tc.time_limit_minutes, s.step, s.last_dir)
+                if s.is_main:
+                    log.warning("time limit of %s min reached at step %d: stopped with a "
+                                "resumable checkpoint in %s", tc.time_limit_minutes, s.step,
+                                s.last_dir)
                 return "time_limit"
     finally:
         bar.close()
     return "max_steps"
+
+
+def _dump_for_tests(s: _Session) -> None:
+    """`DUMP_ENV` test hook: this rank's final state_dict and torch RNG state -> rank<r>.pt."""
+    folder = os.environ.get(DUMP_ENV)
+    if not folder:
+        return
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu() for k, v in s.model.state_dict().items()}
+    torch.save({"model": state, "rng": torch.get_rng_state(), "step": s.step,
+                "best_metric": s.best_metric, "world": s.world},
+               Path(folder) / f"rank{s.rank}.pt")
 
 
 def _run(
@@ -833,26 +1064,32 @@ def _run(
     manifest_path: str | Path | None = None,
     argv: list[str] | None = None,
 ) -> TrainResult:
-    """Make (or reopen) the run folder, train, record how it ended; shared by every stage."""
+    """Make (or reopen) the run folder, train, record how it ended; shared by every stage.
+
+    Under DDP every rank loads checkpoints/last at a resume; rank 0 alone makes a new run folder
+    (its path is broadcast) and writes into it.
+    """
     tc = s.tc
     state = None
     if resume is not None:
         s.run_dir = Path(resume)
         state = _restore(s, s.run_dir)
     else:
-        s.run_dir = new_run_dir(runs_root, s.stage, s.config.name, s.config.seed)
+        made = new_run_dir(runs_root, s.stage, s.config.name, s.config.seed) if s.is_main else None
+        s.run_dir = Path(distributed.broadcast_object(str(made)))
     s.recorder = RunRecorder(
-        s.run_dir, s.config, manifest=manifest_path, argv=argv, device=s.device,
+        s.run_dir, s.config, manifest=manifest_path, argv=argv, device=s.device, rank=s.rank,
         resume_step=None if state is None else s.step,
         resumed_from=None if state is None else s.last_dir,
     )
     s.recorder.start()
     s.on_start()
+    s.wrap()
     deadline = None if tc.time_limit_minutes is None else started + 60 * tc.time_limit_minutes
     summary = None
     try:
         if state is not None:
-            restore_rng_state(state["rng"])  # last: nothing may draw before the next step
+            _restore_rng(state, s.device)  # last: nothing may draw before the next step
         reason = _loop(s, deadline) if s.step < tc.max_steps else "max_steps"
         if reason == "max_steps":
             summary = s.on_complete()
@@ -864,7 +1101,10 @@ def _run(
         raise
     s.recorder.update(stop_reason=reason, steps_done=s.step, last_checkpoint=str(s.last_dir))
     s.recorder.finish("completed" if reason == "max_steps" else "interrupted")
-    log.info("run %s stopped at step %d (%s)", s.run_dir, s.step, reason)
+    _dump_for_tests(s)
+    distributed.barrier()  # rank 0's files are complete before any rank returns
+    if s.is_main:
+        log.info("run %s stopped at step %d (%s)", s.run_dir, s.step, reason)
     best = s.best_dir if s.best_step is not None else None
     return TrainResult(s.run_dir, s.step, reason, s.best_metric, s.last_dir, best,
                        metric=s.best_key, likelihood=summary)

@@ -27,13 +27,21 @@ from pipelines.common import report_failures
               show_default=True, help="Where the VQ-VAE runs.")
 def encode(vqvae_run: str, manifest_path: str, out_dir: str, split: str | None, strict: bool,
            data_root: str | None, device: str) -> None:
-    """Encode each case with the VQ-VAE: <case_id>.npy grids, index.json, failures.csv."""
+    """Encode each case with the VQ-VAE: <case_id>.npy grids, index.json, failures.csv.
+
+    Under torchrun the cases are shared among the processes; rank 0 writes index.json.
+    """
+    from mri_vqvae import distributed
     from mri_vqvae.latents import encode_manifest
     from mri_vqvae.manifest import load_manifest
 
     manifest = load_manifest(manifest_path, data_root=data_root, check_files=False)
-    result = encode_manifest(vqvae_run, manifest, out_dir, split=split, strict=strict,
-                             device=device, manifest_path=manifest_path)
+    with distributed.process_group(device):  # under torchrun: each rank encodes a share
+        result = encode_manifest(vqvae_run, manifest, out_dir, split=split, strict=strict,
+                                 device=device, manifest_path=manifest_path)
+        main = distributed.is_main()
+    if not main:
+        return
     click.echo(f"encoded {len(result.encoded)} case(s), kept {len(result.reused)} already "
                f"encoded, into {Path(out_dir).resolve()} (index.json, <case_id>.npy)")
     report_failures(result.failures, strict, "case(s)")

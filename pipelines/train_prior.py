@@ -38,8 +38,12 @@ def likelihood_table(report: dict[str, Any]) -> str:
 @config_options
 def train_prior(latents_dir: str | None, resume_dir: str | None, runs_root: str,
                 config_name: str | None, overrides: tuple[str, ...]) -> None:
-    """Train the prior; writes checkpoints, metrics, TensorBoard scalars and likelihood.json."""
-    from mri_vqvae import training
+    """Train the prior; writes checkpoints, metrics, TensorBoard scalars and likelihood.json.
+
+    Under torchrun (several processes) trains with DDP: train_prior.batch_size is the global
+    batch and only rank 0 writes or prints.
+    """
+    from mri_vqvae import distributed, training
 
     if resume_dir is None and latents_dir is None:
         raise click.BadParameter("give the latents folder made by `mri-vqvae encode`",
@@ -51,8 +55,12 @@ def train_prior(latents_dir: str | None, resume_dir: str | None, runs_root: str,
                                      param_hint="--resume")
         config_name = str(own)
     config = resolve(config_name, overrides)
-    result = training.train_prior(config, latents_dir, runs_root=runs_root, resume=resume_dir,
-                                  argv=sys.argv)
+    with distributed.process_group(config.train_prior.device):
+        result = training.train_prior(config, latents_dir, runs_root=runs_root,
+                                      resume=resume_dir, argv=sys.argv)
+        main = distributed.is_main()
+    if not main:
+        return
     click.echo(f"run written to {result.run_dir.resolve()} (step {result.step}, "
                f"{result.stop_reason}; best val {_bits(result.best_metric)} bits/latent)")
     if result.likelihood is not None:

@@ -23,8 +23,12 @@ from pipelines.common import config_options, resolve
 @config_options
 def train_vqvae(manifest_path: str, data_root: str | None, resume_dir: str | None,
                 runs_root: str, config_name: str | None, overrides: tuple[str, ...]) -> None:
-    """Train the VQ-VAE; writes checkpoints, metrics, TensorBoard scalars and previews."""
-    from mri_vqvae import training
+    """Train the VQ-VAE; writes checkpoints, metrics, TensorBoard scalars and previews.
+
+    Under torchrun (several processes) trains with DDP: train_vqvae.batch_size is the global
+    batch and only rank 0 writes or prints.
+    """
+    from mri_vqvae import distributed, training
 
     if resume_dir is not None and config_name is None:
         own = Path(resume_dir) / "config.yaml"
@@ -33,8 +37,12 @@ def train_vqvae(manifest_path: str, data_root: str | None, resume_dir: str | Non
                                      param_hint="--resume")
         config_name = str(own)
     config = resolve(config_name, overrides)
-    result = training.train_vqvae(config, manifest_path, runs_root=runs_root, resume=resume_dir,
-                                  data_root=data_root, argv=sys.argv)
+    with distributed.process_group(config.train_vqvae.device):
+        result = training.train_vqvae(config, manifest_path, runs_root=runs_root,
+                                      resume=resume_dir, data_root=data_root, argv=sys.argv)
+        main = distributed.is_main()
+    if not main:
+        return
     best = f"{result.best_psnr:.2f} dB" if result.best_psnr is not None else "n/a"
     click.echo(f"run written to {result.run_dir.resolve()} (step {result.step}, "
                f"{result.stop_reason}; best val PSNR {best})")
