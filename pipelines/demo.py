@@ -1,7 +1,8 @@
 """`mri-vqvae demo`: the main job on the embedded default data (the offline real-MRI kit).
 
-kit → manifest verify → preprocess → train VQ-VAE → encode → train prior → sample, each stage
-writing into one demo folder; `--quick` runs the same chain at toy sizes.
+kit → manifest verify → preprocess → train VQ-VAE → encode → train prior → sample → evaluate on
+the held-out test split → report.html, each stage writing into one demo folder; `--quick` runs the
+same chain at toy sizes.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from pipelines.common import config_options, default_cache_dir, report_failures,
 @config_options
 def demo(out_dir: str, kit_dir: str | None, quick: bool, num_samples: int,
          config_name: str | None, overrides: tuple[str, ...]) -> None:
-    """Run the whole chain on the embedded default data and print where everything went."""
+    """Run the whole chain on the embedded default data and print where the report is."""
+    from mri_vqvae.evaluation import EvaluateSettings, evaluate_runs
     from mri_vqvae.kit import build_kit
     from mri_vqvae.latents import encode_manifest
     from mri_vqvae.manifest import load_manifest, verify_manifest
@@ -36,7 +38,7 @@ def demo(out_dir: str, kit_dir: str | None, quick: bool, num_samples: int,
     config = resolve(config_name or ("demo_quick" if quick else "demo"), overrides)
     kit_root = Path(kit_dir) if kit_dir else default_cache_dir() / "kit"
     run_dir = Path(out_dir) / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    step = _Stages(total=6)
+    step = _Stages(total=7)
 
     step(f"kit → {kit_root}")
     manifest_path = build_kit(kit_root, config.kit, config.augment)
@@ -69,7 +71,16 @@ def demo(out_dir: str, kit_dir: str | None, quick: bool, num_samples: int,
         run_dir / "samples",
     )
     click.echo(f"      montage: {samples.montage.resolve()}")
+
+    step("evaluate on the held-out test split")
+    result = evaluate_runs(
+        vq.run_dir, manifest, run_dir / "eval", prior_run=prior.run_dir,
+        settings=EvaluateSettings(split="test", num_samples=num_samples, seed=config.seed),
+        manifest_path=manifest_path,
+    )
+    click.echo(f"      metrics: {result.metrics_path.resolve()}")
     click.echo(f"demo finished: everything is under {run_dir.resolve()}")
+    click.echo(f"report: {result.report_path.resolve()}")
 
 
 class _Stages:

@@ -1,4 +1,4 @@
-"""The README's main job, at toy sizes: kit → preprocess → VQ-VAE → encode → prior → sample."""
+"""The README's main job at toy sizes: kit → VQ-VAE → prior → samples → evaluation report."""
 
 from __future__ import annotations
 
@@ -36,4 +36,8 @@ def test_quick_demo_runs_end_to_end(tmp_path: Path) -> None:
     samples = sorted((demo / "samples").glob("sample_*.nii.gz"))
     assert len(samples) == 4
     assert nib.aff2axcodes(nib.load(samples[0]).affine) == ("R", "A", "S")
-    assert "demo finished" in proc.stdout
+    metrics = json.loads((demo / "eval" / "metrics.json").read_text())
+    assert metrics["reconstruction"] and metrics["likelihood"] and metrics["samples"]
+    report = demo / "eval" / "report.html"
+    assert report.stat().st_size > 10_000
+    assert f"report: {report.resolve()}" in proc.stdout
