@@ -33,6 +33,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from mri_vqvae import distributed
 from mri_vqvae.atomic import atomic_write_text
 from mri_vqvae.batch import Failure, run_batch, write_failures
 from mri_vqvae.checkpoint import LoadedCheckpoint, load_checkpoint
@@ -474,23 +475,32 @@ def evaluate_runs(
     Files: metrics.json (see docs/evaluation.md for the schema), per_case.csv, failures.csv,
     figures/*.png, samples/ (with a prior) and report.html (self-contained). `out_dir` None
     makes ``runs_root/eval/<UTC>-<runs>/`` once every check has passed.
+
+    Under torchrun the per-case passes (held-out metrics and bits, training bits and nearest
+    scans) are sharded across the ranks and gathered in case order; rank 0 alone draws the
+    samples and writes every file, and every rank returns the same result.
     """
     from mri_vqvae.latents import load_vqvae_source
 
     s = settings or EvaluateSettings()
-    dev = torch.device(device)
+    dev = _resolve_device(device)
     source = load_vqvae_source(vqvae_run)
     loaded_extra = load_checkpoint(source.checkpoint).extra
     recorded = recorded_manifest_digests(source.run_dir, loaded_extra)
     guard = check_held_out(manifest, s.split, recorded, f"VQ-VAE run {source.run_dir}")
     prior = _load_prior(prior_run, source, manifest, dev) if prior_run is not None else None
     names = [source.run_dir.name] + ([] if prior is None else [prior.paths.run_dir.name])
-    out = Path(out_dir) if out_dir is not None else default_eval_dir(runs_root, names)
-    out.mkdir(parents=True, exist_ok=True)
+    main = distributed.is_main()
+    if out_dir is not None:
+        out = Path(out_dir)
+    else:  # one new folder, made by rank 0
+        out = distributed.broadcast_object(default_eval_dir(runs_root, names) if main else None)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
     model = source.model.to(dev).eval()
     items = case_items(manifest, source.data, s.split)
-    held = _held_out_pass(model, source.data, items, None if prior is None else prior.prior, s,
-                          dev)
+    held = _sharded_held_out_pass(model, source.data, items,
+                                  None if prior is None else prior.prior, s, dev)
     if not held.cases:
         raise EvaluationError(
             f"no case of split {s.split!r} could be evaluated ({len(held.failures)} failed: "
@@ -510,23 +520,93 @@ def evaluate_runs(
     failures = list(held.failures)
     sample_volumes_ = None
     if prior is not None:
-        sample_volumes_, samples_block = _samples_block(prior, model, held, s, out, dev)
+        drawn = _samples_block(prior, model, held, s, out, dev) if main else None
+        sample_volumes_, samples_block = distributed.broadcast_object(drawn)
         nearest = NearestScan(np.concatenate([sample_volumes_, np.stack(held.volumes)]))
         train_items = _train_items(manifest, source.data, s)
-        train_bits, train_failures = _train_pass(model, prior.prior, source.data, train_items,
-                                                 nearest, s, dev)
+        train_bits, train_failures = _sharded_train_pass(model, prior.prior, source.data,
+                                                         train_items, nearest, s, dev)
         failures += train_failures
         metrics["likelihood"] = _likelihood_block(held.bits, train_bits, source.codebook_size, s)
         samples_block["memorisation"] = _memorisation_block(nearest, s.num_samples, held)
         metrics["samples"] = samples_block
     metrics["failures"] = [asdict(f) for f in failures]
-    metrics = json_ready(_with_provenance(metrics, dev))
-    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-    write_per_case(out / "per_case.csv", held, nearest, s.num_samples)
-    write_failures(out / "failures.csv", failures)
-    write_report(out, metrics, held, source, prior)
-    log.info("wrote metrics.json, per_case.csv and report.html to %s", out)
+    if main:
+        metrics = json_ready(_with_provenance(metrics, dev))
+        atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+        write_per_case(out / "per_case.csv", held, nearest, s.num_samples)
+        write_failures(out / "failures.csv", failures)
+        write_report(out, metrics, held, source, prior)
+        log.info("wrote metrics.json, per_case.csv and report.html to %s", out)
+    metrics = distributed.broadcast_object(metrics)  # the other ranks wait for rank 0 here
     return EvaluationResult(out, metrics, failures)
+
+
+def _resolve_device(device: str | torch.device) -> torch.device:
+    """`device`, or this rank's ``cuda:LOCAL_RANK`` for a bare ``cuda`` under torchrun."""
+    if distributed.is_distributed() and str(device) in ("auto", "cuda"):
+        return distributed.local_device(str(device))
+    return torch.device(device)
+
+
+def _sharded_held_out_pass(model: VQVAE, data: DataConfig, items: list[dict[str, Any]],
+                           prior: GatedPixelCNN3D | None, s: EvaluateSettings,
+                           device: torch.device) -> HeldOut:
+    """`_held_out_pass` over this rank's share of `items`, gathered: every rank gets the whole.
+
+    Shares are contiguous runs of the sorted items gathered in rank order, so the cases come
+    back in the order one process keeps them; a strict stop on any rank stops every rank.
+    """
+    if not distributed.is_distributed():
+        return _held_out_pass(model, data, items, prior, s, device)
+    error: str | None = None
+    try:
+        mine = _held_out_pass(model, data, distributed.shard(items), prior, s, device)
+    except EvaluationError as exc:
+        mine, error = HeldOut(), str(exc)
+    log.info("rank %d of %d: evaluated %d held-out case(s), %d failed", distributed.rank(),
+             distributed.world_size(), len(mine.cases), len(mine.failures))
+    parts = distributed.all_gather_object((mine, error))
+    errors = [e for _, e in parts if e is not None]
+    if errors:
+        raise EvaluationError(errors[0])
+    held = HeldOut()
+    for part, _ in parts:
+        held.cases += part.cases
+        held.failures += part.failures
+        held.paths.update(part.paths)
+        held.volumes += part.volumes
+        held.indices += part.indices
+        held.features += part.features
+        held.bits += part.bits
+        held.views += part.views
+    held.views = held.views[: s.report_cases]
+    return held
+
+
+def _sharded_train_pass(model: VQVAE, prior: GatedPixelCNN3D, data: DataConfig,
+                        items: list[dict[str, Any]], nearest: NearestScan, s: EvaluateSettings,
+                        device: torch.device) -> tuple[list[float], list[Failure]]:
+    """`_train_pass` over this rank's share; bits, failures and `nearest` of the whole pass.
+
+    Each rank streams its share into a copy of `nearest`; the copies merge in rank order with
+    the same strict ``>`` as one stream, so ties keep the earliest training case as before.
+    """
+    if not distributed.is_distributed():
+        return _train_pass(model, prior, data, items, nearest, s, device)
+    bits, failures = _train_pass(model, prior, data, distributed.shard(items), nearest, s, device)
+    parts = distributed.all_gather_object((bits, failures, nearest.best, nearest.best_id))
+    all_bits: list[float] = []
+    all_failures: list[Failure] = []
+    nearest.best = np.full(len(nearest.queries), -np.inf)
+    nearest.best_id = [None] * len(nearest.queries)
+    for part_bits, part_failures, best, best_id in parts:
+        all_bits += part_bits
+        all_failures += part_failures
+        for i in np.flatnonzero(best > nearest.best):
+            nearest.best[i] = float(best[i])
+            nearest.best_id[i] = best_id[i]
+    return all_bits, all_failures
 
 
 def _load_prior(prior_run: str | Path, source: VQVAESource, manifest: Manifest,

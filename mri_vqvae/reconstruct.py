@@ -18,6 +18,12 @@ image is written before its sidecar, both atomically, so a kill at any moment le
 either finished or to be redone. metrics.csv and index.json are rebuilt from the sidecars at the
 end of every run (a killed run's are rebuilt by the rerun).
 
+Under ``torchrun`` (`mri_vqvae.distributed`) the sorted cases are sharded: rank r checks and
+reconstructs only its contiguous share, writing those images and sidecars (atomically, as above);
+rank 0 alone writes reconstruct.json first and, after gathering every rank's finished sidecars
+and failures, metrics.csv, index.json and failures.csv: the same tables one process writes.
+Resume works the same (a rerun may use another number of processes).
+
 Grids: by default the reconstruction lies on the preprocessed grid (RAS, ``data.spacing``,
 ``data.spatial_size``). With `native_space` it is resampled onto the input file's own grid and
 affine with `mri_vqvae.synthesis.resample_to_grid` (MONAI ``ResampleToMatch``, bilinear here,
@@ -45,6 +51,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from mri_vqvae import distributed
 from mri_vqvae.atomic import atomic_write_text
 from mri_vqvae.batch import Failure, write_failures
 from mri_vqvae.errors import MriVqvaeError
@@ -232,7 +239,8 @@ def reconstruct_manifest(
     The VQ-VAE is the run's checkpoints/best (else last) in eval mode; each case goes through the
     deterministic chain of its training data config, in `num_workers` worker processes. A bad
     case goes to failures.csv, or raises `ReconstructError` at once when `strict`. `threads` sets
-    torch's CPU threads for the run (None: torch's default).
+    torch's CPU threads for the run (None: torch's default). Under torchrun each rank does its
+    share of the cases and every rank returns the result of the whole run.
     """
     from mri_vqvae.data import case_items
     from mri_vqvae.latents import load_vqvae_source
@@ -241,22 +249,24 @@ def reconstruct_manifest(
     out = Path(out_dir)
     source = load_vqvae_source(vqvae_run)
     identity = folder_identity(source, native_space)
-    claim_folder(out, identity)
-    dev = torch.device(device)
+    _claim_on_main(out, identity)
+    dev = _resolve_device(device)
     model = source.model.to(dev).eval()
     items = case_items(manifest, source.data, split)
+    mine = distributed.shard(items)  # every item when not distributed
     records: dict[str, dict[str, Any]] = {}
-    for item in items:
+    for item in mine:
         doc = finished_case(out, item, identity)
         if doc is not None:
             records[item["case_id"]] = doc
     reused = sorted(records)
-    todo = [item for item in items if item["case_id"] not in records]
+    todo = [item for item in mine if item["case_id"] not in records]
     computed: list[str] = []
     failures: list[Failure] = []
+    stopped: str | None = None  # the reason of the case that stopped a strict run
     session = uuid.uuid4().hex
     kill_after = _kill_after()
-    bar = progress(len(items), "reconstruct")
+    bar = progress(len(mine), "reconstruct")
     bar.update(len(reused))
     with bar, cpu_threads(dev, threads):
         for prepared in iter_prepared(todo, source.data, num_workers):
@@ -274,9 +284,8 @@ def reconstruct_manifest(
                 reason = describe_error(exc)
                 failures.append(Failure(item["case_id"], item["image"], reason))
                 if strict:
-                    write_tables(out, records, identity, failures)
-                    raise ReconstructError(
-                        f"case {item['case_id']} ({item['image']}): {reason}") from None
+                    stopped = f"case {item['case_id']} ({item['image']}): {reason}"
+                    break
                 log.warning("skipping %s: %s", item["case_id"], reason)
                 bar.update(1)
                 continue
@@ -285,7 +294,63 @@ def reconstruct_manifest(
             bar.update(1)
             if kill_after is not None and len(computed) >= kill_after:
                 os.kill(os.getpid(), signal.SIGKILL)
-    write_tables(out, records, identity, failures)
+    if distributed.is_distributed():
+        computed, reused, failures, stopped = _merge_shards(records, computed, reused, failures,
+                                                            stopped)
+    if distributed.is_main():
+        write_tables(out, records, identity, failures)
+    distributed.barrier()  # the tables are written before any rank returns
+    if stopped is not None:
+        raise ReconstructError(stopped)
     log.info("reconstructed %d case(s), reused %d, %d failed, into %s", len(computed),
              len(reused), len(failures), out)
     return ReconstructResult(out, computed, reused, failures, records)
+
+
+def _resolve_device(device: str | torch.device) -> torch.device:
+    """`device`, or this rank's ``cuda:LOCAL_RANK`` for a bare ``cuda`` under torchrun."""
+    if distributed.is_distributed() and str(device) in ("auto", "cuda"):
+        return distributed.local_device(str(device))
+    return torch.device(device)
+
+
+def _claim_on_main(out: Path, identity: dict[str, Any]) -> None:
+    """`claim_folder` on rank 0; its refusal (if any) is raised on every rank."""
+    error: str | None = None
+    if distributed.is_main():
+        try:
+            claim_folder(out, identity)
+        except ReconstructError as exc:
+            error = str(exc)
+    error = distributed.broadcast_object(error)
+    if error is not None:
+        raise ReconstructError(error)
+
+
+def _merge_shards(
+    records: dict[str, dict[str, Any]],
+    computed: list[str],
+    reused: list[str],
+    failures: list[Failure],
+    stopped: str | None,
+) -> tuple[list[str], list[str], list[Failure], str | None]:
+    """Gather every rank's outcome; `records` becomes the whole run's (in place).
+
+    Shards are contiguous runs of the sorted items gathered in rank order, so the lists come
+    back in case order; a strict stop on any rank stops them all (the first rank's reason).
+    """
+    log.info("rank %d of %d: reconstructed %s, reused %s, %d failed", distributed.rank(),
+             distributed.world_size(), computed, reused, len(failures))
+    parts = distributed.all_gather_object((records, computed, reused, failures, stopped))
+    records.clear()
+    all_computed: list[str] = []
+    all_reused: list[str] = []
+    all_failures: list[Failure] = []
+    first_stop: str | None = None
+    for part_records, part_computed, part_reused, part_failures, part_stop in parts:
+        records.update(part_records)
+        all_computed += part_computed
+        all_reused += part_reused
+        all_failures += part_failures
+        first_stop = first_stop or part_stop
+    return all_computed, sorted(all_reused), all_failures, first_stop

@@ -43,7 +43,11 @@ def evaluate(vqvae_run: str, prior_run: str | None, manifest_path: str, data_roo
              split: str, out_dir: str | None, runs_root: str, num_samples: int, seed: int,
              num_resamples: int, max_train_cases: int | None, report_cases: int,
              num_workers: int, strict: bool, device: str) -> None:
-    """Measure a VQ-VAE (and prior) on held-out scans: metrics.json, per_case.csv, report.html."""
+    """Measure a VQ-VAE (and prior) on held-out scans: metrics.json, per_case.csv, report.html.
+
+    Under torchrun the per-case passes are shared among the processes; rank 0 writes the files.
+    """
+    from mri_vqvae import distributed
     from mri_vqvae.evaluation import EvaluateSettings, evaluate_runs
     from mri_vqvae.heldout import refuse_split
     from mri_vqvae.manifest import load_manifest
@@ -54,9 +58,13 @@ def evaluate(vqvae_run: str, prior_run: str | None, manifest_path: str, data_roo
     settings = EvaluateSettings(split=split, num_samples=num_samples, seed=seed,
                                 num_resamples=num_resamples, max_train_cases=max_train_cases,
                                 report_cases=report_cases, num_workers=num_workers, strict=strict)
-    result = evaluate_runs(vqvae_run, manifest, out_dir, prior_run=prior_run, settings=settings,
-                           device=pick_device(device), manifest_path=manifest_path,
-                           runs_root=runs_root)
+    with distributed.process_group(device):  # under torchrun: each rank does a share of cases
+        result = evaluate_runs(vqvae_run, manifest, out_dir, prior_run=prior_run,
+                               settings=settings, device=pick_device(device),
+                               manifest_path=manifest_path, runs_root=runs_root)
+        main = distributed.is_main()
+    if not main:
+        return
     rec = result.metrics["reconstruction"]
     click.echo(f"{rec['num_cases']} held-out case(s): " + ", ".join(
         f"{k} {stat_text(rec['metrics'][k])}" for k in ("psnr", "ssim", "ms_ssim")))

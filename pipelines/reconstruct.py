@@ -34,15 +34,23 @@ from pipelines.sample import DEVICES, pick_device
 def reconstruct(vqvae_run: str, manifest_path: str, data_root: str | None, split: str | None,
                 out_dir: str, native_space: bool, strict: bool, num_workers: int, device: str,
                 threads: int) -> None:
-    """Reconstruct every case: images/<case>.nii.gz, cases/<case>.json, metrics.csv (resumable)."""
+    """Reconstruct every case: images/<case>.nii.gz, cases/<case>.json, metrics.csv (resumable).
+
+    Under torchrun the cases are shared among the processes; rank 0 writes the tables.
+    """
+    from mri_vqvae import distributed
     from mri_vqvae.manifest import load_manifest
     from mri_vqvae.reconstruct import reconstruct_manifest
 
     manifest = load_manifest(manifest_path, data_root=data_root, check_files=False)
-    result = reconstruct_manifest(vqvae_run, manifest, out_dir, split=split,
-                                  native_space=native_space, strict=strict,
-                                  num_workers=num_workers, device=pick_device(device),
-                                  threads=threads or None)
+    with distributed.process_group(device):  # under torchrun: each rank does a share
+        result = reconstruct_manifest(vqvae_run, manifest, out_dir, split=split,
+                                      native_space=native_space, strict=strict,
+                                      num_workers=num_workers, device=pick_device(device),
+                                      threads=threads or None)
+        main = distributed.is_main()
+    if not main:
+        return
     click.echo(f"reconstructed {len(result.computed)} case(s), reused {len(result.reused)} "
                f"finished earlier, into {Path(out_dir).resolve()} (images/, cases/, metrics.csv)")
     report_failures(result.failures, strict, "case(s)")

@@ -350,3 +350,140 @@ def test_ddp_prior_with_dropout_keeps_ranks_identical_and_resumes_exactly(
     for rank in (0, 1):
         _assert_equal_states(_dump(tmp_path / "dump", rank)["model"],
                              _dump(tmp_path / "ref_dump", rank)["model"])
+
+
+# --- torchrun: reconstruct and evaluate ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def eval_world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tiny VQ-VAE run and a manifest of 5 test cases (shares of 3 and 2) and 2 train."""
+    from tests.test_evaluate import make_manifest, make_vqvae_run
+
+    root = tmp_path_factory.mktemp("eval_world")
+    splits = {**{f"a{i}": "test" for i in range(5)}, "b0": "train", "b1": "train"}
+    manifest, path = make_manifest(root, splits)
+    return {"root": root, "manifest": path, "vqvae": make_vqvae_run(root / "runs",
+                                                                    manifest.digest)}
+
+
+def _csv_rows(path: Path) -> list[dict[str, str]]:
+    import csv
+
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _same_rows(a: list[dict[str, str]], b: list[dict[str, str]]) -> None:
+    assert [r["case_id"] for r in a] == [r["case_id"] for r in b]
+    for ra, rb in zip(a, b, strict=True):
+        assert ra.keys() == rb.keys()
+        for key in ra:
+            if key == "case_id" or ra[key] == rb[key]:
+                continue
+            assert float(ra[key]) == pytest.approx(float(rb[key]), abs=1e-6), (ra["case_id"], key)
+
+
+def test_ddp_reconstruct_covers_each_case_once_and_writes_the_same_tables(
+    eval_world: dict[str, Path], tmp_path: Path
+) -> None:
+    from mri_vqvae.manifest import load_manifest
+    from mri_vqvae.reconstruct import reconstruct_manifest
+
+    out = tmp_path / "ddp"
+    proc = _torchrun(["-m", "pipelines.reconstruct", "--vqvae", str(eval_world["vqvae"]),
+                      "--manifest", str(eval_world["manifest"]), "--split", "test", "--out",
+                      str(out), "--device", "cpu"], timeout=90)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("reconstructed 5 case(s)") == 1  # rank 0 alone prints the total
+    sidecars = {p.stem: json.loads(p.read_text()) for p in (out / "cases").glob("*.json")}
+    assert sorted(sidecars) == [f"a{i}" for i in range(5)]
+    sessions = {cid: doc["session"] for cid, doc in sidecars.items()}
+    assert len(set(sessions.values())) == 2  # two ranks, each case written by exactly one
+    assert sessions["a0"] == sessions["a1"] == sessions["a2"] != sessions["a3"] == sessions["a4"]
+
+    one = tmp_path / "one"
+    reconstruct_manifest(eval_world["vqvae"], load_manifest(eval_world["manifest"]), one,
+                         split="test", threads=1)
+    _same_rows(_csv_rows(out / "metrics.csv"), _csv_rows(one / "metrics.csv"))
+    assert _csv_rows(out / "failures.csv") == []
+    index = json.loads((out / "index.json").read_text())
+    assert [c["case_id"] for c in index["cases"]] == [f"a{i}" for i in range(5)]
+    assert not list(out.rglob(".*"))  # no temp files left behind
+
+    script = Path(sys.executable).parent / "mri-vqvae"  # the console script, when installed
+    launch = [str(script), "reconstruct"] if script.is_file() else ["-m", "pipelines.reconstruct"]
+    again = _torchrun([*launch, "--vqvae", str(eval_world["vqvae"]), "--manifest",
+                       str(eval_world["manifest"]), "--split", "test", "--out", str(out),
+                       "--device", "cpu"], timeout=90)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "reconstructed 0 case(s), reused 5" in again.stdout  # resume: nothing done twice
+
+
+def _assert_close(a: Any, b: Any, where: str = "") -> None:
+    """Equal JSON documents, floats within 1e-6 (the ranks run with 1 CPU thread)."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            _assert_close(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, list):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _assert_close(x, y, f"{where}[{i}]")
+    elif isinstance(a, float) and isinstance(b, float):
+        assert a == pytest.approx(b, rel=1e-6, abs=1e-6), where
+    else:
+        assert a == b, where
+
+
+def _ddp_evaluate(world: dict[str, Path], out: Path, *extra: str) -> dict[str, Any]:
+    proc = _torchrun(["-m", "pipelines.evaluate", "--vqvae", str(world["vqvae"]), "--manifest",
+                      str(world["manifest"]), "--split", "test", "--out", str(out), "--device",
+                      "cpu", "--bootstrap", "200", "--report-cases", "2", *extra], timeout=90)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("5 held-out case(s)") == 1  # rank 0 alone prints
+    shares = sorted(line.split(": evaluated ", 1)[1].split(" ", 1)[0]
+                    for line in proc.stderr.splitlines() if " of 2: evaluated " in line)
+    assert shares == ["2", "3"]  # each held-out case on exactly one rank
+    return json.loads((out / "metrics.json").read_text())
+
+
+def _single_evaluate(world: dict[str, Path], out: Path, prior: Path | None = None
+                     ) -> dict[str, Any]:
+    from mri_vqvae.evaluation import EvaluateSettings, evaluate_runs
+    from mri_vqvae.manifest import load_manifest
+
+    settings = EvaluateSettings(split="test", num_resamples=200, report_cases=2, num_samples=3)
+    evaluate_runs(world["vqvae"], load_manifest(world["manifest"]), out, prior_run=prior,
+                  settings=settings, device="cpu", manifest_path=world["manifest"])
+    return json.loads((out / "metrics.json").read_text())
+
+
+def test_ddp_evaluate_writes_the_single_process_reconstruction_block(
+    eval_world: dict[str, Path], tmp_path: Path
+) -> None:
+    ddp = _ddp_evaluate(eval_world, tmp_path / "ddp")
+    one = _single_evaluate(eval_world, tmp_path / "one")
+    _assert_close(ddp["reconstruction"], one["reconstruction"], "reconstruction")
+    assert ddp["likelihood"] is None and ddp["samples"] is None
+    assert (tmp_path / "ddp" / "report.html").is_file()
+    _same_rows(_csv_rows(tmp_path / "ddp" / "per_case.csv"),
+               _csv_rows(tmp_path / "one" / "per_case.csv"))
+
+
+def test_ddp_evaluate_with_a_prior_shards_both_passes(
+    eval_world: dict[str, Path], tmp_path: Path
+) -> None:
+    """Held-out and training bits/latent and the nearest training scans match one process."""
+    from mri_vqvae.manifest import load_manifest
+    from tests.test_evaluate import make_prior_run
+
+    digest = load_manifest(eval_world["manifest"]).digest
+    prior = make_prior_run(tmp_path / "runs", eval_world["vqvae"], digest)
+    ddp = _ddp_evaluate(eval_world, tmp_path / "ddp", "--prior", str(prior), "-n", "3")
+    one = _single_evaluate(eval_world, tmp_path / "one", prior)
+    _assert_close(ddp["reconstruction"], one["reconstruction"], "reconstruction")
+    _assert_close(ddp["likelihood"], one["likelihood"], "likelihood")
+    _assert_close(ddp["samples"]["memorisation"], one["samples"]["memorisation"], "memorisation")
+    assert ddp["likelihood"]["num_train_cases"] == 2
+    assert len(list((tmp_path / "ddp" / "samples").glob("*.nii.gz"))) == 3
