@@ -44,8 +44,9 @@ single-process run and its resume stay bit-identical on CPU.
 Run folders (`mri_vqvae.runs`): config.yaml, run.json, metrics.jsonl, tb/, previews/,
 checkpoints/{last,best}/. VQ-VAE runs add manifest.json and previews/step_XXXXXXX.png; best is
 the highest mean validation PSNR. Prior runs add latents_index.json (a copy of the latents'
-index.json) and, once complete, likelihood.json; best is the lowest val bits per latent. The
-prior's checkpoints and run.json record the latents' provenance (`LatentIndex.provenance`).
+index.json) and, when a run stops (max_steps or time limit), likelihood.json; best is the
+lowest val bits per latent. The prior's checkpoints and run.json record the latents'
+provenance (`LatentIndex.provenance`).
 """
 
 from __future__ import annotations
@@ -130,7 +131,7 @@ class TrainResult:
     """Where a run went and how it ended (``stop_reason``: max_steps | time_limit).
 
     ``best_metric`` is the best validation value of ``metric`` (VQ-VAE: psnr, prior:
-    bits_per_latent); ``likelihood`` is the prior's likelihood.json once complete.
+    bits_per_latent); ``likelihood`` is the prior's likelihood.json.
     """
 
     run_dir: Path
@@ -630,8 +631,8 @@ class _Session:
     def on_start(self) -> None:
         """After the run folder's provenance is written; must draw no random numbers."""
 
-    def on_complete(self) -> dict[str, Any] | None:
-        """After the last step of a completed run; returns a summary for the result."""
+    def on_complete(self, reason: str) -> dict[str, Any] | None:
+        """After the last step (max_steps or time_limit); returns a summary for the result."""
         return None
 
     def is_better(self, value: float) -> bool:
@@ -764,14 +765,15 @@ class _PriorSession(_Session):
         assert self.recorder is not None
         self.recorder.update(**self.latents.provenance())
 
-    def on_complete(self) -> dict[str, Any]:
+    def on_complete(self, reason: str) -> dict[str, Any]:
         """Write likelihood.json (best checkpoint, else the final weights) and return it.
 
-        Under DDP rank 0 computes and writes it; every rank returns rank 0's report.
+        Also after a time-limit stop (the figures of the best checkpoint so far; a resumed run
+        rewrites them). Under DDP rank 0 computes and writes it; every rank returns rank 0's.
         """
-        return distributed.broadcast_object(self._likelihood() if self.is_main else {})
+        return distributed.broadcast_object(self._likelihood(reason) if self.is_main else {})
 
-    def _likelihood(self) -> dict[str, Any]:
+    def _likelihood(self, reason: str) -> dict[str, Any]:
         model: nn.Module = self.model
         step = self.step
         if self.best_step is not None:
@@ -782,7 +784,7 @@ class _PriorSession(_Session):
                                    self.tc.bf16)
         used = self.best_dir if self.best_step is not None else self.last_dir
         report = {"run": self.run_dir.name, "checkpoint": str(used.resolve()), "step": step,
-                  **report}
+                  "stop_reason": reason, **report}
         atomic_write_text(self.run_dir / LIKELIHOOD, json.dumps(report, indent=2) + "\n")
         assert self.recorder is not None
         self.recorder.update(likelihood=report["splits"])
@@ -1091,8 +1093,7 @@ def _run(
         if state is not None:
             _restore_rng(state, s.device)  # last: nothing may draw before the next step
         reason = _loop(s, deadline) if s.step < tc.max_steps else "max_steps"
-        if reason == "max_steps":
-            summary = s.on_complete()
+        summary = s.on_complete(reason)
     except KeyboardInterrupt as exc:
         s.recorder.finish("interrupted", exc)
         raise
@@ -1155,7 +1156,7 @@ def train_prior(
     """Train (or continue) the gated PixelCNN prior on the grids of a latents folder.
 
     Trains on the ``train`` grids, keeps checkpoints/best by the lowest val bits per latent and,
-    once complete, writes ``likelihood.json`` (val and test bits per latent beside the uniform
+    when it stops, writes ``likelihood.json`` (val and test bits per latent beside the uniform
     and unigram baselines). With `resume` and no `latents_dir`, the run's own latents are used.
     A fresh run makes ``runs_root/prior/<UTC>-<config.name>-s<seed>/``; every error a user can
     cause (codebook mismatch, empty split, tampered grids, nothing to resume) comes first.
