@@ -319,19 +319,9 @@ class EvaluationResult:
 
 def default_eval_dir(runs_root: str | Path, run_names: Sequence[str]) -> Path:
     """``runs_root/eval/<UTC>-<run>[_<run>]/``, created (``-2``... on a clash)."""
-    from mri_vqvae.runs import utc_stamp
+    from mri_vqvae.runs import unique_dir, utc_stamp
 
-    parent = Path(runs_root) / "eval"
-    parent.mkdir(parents=True, exist_ok=True)
-    base = f"{utc_stamp()}-{'_'.join(run_names)}"
-    for n in range(1, 10_000):
-        path = parent / (base if n == 1 else f"{base}-{n}")
-        try:
-            path.mkdir()
-        except FileExistsError:
-            continue
-        return path
-    raise EvaluationError(f"could not create a new evaluation folder under {parent}")
+    return unique_dir(Path(runs_root) / "eval", f"{utc_stamp()}-{'_'.join(run_names)}")
 
 
 @torch.no_grad()

@@ -78,9 +78,13 @@ def new_run_dir(
     Creation is atomic (mkdir), so two runs started in the same second get different folders.
     """
     safe = _NAME_RE.sub("-", str(config_name)).strip("-.") or "config"
-    parent = Path(root) / stage
+    return unique_dir(Path(root) / stage, f"{utc_stamp(now)}-{safe}-s{int(seed)}")
+
+
+def unique_dir(parent: str | Path, base: str) -> Path:
+    """Create and return ``parent/base`` (``base-2``, ``base-3``... if taken), atomically."""
+    parent = Path(parent)
     parent.mkdir(parents=True, exist_ok=True)
-    base = f"{utc_stamp(now)}-{safe}-s{int(seed)}"
     for n in range(1, 10_000):
         path = parent / (base if n == 1 else f"{base}-{n}")
         try:
@@ -88,7 +92,7 @@ def new_run_dir(
         except FileExistsError:
             continue
         return path
-    raise RunDirError(f"could not create a new run folder under {parent}: too many named {base}")
+    raise RunDirError(f"could not create a new folder under {parent}: too many named {base}")
 
 
 def git_state(path: str | Path | None = None, git: str = "git") -> dict[str, Any]:

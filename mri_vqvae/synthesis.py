@@ -58,7 +58,7 @@ from mri_vqvae.errors import CheckpointError, MriVqvaeError
 from mri_vqvae.manifest import sha256_file
 from mri_vqvae.prior import GatedPixelCNN3D
 from mri_vqvae.report import orthogonal_montage
-from mri_vqvae.runs import describe_device, package_versions, utc_stamp
+from mri_vqvae.runs import describe_device, package_versions, unique_dir, utc_stamp
 from mri_vqvae.vqvae import VQVAE
 from mri_vqvae.writers import affine_spacing, write_nifti
 
@@ -352,17 +352,7 @@ class SampleOutputs:
 
 def default_sample_dir(runs_root: str | Path, run_name: str, seed: int) -> Path:
     """``runs_root/samples/<prior-run>/<UTC>-s<seed>/``, created (``-2``... on a clash)."""
-    parent = Path(runs_root) / "samples" / run_name
-    parent.mkdir(parents=True, exist_ok=True)
-    base = f"{utc_stamp()}-s{int(seed)}"
-    for n in range(1, 10_000):
-        path = parent / (base if n == 1 else f"{base}-{n}")
-        try:
-            path.mkdir()
-        except FileExistsError:
-            continue
-        return path
-    raise SynthesisError(f"could not create a new sample folder under {parent}")
+    return unique_dir(Path(runs_root) / "samples" / run_name, f"{utc_stamp()}-s{int(seed)}")
 
 
 def _prepare_out_dir(out_dir: Path) -> Path:
