@@ -35,6 +35,19 @@ def resolve(config_name: str | None, overrides: tuple[str, ...]) -> ExperimentCo
     return load_config(config_name, overrides)
 
 
+def resolve_run_config(
+    resume_dir: str | None, config_name: str | None, overrides: tuple[str, ...]
+) -> ExperimentConfig:
+    """The config for a training command: with --resume and no --config, the run's own YAML."""
+    if resume_dir is not None and config_name is None:
+        own = Path(resume_dir) / "config.yaml"
+        if not own.is_file():
+            raise click.BadParameter(f"{own} does not exist: is this a run folder?",
+                                     param_hint="--resume")
+        config_name = str(own)
+    return resolve(config_name, overrides)
+
+
 def report_failures(failures: list[Failure], strict: bool, what: str) -> None:
     """Print the failures table; exit 1 when there were failures and `strict` is set."""
     if not failures:

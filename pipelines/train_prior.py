@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Any
 
 import click
 
-from pipelines.common import config_options, resolve
+from pipelines.common import config_options, resolve_run_config
 
 
 def _bits(value: float | None) -> str:
@@ -48,13 +47,7 @@ def train_prior(latents_dir: str | None, resume_dir: str | None, runs_root: str,
     if resume_dir is None and latents_dir is None:
         raise click.BadParameter("give the latents folder made by `mri-vqvae encode`",
                                  param_hint="--latents")
-    if resume_dir is not None and config_name is None:
-        own = Path(resume_dir) / "config.yaml"
-        if not own.is_file():
-            raise click.BadParameter(f"{own} does not exist: is this a run folder?",
-                                     param_hint="--resume")
-        config_name = str(own)
-    config = resolve(config_name, overrides)
+    config = resolve_run_config(resume_dir, config_name, overrides)
     with distributed.process_group(config.train_prior.device):
         result = training.train_prior(config, latents_dir, runs_root=runs_root,
                                       resume=resume_dir, argv=sys.argv)

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import click
 
-from pipelines.common import config_options, resolve
+from pipelines.common import config_options, resolve_run_config
 
 
 @click.command("train-vqvae")
@@ -30,13 +29,7 @@ def train_vqvae(manifest_path: str, data_root: str | None, resume_dir: str | Non
     """
     from mri_vqvae import distributed, training
 
-    if resume_dir is not None and config_name is None:
-        own = Path(resume_dir) / "config.yaml"
-        if not own.is_file():
-            raise click.BadParameter(f"{own} does not exist: is this a run folder?",
-                                     param_hint="--resume")
-        config_name = str(own)
-    config = resolve(config_name, overrides)
+    config = resolve_run_config(resume_dir, config_name, overrides)
     with distributed.process_group(config.train_vqvae.device):
         result = training.train_vqvae(config, manifest_path, runs_root=runs_root,
                                       resume=resume_dir, data_root=data_root, argv=sys.argv)
