@@ -48,14 +48,14 @@ def run_batch(
             results.append(process(item))
         except (MriVqvaeError, OSError, RuntimeError, ValueError) as exc:
             if strict:
-                raise _innermost(exc) from None
-            reason = _describe(_innermost(exc))
+                raise innermost_error(exc) from None
+            reason = _describe(innermost_error(exc))
             log.warning("skipping %s: %s", item.get("case_id"), reason)
             failures.append(Failure(str(item.get("case_id")), str(item.get("image")), reason))
     return results, failures
 
 
-def _innermost(exc: BaseException) -> BaseException:
+def innermost_error(exc: BaseException) -> BaseException:
     """The project's own error inside a MONAI wrapper (or the deepest cause)."""
     while exc.__cause__ is not None and not isinstance(exc, MriVqvaeError):
         exc = exc.__cause__

@@ -16,7 +16,6 @@ the next save moves it back. One writer per folder (rank 0).
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import logging
 import math
@@ -42,7 +41,7 @@ from torch import nn
 from mri_vqvae.atomic import atomic_path, atomic_write_text
 from mri_vqvae.errors import CheckpointError
 from mri_vqvae.manifest import sha256_file
-from mri_vqvae.runs import package_versions
+from mri_vqvae.runs import package_versions, utc_iso
 
 log = logging.getLogger(__name__)
 
@@ -93,10 +92,6 @@ DEFAULT_BUILDERS: Mapping[str, Builder] = {"vqvae": _build_vqvae, "prior": _buil
 
 
 # --- small helpers -------------------------------------------------------------------------------
-
-
-def _utc_now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -324,14 +319,14 @@ def _write_files(
         "config": config,
         "extra": extra,
         "step": step,
-        "created_utc": _utc_now(),
+        "created_utc": utc_iso(),
         "num_tensors": len(tensors),
         "num_parameters": sum(p.numel() for p in _unwrap(model).parameters()),
         "versions": package_versions(("torch", "safetensors", "numpy")),
         "files": files,
     }
     atomic_write_text(tmp / CONFIG, json.dumps(doc, indent=2, allow_nan=False) + "\n")
-    atomic_write_text(tmp / MARKER, f"{_utc_now()}\n")
+    atomic_write_text(tmp / MARKER, f"{utc_iso()}\n")
     _fsync_dir(tmp)
 
 

@@ -6,7 +6,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from monai.data import CacheDataset, Dataset, PersistentDataset
+import torch
+from monai.data import CacheDataset, Dataset, MetaTensor, PersistentDataset
 from monai.transforms import Compose
 
 from mri_vqvae.config import DataConfig, config_digest
@@ -34,6 +35,12 @@ def case_items(
         }
         for c in sorted(cases, key=lambda c: c.case_id)
     ]
+
+
+def plain_volume(x: Any) -> torch.Tensor:
+    """A contiguous float32 torch.Tensor of `x` (MONAI's MetaTensor metadata dropped)."""
+    t = x.as_tensor() if isinstance(x, MetaTensor) else torch.as_tensor(x)
+    return t.float().contiguous()
 
 
 def make_dataset(

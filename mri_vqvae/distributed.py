@@ -149,6 +149,19 @@ def local_device(device: str) -> torch.device:
     return torch.device("cpu")
 
 
+def resolve_device(name: str | torch.device) -> torch.device:
+    """``auto | cpu | cuda`` (or a torch device) -> the device this process computes on.
+
+    Under torchrun ``auto``/``cuda`` mean this rank's ``cuda:LOCAL_RANK`` (or cpu); alone,
+    ``auto`` is cuda when a GPU is visible, else cpu.
+    """
+    if is_distributed() and str(name) in ("auto", "cuda"):
+        return local_device(str(name))
+    if str(name) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def barrier() -> None:
     """Wait until every rank gets here (a no-op when not distributed)."""
     if is_distributed():

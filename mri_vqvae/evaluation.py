@@ -473,7 +473,7 @@ def evaluate_runs(
     from mri_vqvae.latents import load_vqvae_source
 
     s = settings or EvaluateSettings()
-    dev = _resolve_device(device)
+    dev = distributed.resolve_device(device)
     source = load_vqvae_source(vqvae_run)
     loaded_extra = load_checkpoint(source.checkpoint).extra
     recorded = recorded_manifest_digests(source.run_dir, loaded_extra)
@@ -530,13 +530,6 @@ def evaluate_runs(
         log.info("wrote metrics.json, per_case.csv and report.html to %s", out)
     metrics = distributed.broadcast_object(metrics)  # the other ranks wait for rank 0 here
     return EvaluationResult(out, metrics, failures)
-
-
-def _resolve_device(device: str | torch.device) -> torch.device:
-    """`device`, or this rank's ``cuda:LOCAL_RANK`` for a bare ``cuda`` under torchrun."""
-    if distributed.is_distributed() and str(device) in ("auto", "cuda"):
-        return distributed.local_device(str(device))
-    return torch.device(device)
 
 
 def _sharded_held_out_pass(model: VQVAE, data: DataConfig, items: list[dict[str, Any]],

@@ -21,7 +21,6 @@ rerun (the sha256 check never trusts a file that index.json does not vouch for).
 
 from __future__ import annotations
 
-import datetime as _dt
 import hashlib
 import io
 import json
@@ -34,7 +33,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.data import MetaTensor
 from monai.transforms import Compose
 from pydantic import ValidationError
 from torch import Tensor
@@ -42,12 +40,13 @@ from torch.utils.data import Dataset
 
 from mri_vqvae import distributed
 from mri_vqvae.atomic import atomic_write_bytes, atomic_write_text
-from mri_vqvae.batch import Failure, run_batch, write_failures
+from mri_vqvae.batch import Failure, innermost_error, run_batch, write_failures
 from mri_vqvae.checkpoint import WEIGHTS, load_checkpoint, resolve_checkpoint
 from mri_vqvae.config import DataConfig
-from mri_vqvae.data import case_items
+from mri_vqvae.data import case_items, plain_volume
 from mri_vqvae.errors import CheckpointError, MriVqvaeError
 from mri_vqvae.manifest import Manifest, sha256_file
+from mri_vqvae.runs import utc_iso
 from mri_vqvae.transforms import IMAGE, build_transforms
 from mri_vqvae.vqvae import VQVAE
 
@@ -147,11 +146,6 @@ def load_vqvae_source(run_dir: str | Path) -> VQVAESource:
 # --- encoding ------------------------------------------------------------------------------------
 
 
-def _plain(x: Any) -> Tensor:
-    t = x.as_tensor() if isinstance(x, MetaTensor) else torch.as_tensor(x)
-    return t.float().contiguous()
-
-
 def encode_item(
     model: VQVAE, chain: Compose, item: Mapping[str, Any], device: torch.device
 ) -> np.ndarray:
@@ -159,7 +153,7 @@ def encode_item(
 
     `model` must be in eval mode; `encode_indices` never moves the codebook.
     """
-    volume = _plain(chain(dict(item))[IMAGE])  # (1, D, H, W)
+    volume = plain_volume(chain(dict(item))[IMAGE])  # (1, D, H, W)
     indices = model.encode_indices(volume[None].to(device))[0].cpu()  # (d, h, w) int64
     assert int(indices.max()) < MAX_CODEBOOK and int(indices.min()) >= 0
     return indices.numpy().astype(DTYPE)
@@ -172,24 +166,14 @@ def npy_bytes(grid: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _innermost(exc: BaseException) -> BaseException:
-    while exc.__cause__ is not None and not isinstance(exc, MriVqvaeError):
-        exc = exc.__cause__
-    return exc
-
-
 def _case_error(item: Mapping[str, Any], exc: BaseException) -> MriVqvaeError:
     """The project's own error inside `exc`, else a `LatentsError` naming the case and file."""
-    inner = _innermost(exc)
+    inner = innermost_error(exc)
     if isinstance(inner, MriVqvaeError):
         return inner
     return LatentsError(
         f"case {item['case_id']!r} ({item['image']}): {type(inner).__name__}: {inner}"
     )
-
-
-def _utc_now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _header(
@@ -264,14 +248,6 @@ class EncodeResult:
         return self.out_dir / INDEX
 
 
-def _resolve_device(name: str | torch.device) -> torch.device:
-    if distributed.is_distributed() and str(name) in ("auto", "cuda"):
-        return distributed.local_device(str(name))  # cuda:LOCAL_RANK or cpu
-    if str(name) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def encode_manifest(
     vqvae_run: str | Path,
     manifest: Manifest,
@@ -306,7 +282,7 @@ def encode_manifest(
         and e.get("split") == (by_id[cid].split or "")
     }
     distributed.barrier()  # every rank has read the old index.json before rank 0 rewrites it
-    dev = _resolve_device(device)
+    dev = distributed.resolve_device(device)
     model = source.model.to(dev).eval()
     chain = build_transforms(source.data)
     encoded: list[str] = []
@@ -316,7 +292,7 @@ def encode_manifest(
     def write_index(failures: list[Failure]) -> None:
         if not main:
             return
-        doc = {**header, "updated_utc": _utc_now(),
+        doc = {**header, "updated_utc": utc_iso(),
                "cases": [entries[k] for k in sorted(entries)],
                "failures": [asdict(f) for f in failures]}
         atomic_write_text(out / INDEX, json.dumps(doc, indent=2) + "\n")

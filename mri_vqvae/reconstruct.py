@@ -250,7 +250,7 @@ def reconstruct_manifest(
     source = load_vqvae_source(vqvae_run)
     identity = folder_identity(source, native_space)
     _claim_on_main(out, identity)
-    dev = _resolve_device(device)
+    dev = distributed.resolve_device(device)
     model = source.model.to(dev).eval()
     items = case_items(manifest, source.data, split)
     mine = distributed.shard(items)  # every item when not distributed
@@ -305,13 +305,6 @@ def reconstruct_manifest(
     log.info("reconstructed %d case(s), reused %d, %d failed, into %s", len(computed),
              len(reused), len(failures), out)
     return ReconstructResult(out, computed, reused, failures, records)
-
-
-def _resolve_device(device: str | torch.device) -> torch.device:
-    """`device`, or this rank's ``cuda:LOCAL_RANK`` for a bare ``cuda`` under torchrun."""
-    if distributed.is_distributed() and str(device) in ("auto", "cuda"):
-        return distributed.local_device(str(device))
-    return torch.device(device)
 
 
 def _claim_on_main(out: Path, identity: dict[str, Any]) -> None:

@@ -66,7 +66,8 @@ def utc_stamp(now: _dt.datetime | None = None) -> str:
     return now.strftime("%Y%m%dT%H%M%SZ")
 
 
-def _utc_iso() -> str:
+def utc_iso() -> str:
+    """Now in UTC as ``YYYY-mm-ddTHH:MM:SSZ`` (the timestamps in JSON files)."""
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
@@ -331,7 +332,7 @@ class RunRecorder:
             "device": describe_device(self.device),
             "manifest_path": None if self.manifest is None else str(self.manifest),
             "manifest_digest": manifest_digest,
-            "started_utc": _utc_iso(),
+            "started_utc": utc_iso(),
             "ended_utc": None,
             "status": "running",
             "error": None,
@@ -358,7 +359,7 @@ class RunRecorder:
             {
                 "checkpoint": None if self.resumed_from is None else str(self.resumed_from),
                 "step": int(self.resume_step),
-                "at_utc": _utc_iso(),
+                "at_utc": utc_iso(),
                 "previous_status": self.info.get("status"),
                 "argv": self.argv,
                 "git": git_state(),
@@ -395,7 +396,7 @@ class RunRecorder:
         if not self.enabled:
             return
         self.close()
-        self.info.update(status=status, ended_utc=_utc_iso())
+        self.info.update(status=status, ended_utc=utc_iso())
         if error is not None:
             self.info["error"] = {"type": type(error).__qualname__, "message": str(error)}
         self._write_info()
@@ -431,7 +432,7 @@ class RunRecorder:
         if not self.enabled:
             return
         clean = {k: _plain_number(v) for k, v in values.items()}
-        record = {"step": int(step), "epoch": int(epoch), "split": split, "time": _utc_iso()}
+        record = {"step": int(step), "epoch": int(epoch), "split": split, "time": utc_iso()}
         record.update(clean)
         if self._metrics_fh is None:
             self._metrics_fh = open(self.metrics_path, "a", encoding="utf-8")  # noqa: SIM115

@@ -34,7 +34,6 @@ the latent scale and the map's mean equals the latent mean exactly. `resample_to
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
 import hashlib
 import json
 import logging
@@ -58,7 +57,7 @@ from mri_vqvae.errors import CheckpointError, MriVqvaeError
 from mri_vqvae.manifest import sha256_file
 from mri_vqvae.prior import GatedPixelCNN3D
 from mri_vqvae.report import orthogonal_montage
-from mri_vqvae.runs import describe_device, package_versions, unique_dir, utc_stamp
+from mri_vqvae.runs import describe_device, package_versions, unique_dir, utc_iso, utc_stamp
 from mri_vqvae.vqvae import VQVAE
 from mri_vqvae.writers import affine_spacing, write_nifti
 
@@ -274,10 +273,6 @@ def cpu_threads(device: torch.device, threads: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _utc_iso() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
 def _grid_sha256(grid: np.ndarray) -> str:
     """sha256 of an index grid (d, h, w) as little-endian int64 bytes in C order."""
     return hashlib.sha256(np.ascontiguousarray(grid, dtype="<i8").tobytes()).hexdigest()
@@ -295,7 +290,7 @@ def _provenance(run: PriorRun) -> dict[str, Any]:
         "mri_vqvae_version": __version__,
         "versions": package_versions(_VERSIONED),
         "device": describe_device(run.device),
-        "created_utc": _utc_iso(),
+        "created_utc": utc_iso(),
     }
 
 

@@ -70,7 +70,6 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.data import MetaTensor
 from monai.transforms import Compose
 from pydantic import BaseModel
 from torch import Tensor, nn
@@ -89,7 +88,7 @@ from mri_vqvae.checkpoint import (
     save_checkpoint,
 )
 from mri_vqvae.config import ExperimentConfig, TrainConfig
-from mri_vqvae.data import case_items, make_dataset
+from mri_vqvae.data import case_items, make_dataset, plain_volume
 from mri_vqvae.errors import CheckpointError, MriVqvaeError
 from mri_vqvae.latents import INDEX as LATENTS_INDEX
 from mri_vqvae.latents import (
@@ -246,12 +245,6 @@ class StepBatchSampler:
 # --- datasets ------------------------------------------------------------------------------------
 
 
-def _plain(x: Any) -> Tensor:
-    """A contiguous float32 torch.Tensor (MONAI's MetaTensor metadata dropped)."""
-    t = x.as_tensor() if isinstance(x, MetaTensor) else torch.as_tensor(x)
-    return t.float().contiguous()
-
-
 class AugmentedDataset(Dataset):
     """Preprocessed items plus seeded augmentation; indexed by an (epoch, index) key.
 
@@ -269,7 +262,7 @@ class AugmentedDataset(Dataset):
         epoch, index = key
         self.augment.set_random_state(seed=item_seed(self.seed, epoch, index))
         out = self.augment(dict(self.base[index]))
-        return {"image": _plain(out[IMAGE]), "index": index}
+        return {"image": plain_volume(out[IMAGE]), "index": index}
 
 
 def split_items(manifest: Manifest, config: ExperimentConfig, split: str) -> list[dict[str, Any]]:
@@ -287,7 +280,7 @@ def split_items(manifest: Manifest, config: ExperimentConfig, split: str) -> lis
 
 def _val_images(ds: Dataset, start: int, stop: int) -> Tensor:
     """Validation volumes start..stop-1 stacked to (B, 1, D, H, W)."""
-    return torch.stack([_plain(ds[i][IMAGE]) for i in range(start, stop)])
+    return torch.stack([plain_volume(ds[i][IMAGE]) for i in range(start, stop)])
 
 
 # --- model, loss, one step -----------------------------------------------------------------------
@@ -302,11 +295,7 @@ def resolve_device(name: str, section: str = "train_vqvae") -> torch.device:
         raise TrainingError(
             f"{section}.device='cuda' but no CUDA GPU is visible; use device=cpu or auto"
         )
-    if distributed.is_distributed():
-        return distributed.local_device(name)
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    return distributed.resolve_device(name)
 
 
 def reconstruction_loss(recon: Tensor, target: Tensor, kind: str) -> Tensor:
@@ -689,7 +678,7 @@ class _VQVAESession(_Session):
     def after_step(self, step: int, last: bool) -> None:
         if _due(step, self.tc.preview_every, last):
             assert self.recorder is not None
-            image = _plain(self.val_ds[0][IMAGE])
+            image = plain_volume(self.val_ds[0][IMAGE])
             write_preview(self.model, image, self.config.data.spacing,
                           self.recorder.preview_path(f"step_{step:07d}.png"), f"step {step}",
                           self.device, self.tc.bf16)
