@@ -184,15 +184,53 @@ def merge(inputs: tuple[str, ...], out_path: str, name: str) -> None:
                f"({_counts(merged)}), data root {merged.data_root}, digest {digest}")
 
 
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    """Parse a byte count such as ``500000``, ``800M`` or ``2G`` (binary units)."""
+    if value is None:
+        return None
+    text = value.strip().upper().removesuffix("B").removesuffix("I")
+    unit = text[-1:] if text[-1:] in _SIZE_UNITS else ""
+    try:
+        size = int(float(text.removesuffix(unit) or "x") * _SIZE_UNITS[unit])
+    except (ValueError, OverflowError):
+        size = 0
+    if size <= 0:
+        raise click.BadParameter(f"expected a positive size like 500000, 800M or 2G; got "
+                                 f"{value!r}")
+    return size
+
+
 @manifest.command("fetch")
 @click.argument("url")
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False))
-@click.option("--sha256", default=None, help="Expected sha256 (strongly recommended).")
-def fetch_cmd(url: str, out_path: str, sha256: str | None) -> None:
-    """Download URL to --out (resumable), checking its sha256."""
+@click.option("--sha256", default=None,
+              help="Expected sha256 (strongly recommended; required to accept a file whose "
+                   "server sends no length).")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=60.0,
+              show_default=True, metavar="SECONDS",
+              help="Give up when connecting, or any wait for data, takes longer.")
+@click.option("--total-timeout", type=click.FloatRange(min=0, min_open=True), default=None,
+              metavar="SECONDS",
+              help="Give up when the whole download takes longer (default: no limit, as "
+                   "stalls are caught by --timeout); the partial file is kept to resume.")
+@click.option("--max-bytes", default=None, callback=_size, metavar="SIZE",
+              help="Refuse a file larger than SIZE: bytes, or 800M, 2G ... (default: the "
+                   "length the server announces, else 64G).")
+def fetch_cmd(url: str, out_path: str, sha256: str | None, timeout: float,
+              total_timeout: float | None, max_bytes: int | None) -> None:
+    """Download URL to --out (resumable), checking its sha256.
+
+    An interrupted download stays in OUT.part (with OUT.part.json recording its source) and the
+    same command resumes it, but only from the same URL and unchanged server file; otherwise it
+    starts over. A body longer than announced or over --max-bytes is refused and deleted.
+    """
     from mri_vqvae.download import fetch
 
-    path = fetch(url, out_path, sha256=sha256)
+    path = fetch(url, out_path, sha256=sha256, timeout=timeout, total_timeout=total_timeout,
+                 max_bytes=max_bytes)
     click.echo(f"fetched {path}")
 
 
