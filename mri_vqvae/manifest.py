@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import json
 import logging
 import math
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from mri_vqvae import sources
 from mri_vqvae.atomic import atomic_write_text
 from mri_vqvae.errors import ManifestError
 
@@ -33,16 +35,18 @@ ORIGINS = ("real", "augmented")
 ACCESS = ("open", "registration", "data-use agreement")
 DEFAULT_FRACTIONS: Mapping[str, float] = {"train": 0.8, "val": 0.1, "test": 0.1}
 CATALOG_PATH = Path(__file__).resolve().parent.parent / "data_manifests" / "sources.json"
-IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
-DICOM_SUFFIXES = (".dcm", ".ima")
+IMAGE_SUFFIXES = sources.IMAGE_SUFFIXES
+DICOM_SUFFIXES = sources.DICOM_SUFFIXES
 SKIP_DIRS = frozenset({"derivatives", "sourcedata", "code", "__pycache__"})
 CATALOG_FIELDS = (
     "id", "name", "url", "licence", "access", "citation", "modalities", "subject_count", "format",
 )
-_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
-_SHA_RE = re.compile(r"^[0-9a-f]{64}$")
-_IXI_RE = re.compile(r"^(IXI\d{3})-([A-Za-z]+)-(\d+)-([A-Za-z0-9]+(?:-\d+)?)$")
-_BIDS_SUB_RE = re.compile(r"^(sub-[A-Za-z0-9]+)(?:_|$)")
+# Patterns are used with re.fullmatch (``$`` would accept a trailing newline).
+_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
+_SHA_RE = re.compile(r"[0-9a-f]{64}")
+_UID_RE = re.compile(r"[0-9]+(?:\.[0-9]+)*")
+_IXI_RE = re.compile(r"(IXI\d{3})-([A-Za-z]+)-(\d+)-([A-Za-z0-9]+(?:-\d+)?)")
+_BIDS_SUB_RE = re.compile(r"(sub-[A-Za-z0-9]+)(?:_|\Z)")  # a prefix: used with .match
 _MODALITY_TOKENS = {
     t.lower(): t
     for t in ("T1", "T1w", "T2", "T2w", "FLAIR", "PD", "PDw", "T1ce", "T1Gd", "T2star", "T2starw")
@@ -51,13 +55,22 @@ _BIDS_OTHER_DATATYPES = frozenset(
     {"func", "dwi", "fmap", "perf", "pet", "meg", "eeg", "ieeg", "beh", "micr", "nirs", "motion"}
 )
 _MAX_LISTED = 10
+_MAX_INT = 2**63 - 1  # larger sizes and shapes in a manifest are refused
+_MAX_INT_DIGITS = 40  # longer JSON integer literals are not even converted
+_OPTIONAL_CASE_FIELDS = ("series_uid", "session")  # Case fields written only when set
 
-Describe = Callable[[Path], Any]
+
+Describe = Callable[..., Any]  # describe(path[, series_uid=...]) -> shape and spacing
 
 
 @dataclass(frozen=True)
 class Case:
-    """One image volume: a file (or DICOM series folder) relative to the data root."""
+    """One image volume: a file (or DICOM series folder) relative to the data root.
+
+    `series_uid` selects one series of a folder holding several (None: every file of the
+    folder); `session` names the visit of a subject scanned more than once (``study1``). Both are
+    written to JSON only when set, so older manifests keep their digests.
+    """
 
     case_id: str
     subject_id: str
@@ -71,15 +84,20 @@ class Case:
     split: str | None = None
     origin: str = "real"
     derived_from: str | None = None
+    series_uid: str | None = None
+    session: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "shape", tuple(int(v) for v in self.shape))
         object.__setattr__(self, "spacing", tuple(float(v) for v in self.spacing))
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON form (shape and spacing as lists)."""
+        """The JSON form (shape and spacing as lists; optional fields only when set)."""
         doc = dataclasses.asdict(self)
         doc["shape"], doc["spacing"] = list(self.shape), list(self.spacing)
+        for key in _OPTIONAL_CASE_FIELDS:
+            if doc[key] is None:
+                del doc[key]
         return doc
 
 
@@ -141,31 +159,13 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def _series_files(folder: Path) -> list[Path]:
-    """The files of a series folder: direct, non-hidden, not themselves image files."""
-    return sorted(p for p in folder.iterdir()
-                  if p.is_file() and not p.name.startswith(".") and not _image_suffix(p.name))
+def sha256_path(path: str | Path, series_uid: str | None = None) -> tuple[str, int]:
+    """(sha256, bytes) of an image: a file, a header with its data files, or a series folder.
 
-
-def sha256_path(path: str | Path) -> tuple[str, int]:
-    """(sha256, bytes) of a file, or of a series folder (its direct, non-hidden files).
-
-    A folder's digest is the sha256 of the lines ``name NUL sha256(file) LF`` in name order.
+    See `mri_vqvae.sources`: a plain file's digest is its sha256; a folder's is the sha256 of
+    the lines ``name NUL sha256(file) LF`` in name order (only `series_uid`'s files when set).
     """
-    path = Path(path)
-    if not path.is_dir():
-        return sha256_file(path), path.stat().st_size
-    h, total = hashlib.sha256(), 0
-    for f in _series_files(path):
-        h.update(f"{f.name}\0{sha256_file(f)}\n".encode())
-        total += f.stat().st_size
-    return h.hexdigest(), total
-
-
-def _size(path: Path) -> int:
-    if path.is_dir():
-        return sum(f.stat().st_size for f in _series_files(path))
-    return path.stat().st_size
+    return sources.sha256_sources(Path(path), series_uid)
 
 
 def content_digest(document: Mapping[str, Any]) -> str:
@@ -249,7 +249,7 @@ def _check_keys(obj: Any, required: set[str], optional: set[str], where: str) ->
 
 
 def _str(value: Any, where: str, pattern: re.Pattern[str] | None = None) -> str:
-    if not isinstance(value, str) or not value or (pattern and not pattern.match(value)):
+    if not isinstance(value, str) or not value or (pattern and not pattern.fullmatch(value)):
         need = f"a string matching {pattern.pattern}" if pattern else "a non-empty string"
         raise _err(where, f"expected {need}", value)
     return value
@@ -259,12 +259,44 @@ def _opt_str(value: Any, where: str) -> str | None:
     return None if value is None else _str(value, where)
 
 
-def _int(value: Any, where: str, minimum: int | None = None) -> int:
+def _int(value: Any, where: str, minimum: int | None = None, limit: int | None = _MAX_INT) -> int:
+    """An int (JSON literals over _MAX_INT_DIGITS digits never are); |value| <= `limit`."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise _err(where, "expected an integer", value)
+    if limit is not None and abs(value) > limit:
+        raise _err(where, f"expected an integer of magnitude <= {limit} ({len(str(abs(value)))} "
+                   "digits received)", value, "restore the manifest or rebuild it")
     if minimum is not None and value < minimum:
         raise _err(where, f"expected an integer >= {minimum}", value)
     return value
+
+
+class _LongInteger:
+    """A JSON integer literal too long to convert (Python limits int() to 4300 digits)."""
+
+    def __init__(self, text: str) -> None:
+        self.digits = len(text.lstrip("-"))
+
+    def __repr__(self) -> str:
+        return f"<integer of {self.digits} digits>"
+
+
+def _json_int(text: str) -> int | _LongInteger:
+    """`json` parse_int hook: long literals become `_LongInteger`, which no field accepts."""
+    return int(text) if len(text) <= _MAX_INT_DIGITS else _LongInteger(text)
+
+
+def _opt_id(value: Any, where: str) -> str | None:
+    return None if value is None else _str(value, where, _ID_RE)
+
+
+def _opt_uid(value: Any, where: str) -> str | None:
+    if value is None:
+        return None
+    uid = _str(value, where, _UID_RE)
+    if len(uid) > 64:
+        raise _err(where, "expected a DICOM UID of at most 64 characters", value)
+    return uid
 
 
 def _float(value: Any, where: str, positive: bool = False) -> float:
@@ -297,7 +329,8 @@ _CASE_FIELDS = {f.name for f in dataclasses.fields(Case)}
 def _parse_case(obj: Any, where: str) -> Case:
     cid = obj.get("case_id") if isinstance(obj, dict) else None
     where = f"{where} (case {cid!r})" if isinstance(cid, str) else where
-    _check_keys(obj, _CASE_FIELDS, set(), where)
+    optional = set(_OPTIONAL_CASE_FIELDS)
+    _check_keys(obj, _CASE_FIELDS - optional, optional, where)
     return Case(
         case_id=_str(cid, f"{where}.case_id", _ID_RE),
         subject_id=_str(obj["subject_id"], f"{where}.subject_id"),
@@ -311,12 +344,14 @@ def _parse_case(obj: Any, where: str) -> Case:
         split=_choice(obj["split"], f"{where}.split", (*SPLITS, None)),
         origin=_choice(obj["origin"], f"{where}.origin", ORIGINS),
         derived_from=_opt_str(obj["derived_from"], f"{where}.derived_from"),
+        series_uid=_opt_uid(obj.get("series_uid"), f"{where}.series_uid"),
+        session=_opt_id(obj.get("session"), f"{where}.session"),
     )
 
 
 def _parse_split(obj: Any, where: str) -> tuple[int | None, dict[str, float] | None, bool]:
     _check_keys(obj, {"seed", "fractions", "frozen"}, set(), where)
-    seed = None if obj["seed"] is None else _int(obj["seed"], f"{where}.seed")
+    seed = None if obj["seed"] is None else _int(obj["seed"], f"{where}.seed", limit=None)
     fractions = obj["fractions"]
     if fractions is not None:
         _check_keys(fractions, set(), set(SPLITS), f"{where}.fractions")
@@ -333,7 +368,7 @@ def _read_json(path: Path) -> Any:
     except OSError as exc:
         raise ManifestError(f"{path}: cannot read ({exc.strerror or exc})") from None
     try:
-        return json.loads(raw.decode("utf-8"))
+        return json.loads(raw.decode("utf-8"), parse_int=_json_int)
     except UnicodeDecodeError as exc:
         raise ManifestError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except json.JSONDecodeError as exc:
@@ -341,6 +376,9 @@ def _read_json(path: Path) -> Any:
             f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}); "
             "restore it from version control or rebuild it"
         ) from None
+    except ValueError as exc:  # a number JSON accepts but Python cannot convert
+        raise ManifestError(f"{path}: unusable JSON value ({exc}); restore it from version "
+                            "control or rebuild it") from None
     except RecursionError:
         raise ManifestError(f"{path}: JSON nested too deeply to be a manifest") from None
 
@@ -427,7 +465,7 @@ def _path_reason(rel: str) -> str | None:
     except UnicodeEncodeError:
         return "path is not valid Unicode"
     pure = PurePosixPath(rel)
-    if pure.is_absolute() or re.match(r"^[A-Za-z]:", rel):
+    if pure.is_absolute() or re.match(r"[A-Za-z]:", rel):
         return "absolute path: paths must be relative to the data root"
     if ".." in pure.parts:
         return "path contains '..' and would leave the data root"
@@ -476,17 +514,25 @@ def _catalog_problems(cases: Sequence[Case], catalog: Mapping[str, Any]) -> list
 def _file_reason(root: Path, case: Case, checksums: bool) -> str | None:
     if _path_reason(case.path):
         return None  # already reported as a structure problem
-    full = root / case.path
+    full, uid = root / case.path, case.series_uid
     try:
-        if not full.resolve().is_relative_to(root):
-            return "path resolves outside the data root (symlink?)"
-        if not full.exists():
-            return f"missing file {full}"
-        size = _size(full)
+        sources.check_confined(full, root, uid)  # symlinks, also in folders and headers
+        files = sources.source_files(full, uid)
+        missing = next((f for f in files if not f.exists()), None)
+        if not full.exists() or missing:
+            return f"missing file {missing or full}"
+        if not files:
+            return f"no file of series {uid} in {full}: the series was removed or re-exported"
+        odd = next(((f, k) for f in files if (k := sources.irregular_kind(f))), None)
+        if odd:
+            return f"{odd[0]} is not a regular file ({odd[1]})"
+        size = sum(f.stat().st_size for f in files)
         if size != case.bytes:
             return f"size {size} bytes, expected {case.bytes}: the file was changed"
-        if checksums and (got := sha256_path(full)[0]) != case.sha256:
+        if checksums and (got := sources.sha256_sources(full, uid)[0]) != case.sha256:
             return f"sha256 {got[:12]}... does not match the recorded {case.sha256[:12]}..."
+    except ManifestError as exc:
+        return str(exc)
     except (OSError, ValueError, RuntimeError) as exc:  # unreadable, symlink loop
         return f"cannot read {full}: {exc}"
     return None
@@ -682,35 +728,119 @@ def merge_manifests(manifests: Sequence[Manifest], name: str, notes: str = "") -
 
 
 def _image_suffix(name: str) -> str | None:
-    lower = name.lower()
-    return next((s for s in IMAGE_SUFFIXES if lower.endswith(s)), None)
+    return sources.image_suffix(name)
 
 
-def _is_dicom(path: Path) -> bool:
-    if path.suffix.lower() in DICOM_SUFFIXES:
-        return True
-    if path.suffix:
-        return False
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(132)
-    except OSError:
-        return False
-    return head[128:132] == b"DICM"
+@dataclass(frozen=True)
+class _Found:
+    """An image found by a scan: a file, or a DICOM series folder (`series`).
+
+    series_uid: the one series of the folder the case holds (None: every file of the folder).
+    tag: tells several series of one folder apart in their case ids ("" when alone).
+    """
+
+    rel: PurePosixPath
+    series: bool
+    series_uid: str | None = None
+    tag: str = ""
+
+    @property
+    def label(self) -> str:
+        return f"{self.rel} (series {self.series_uid})" if self.series_uid else str(self.rel)
 
 
-def _find_images(root: Path) -> list[tuple[PurePosixPath, bool]]:
-    """(relative path, is a DICOM series folder) for every image under `root`, sorted."""
-    found: list[tuple[PurePosixPath, bool]] = []
+def _no_uid_reason(name: str, tags: sources.DicomTags | None) -> str:
+    if name.upper() == "DICOMDIR":
+        return "DICOMDIR index file, not an image; left out (no series needs it)"
+    what = "unreadable DICOM header" if tags is None else "DICOM file without SeriesInstanceUID"
+    return (f"{what}: it cannot be assigned to a series; re-export the series, or remove the "
+            "file if it is not an image")
+
+
+def _series_tags(groups: Mapping[str, list[str]], tags: Mapping[str, Any]) -> dict[str, str]:
+    """uid -> id tag: ``s<SeriesNumber>`` when those tell the series apart, else a uid hash."""
+    if len(groups) == 1:
+        return dict.fromkeys(groups, "")
+    numbers = {uid: tags[names[0]].series_number for uid, names in groups.items()}
+    if all(numbers.values()) and len(set(numbers.values())) == len(numbers):
+        return {uid: "s" + re.sub(r"[^A-Za-z0-9]+", "-", n) for uid, n in numbers.items()}
+    return {uid: "u" + hashlib.sha1(uid.encode()).hexdigest()[:8] for uid in groups}
+
+
+def _dicom_found(here: Path, rel: PurePosixPath, names: list[str]
+                 ) -> tuple[list[_Found], list[Problem], set[str]]:
+    """Cases for the DICOM files `names` of folder `here`: one per series (SeriesInstanceUID),
+    one per whole-volume file (enhanced multi-frame, mosaic); files of no series are problems.
+
+    Returns (found, problems, names of the files a whole-folder case holds). A folder that is
+    exactly one series (a DICOMDIR aside), or whose headers name no series, stays one case
+    without ``series_uid``, hashed as before.
+    """
+    index = [n for n in names if n.upper() == "DICOMDIR"]
+    tags = {n: sources.dicom_tags(here / n) for n in names if n not in index}
+    volumes = [n for n, t in tags.items() if t is not None and t.volume]
+    slices = [n for n in tags if n not in volumes]
+    found = [_Found(rel / n, False) for n in volumes]
+    groups: dict[str, list[str]] = defaultdict(list)
+    for n in slices:
+        if (t := tags[n]) is not None and t.series_uid:
+            groups[t.series_uid].append(n)
+    whole = [f.name for f in sources.source_files(here)]
+    alone = len(groups) == 1 and sorted(*groups.values()) == [n for n in whole if n not in index]
+    if slices and (alone or not groups):
+        return [*found, _Found(rel, True)], [], set(whole)
+    problems = [Problem(None, str(rel / n), _no_uid_reason(n, tags.get(n)))
+                for n in [*index, *slices] if not any(n in g for g in groups.values())]
+    id_tags = _series_tags(groups, tags)
+    for uid, members in sorted(groups.items()):
+        if sources.valid_uid(uid):
+            found.append(_Found(rel, True, uid, id_tags[uid]))
+        else:
+            problems += [Problem(None, str(rel / n), f"SeriesInstanceUID {uid!r} is not a valid "
+                                 "DICOM UID (digits and dots, at most 64 characters), so the "
+                                 "series cannot be told apart from the others in its folder; "
+                                 "move it to a folder of its own") for n in members]
+    return found, problems, set()
+
+
+def _scan_dir(root: Path, here: Path, names: list[str]) -> tuple[list[_Found], list[Problem]]:
+    """Images in one folder (not recursive). Non-regular files are problems and never opened;
+    in a folder holding DICOM every file ends in a case or a problem."""
+    rel = PurePosixPath(here.relative_to(root).as_posix())
+    problems, regular = [], []
+    for n in names:
+        kind = sources.irregular_kind(here / n)
+        if kind is None:
+            regular.append(n)
+        else:
+            reason = f"not a regular file ({kind}); only regular files (or links to them) are read"
+            problems.append(Problem(None, str(rel / n), reason))
+    images = [n for n in regular if _image_suffix(n)]
+    found = [_Found(rel / n, False) for n in images]
+    rest = [n for n in regular if not _image_suffix(n)]
+    dicom = [n for n in rest if sources.is_dicom(here / n)]
+    if not dicom:
+        return found, problems
+    more, dicom_problems, covered = _dicom_found(here, rel, dicom)
+    data = sources.referenced_data(here / n for n in images)
+    problems += dicom_problems + [
+        Problem(None, str(rel / n), "not an image: no image extension (.nii.gz, .nrrd, .mha, "
+                ".mhd ...) and not DICOM; left out (move it out of the image folder)")
+        for n in rest if n not in dicom and n not in covered
+        and Path(os.path.normpath(here / n)) not in data]
+    return found + more, problems
+
+
+def _find_images(root: Path) -> tuple[list[_Found], list[Problem]]:
+    """Every image under `root` (sorted) and the files that could not be taken as images."""
+    found: list[_Found] = []
+    problems: list[Problem] = []
     for folder, dirs, files in os.walk(root):
         dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS and not d.startswith("."))
-        here = Path(folder)
-        rel = PurePosixPath(here.relative_to(root).as_posix())
-        names = sorted(f for f in files if not f.startswith("."))
-        if any(_is_dicom(here / f) for f in names if not _image_suffix(f)):
-            found.append((rel, True))
-        found += [(rel / f, False) for f in names if _image_suffix(f)]
-    return sorted(found)
+        more, bad = _scan_dir(root, Path(folder), sorted(f for f in files if not f.startswith(".")))
+        found += more
+        problems += bad
+    return sorted(found, key=lambda f: (f.rel, f.series, f.tag)), problems
 
 
 def _strip_suffix(name: str) -> str:
@@ -721,6 +851,16 @@ def _strip_suffix(name: str) -> str:
 def _modality_token(stem: str, default: str) -> str:
     last = re.split(r"[_-]", stem)[-1]
     return _MODALITY_TOKENS.get(last.lower(), default) if last != stem else default
+
+
+def modality_from_name(name: str, default: str | None = None) -> str | None:
+    """The contrast a file name ends in, case-insensitive, in canonical spelling, else `default`.
+
+    ``study1_T1W.nii.gz`` -> ``T1w``, ``study2_T2W.nii.gz`` -> ``T2w``, ``study1_FLAIR.nii.gz``
+    -> ``FLAIR``, ``sub-01_T1w.nii`` -> ``T1w``; ``gt.nii.gz`` -> `default`.
+    """
+    token = _modality_token(_strip_suffix(PurePosixPath(name).name), "")
+    return token or default
 
 
 def identify(rel: PurePosixPath, series: bool, modality_default: str = "T1w",
@@ -752,19 +892,24 @@ def identify(rel: PurePosixPath, series: bool, modality_default: str = "T1w",
     return subject, _modality_token(stem, modality_default)
 
 
-def _case_ids(source_id: str, rels: Sequence[PurePosixPath], root_name: str) -> list[str]:
-    """Stable, unique, filesystem-safe ids from the source id and the relative paths."""
-    ids = []
-    for rel in rels:
+def _case_ids(source_id: str, found: Sequence[tuple[PurePosixPath, str]],
+              root_name: str) -> list[str]:
+    """Stable, unique, filesystem-safe ids from the source id, the relative paths and the
+    series tags (several series of one folder get ``_<tag>``)."""
+    ids, keys = [], []
+    for rel, tag in found:
         raw = "_".join([*rel.parts[:-1], _strip_suffix(rel.name)]) if rel.parts else root_name
+        raw = f"{raw}_{tag}" if tag else raw
+        key = hashlib.sha1((f"{rel}#{tag}" if tag else str(rel)).encode()).hexdigest()[:8]
         safe = re.sub(r"[^A-Za-z0-9._-]+", "-", raw)
         cid = f"{source_id}_{safe}"
         if safe != raw or len(cid) > 150:
-            cid = f"{cid[:140]}-{hashlib.sha1(str(rel).encode()).hexdigest()[:8]}"
+            cid = f"{cid[:140]}-{key}"
         ids.append(cid)
+        keys.append(key)
     counts = Counter(ids)
-    return [f"{cid}-{hashlib.sha1(str(rel).encode()).hexdigest()[:8]}" if counts[cid] > 1 else cid
-            for cid, rel in zip(ids, rels, strict=True)]
+    return [f"{cid}-{key}" if counts[cid] > 1 else cid
+            for cid, key in zip(ids, keys, strict=True)]
 
 
 def _shape_spacing(info: Any) -> tuple[tuple[int, ...], tuple[float, ...]]:
@@ -791,43 +936,66 @@ def scan_folder(
     """Find the images under `root` and make one unsplit `Case` each (see `identify`).
 
     Recognised: NIfTI (.nii, .nii.gz), NRRD, MHA files and DICOM series folders (``.dcm``/
-    ``.ima`` files or extension-less files with the DICM preamble). ``derivatives``,
-    ``sourcedata``, ``code`` and hidden folders are skipped. `describe(path)` returns shape and
-    spacing (mapping or object); any exception it raises becomes a `Problem`. `subject_of`
-    (relative path -> subject id) overrides the naming rules.
+    ``.ima`` files, extension-less or UID-named files with the DICM preamble or a raw DICOM
+    image header). ``derivatives``, ``sourcedata``, ``code`` and hidden folders are skipped.
+    A folder's DICOM files are grouped by SeriesInstanceUID: each series is a case (its
+    ``series_uid`` set when the folder holds more than that series), an enhanced multi-frame or
+    mosaic file is a case of its own, and in such a folder any other file is a `Problem`.
+    FIFOs, sockets and devices are problems and never opened. `describe(path)` returns shape and
+    spacing (mapping or object), and must accept ``series_uid=`` for one series of a folder;
+    any exception it raises becomes a `Problem`. `subject_of` (relative path -> subject id)
+    overrides the naming rules.
     """
     root = Path(root).resolve()
     if not root.is_dir():
         raise ManifestError(f"{root}: not a folder; give the folder that holds the images")
     _str(source_id, "source_id", _ID_RE)
-    found = _find_images(root)
-    ids = _case_ids(source_id, [rel for rel, _ in found], root.name)
-    cases, problems = [], []
-    for (rel, series), cid in zip(found, ids, strict=True):
-        named = identify(rel, series, modality_default, root.name)
+    found, problems = _find_images(root)
+    for p in problems:
+        log.warning("scan: skipping %s: %s", p.path, p.reason)
+    ids = _case_ids(source_id, [(f.rel, f.tag) for f in found], root.name)
+    cases: list[Case] = []
+    for f, cid in zip(found, ids, strict=True):
+        named = identify(f.rel, f.series, modality_default, root.name)
         if named is None:
-            log.debug("scan %s: skipping non-anatomical %s", root, rel)
+            log.debug("scan %s: skipping non-anatomical %s", root, f.rel)
             continue
-        subject = subject_of(str(rel)) if subject_of else named[0]
-        result = _scan_one(root, rel, cid, subject, named[1], describe, source_id)
+        subject = subject_of(str(f.rel)) if subject_of else named[0]
+        result = _scan_one(root, f, cid, subject, named[1], describe, source_id)
         (cases if isinstance(result, Case) else problems).append(result)
     log.info("scanned %s: %d case(s), %d problem(s)", root, len(cases), len(problems))
     return cases, problems
 
 
-def _scan_one(root: Path, rel: PurePosixPath, case_id: str, subject: str, modality: str,
-              describe: Describe, source_id: str) -> Case | Problem:
-    full = root / rel
-    if not full.resolve().is_relative_to(root):
-        return Problem(None, str(rel), "symlink resolves outside the data root")
+def _takes_series_uid(describe: Describe) -> bool:
     try:
-        shape, spacing = _shape_spacing(describe(full))
-        digest, size = sha256_path(full)
+        params = inspect.signature(describe).parameters
+    except (TypeError, ValueError):
+        return False
+    return "series_uid" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def _scan_one(root: Path, found: _Found, case_id: str, subject: str, modality: str,
+              describe: Describe, source_id: str) -> Case | Problem:
+    full, uid = root / found.rel, found.series_uid
+    try:
+        sources.check_confined(full, root, uid)
+    except ManifestError as exc:
+        return Problem(None, found.label, str(exc))
+    if uid is not None and not _takes_series_uid(describe):
+        return Problem(None, found.label, "the folder holds several DICOM series and the image "
+                       "reader cannot read one of them (describe() takes no series_uid); put "
+                       "each series in its own folder")
+    try:
+        info = describe(full, series_uid=uid) if uid is not None else describe(full)
+        shape, spacing = _shape_spacing(info)
+        digest, size = sha256_path(full, uid)
     except Exception as exc:  # any unreadable file is reported, not fatal
         reason = f"{type(exc).__name__}: {exc}".replace("\n", " ")
-        log.warning("scan: skipping %s: %s", rel, reason)
-        return Problem(None, str(rel), reason)
-    return Case(case_id, subject, source_id, str(rel), digest, size, modality, shape, spacing)
+        log.warning("scan: skipping %s: %s", found.label, reason)
+        return Problem(None, found.label, reason)
+    return Case(case_id, subject, source_id, str(found.rel), digest, size, modality, shape,
+                spacing, series_uid=uid)
 
 
 # --- sources catalog ------------------------------------------------------------------------

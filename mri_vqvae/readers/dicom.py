@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pydicom
 
+from mri_vqvae import sources
 from mri_vqvae.errors import InvalidImageError
 from mri_vqvae.readers.common import CORRUPT_FIX, Header, as_volume, check_dims, guard, lps_to_ras
 from mri_vqvae.readers.dicom_geometry import (
@@ -37,6 +38,10 @@ _GEOMETRY = {
 
 
 def _read(path: Path, pixels: bool) -> Any:
+    kind = sources.irregular_kind(path)
+    if kind is not None:  # never open a FIFO or a device: it could block forever
+        raise InvalidImageError(path, f"not a regular file ({kind})",
+                                "replace it with the DICOM file it stands for")
     with guard(path, "DICOM"):
         ds = pydicom.dcmread(str(path), stop_before_pixels=not pixels, force=True)
         for _ in ds.iterall():  # pydicom decodes elements lazily: decode now, inside the guard
@@ -55,8 +60,18 @@ def _image_type(ds: Any) -> list[str]:
     return [str(value).upper()] if isinstance(value, str) else [str(v).upper() for v in value]
 
 
+def is_dicom_file(path: Path) -> bool:
+    """True for a regular DICOM file, whatever its name: "DICM" at byte 128, a .dcm/.ima name,
+    or an extension-less (or UID-named) file holding a raw DICOM image header without preamble.
+    """
+    return sources.is_dicom(Path(path))
+
+
 def classify(path: Path) -> str:
-    """One DICOM file: "dicom_multiframe", "dicom_mosaic" or "dicom_slice" (one 2D slice)."""
+    """One DICOM file: "dicom_multiframe", "dicom_mosaic" or "dicom_slice" (one 2D slice).
+
+    Works on extension-less files too (see `is_dicom_file` to tell whether a file is DICOM).
+    """
     return classify_header(path, _read(path, pixels=False))
 
 
@@ -72,12 +87,19 @@ def classify_header(path: Path, ds: Any) -> str:
 # --- classic series: one 2D slice per file -----------------------------------------------------
 
 
-def _series_files(folder: Path) -> list[Path]:
-    files = sorted(
-        p
-        for p in folder.iterdir()
-        if p.is_file() and not p.name.startswith(".") and p.name.upper() != "DICOMDIR"
-    )
+def _series_files(folder: Path, series_uid: str | None = None) -> list[Path]:
+    """The files `sources.source_files` assigns to the series (those a manifest hashes), less
+    DICOMDIR; only `series_uid`'s when given."""
+    with guard(folder, "a DICOM series folder"):
+        files = [p for p in sources.source_files(folder, series_uid)
+                 if p.name.upper() != "DICOMDIR"]
+    if not files and series_uid is not None:
+        raise InvalidImageError(
+            folder,
+            f"folder holds no file of series {series_uid} (SeriesInstanceUID)",
+            "the series was moved or re-exported: rebuild the manifest (`mri-vqvae manifest "
+            "build`)",
+        )
     if not files:
         raise InvalidImageError(
             folder, "folder holds no files", "give the folder that holds the slices of one series"
@@ -115,9 +137,11 @@ def _probe_slices(owner: Path, files: list[Path], headers: list[Any], max_voxels
     return Header(shape, affine, source=[files[i] for i in order])
 
 
-def probe_series(folder: Path, max_voxels: int) -> Header:
-    """Headers of every file in `folder`: one series, evenly spaced, no gap, no duplicate."""
-    files = _series_files(folder)
+def probe_series(folder: Path, max_voxels: int, series_uid: str | None = None) -> Header:
+    """Headers of every file in `folder` (only those of `series_uid` when given): one series,
+    evenly spaced, no gap, no duplicate. Image files (.nii.gz ...) in the folder are ignored.
+    """
+    files = _series_files(folder, series_uid)
     headers = [_read(f, pixels=False) for f in files]
     _check_one_series(folder, files, headers)
     return _probe_slices(folder, files, headers, max_voxels)
@@ -128,8 +152,12 @@ def probe_slice(path: Path, max_voxels: int) -> Header:
     return _probe_slices(path, [path], [_read(path, pixels=False)], max_voxels)
 
 
-def load_series(folder: Path, header: Header) -> np.ndarray:
-    """(X, Y, Z) float32, slices in the order `probe_series` sorted them, rescale applied."""
+def load_series(folder: Path, header: Header, series_uid: str | None = None) -> np.ndarray:
+    """(X, Y, Z) float32, slices in the order `probe_series` sorted them, rescale applied.
+
+    `header.source` already holds the series' files: `series_uid` is accepted so callers can
+    pass the same arguments to probe and load.
+    """
     data = np.empty(header.shape, dtype=np.float32)
     for k, f in enumerate(header.source):
         ds = _read(f, pixels=True)
