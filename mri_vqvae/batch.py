@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from mri_vqvae.atomic import atomic_write_text
 from mri_vqvae.errors import MriVqvaeError
+from mri_vqvae.outputs import output_cause, output_error
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -34,11 +35,14 @@ def run_batch(
     process: Callable[[dict[str, Any]], T],
     strict: bool = False,
     desc: str = "cases",
+    out_dir: str | Path | None = None,
 ) -> tuple[list[T], list[Failure]]:
     """Apply `process` to each item; failures are collected (or re-raised when `strict`).
 
     Expected failures are the project's own errors and OS errors; a MONAI transform wraps an
-    inner error in RuntimeError, so the innermost cause is reported.
+    inner error in RuntimeError, so the innermost cause is reported. An output-side OSError
+    (disk full, quota, read-only, or any error on a path inside `out_dir`; see
+    `mri_vqvae.outputs.output_cause`) is no case's fault: it stops the batch with `OutputError`.
     """
     items = list(items)
     results: list[T] = []
@@ -47,6 +51,9 @@ def run_batch(
         try:
             results.append(process(item))
         except (MriVqvaeError, OSError, RuntimeError, ValueError) as exc:
+            cause = output_cause(exc, out_dir)
+            if cause is not None:
+                raise output_error(out_dir, cause) from exc
             if strict:
                 raise innermost_error(exc) from None
             reason = _describe(innermost_error(exc))

@@ -37,6 +37,7 @@ otherwise).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -44,6 +45,7 @@ import logging
 import os
 import signal
 import uuid
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -64,6 +66,7 @@ from mri_vqvae.evaluation import (
     quality_of,
 )
 from mri_vqvae.manifest import Manifest, sha256_file
+from mri_vqvae.outputs import OutputError, ensure_writable, output_lock, remove_stale_temps
 from mri_vqvae.writers import write_nifti
 
 if TYPE_CHECKING:
@@ -108,7 +111,9 @@ def folder_identity(source: VQVAESource, native_space: bool) -> dict[str, Any]:
 
 
 def claim_folder(out: Path, identity: dict[str, Any]) -> None:
-    """Write reconstruct.json, or check that an existing one was made the same way."""
+    """Check `out` takes writes (`OutputError` if not), then write reconstruct.json or check
+    that an existing one was made the same way."""
+    ensure_writable(out)
     path = out / "reconstruct.json"
     if path.is_file():
         try:
@@ -122,7 +127,6 @@ def claim_folder(out: Path, identity: dict[str, Any]) -> None:
                 f"differ from this run's): choose another --out or delete that folder"
             )
         return
-    out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(identity, indent=2) + "\n")
 
 
@@ -223,6 +227,24 @@ def _kill_after() -> int | None:
     return int(raw) if raw else None
 
 
+@contextlib.contextmanager
+def _lock_on_main(out: Path) -> Iterator[None]:
+    """Rank 0 holds `output_lock(out)` for the run and clears a killed run's temp files first;
+    its refusal (another run writes there, not writable) is raised on every rank."""
+    with contextlib.ExitStack() as stack:
+        error: OutputError | None = None
+        if distributed.is_main():
+            try:
+                stack.enter_context(output_lock(out))
+                remove_stale_temps([out, out / "images", out / "cases"])
+            except OutputError as exc:
+                error = exc
+        error = distributed.broadcast_object(error)
+        if error is not None:
+            raise error
+        yield
+
+
 def reconstruct_manifest(
     vqvae_run: str | Path,
     manifest: Manifest,
@@ -240,8 +262,26 @@ def reconstruct_manifest(
     deterministic chain of its training data config, in `num_workers` worker processes. A bad
     case goes to failures.csv, or raises `ReconstructError` at once when `strict`. `threads` sets
     torch's CPU threads for the run (None: torch's default). Under torchrun each rank does its
-    share of the cases and every rank returns the result of the whole run.
+    share of the cases and every rank returns the result of the whole run. `OutputError` comes
+    first when `out_dir` is not writable or another run holds its lock (``out_dir/.lock``).
     """
+    with _lock_on_main(Path(out_dir)):
+        return _reconstruct(vqvae_run, manifest, out_dir, split, native_space, strict,
+                            num_workers, device, threads)
+
+
+def _reconstruct(
+    vqvae_run: str | Path,
+    manifest: Manifest,
+    out_dir: str | Path,
+    split: str | None = None,
+    native_space: bool = False,
+    strict: bool = False,
+    num_workers: int = 0,
+    device: str | torch.device = "cpu",
+    threads: int | None = None,
+) -> ReconstructResult:
+    """`reconstruct_manifest`'s work, with the output folder's lock held."""
     from mri_vqvae.data import case_items
     from mri_vqvae.latents import load_vqvae_source
     from mri_vqvae.synthesis import cpu_threads
@@ -309,15 +349,15 @@ def reconstruct_manifest(
 
 def _claim_on_main(out: Path, identity: dict[str, Any]) -> None:
     """`claim_folder` on rank 0; its refusal (if any) is raised on every rank."""
-    error: str | None = None
+    error: ReconstructError | OutputError | None = None
     if distributed.is_main():
         try:
             claim_folder(out, identity)
-        except ReconstructError as exc:
-            error = str(exc)
+        except (ReconstructError, OutputError) as exc:
+            error = exc
     error = distributed.broadcast_object(error)
     if error is not None:
-        raise ReconstructError(error)
+        raise error
 
 
 def _merge_shards(

@@ -40,6 +40,7 @@ import torch
 from mri_vqvae.atomic import atomic_path, atomic_write_text
 from mri_vqvae.config import ExperimentConfig, config_digest, dump_config
 from mri_vqvae.errors import MriVqvaeError
+from mri_vqvae.outputs import ensure_writable, output_error
 
 log = logging.getLogger(__name__)
 
@@ -76,22 +77,28 @@ def new_run_dir(
 ) -> Path:
     """Create and return ``root/<stage>/<UTC>-<config>-s<seed>/`` (``-2``, ``-3``... on a clash).
 
-    Creation is atomic (mkdir), so two runs started in the same second get different folders.
+    Creation is atomic (mkdir), so two runs started in the same second get different folders;
+    a root that cannot take writes raises `OutputError` before anything runs.
     """
     safe = _NAME_RE.sub("-", str(config_name)).strip("-.") or "config"
     return unique_dir(Path(root) / stage, f"{utc_stamp(now)}-{safe}-s{int(seed)}")
 
 
 def unique_dir(parent: str | Path, base: str) -> Path:
-    """Create and return ``parent/base`` (``base-2``, ``base-3``... if taken), atomically."""
-    parent = Path(parent)
-    parent.mkdir(parents=True, exist_ok=True)
+    """Create and return ``parent/base`` (``base-2``, ``base-3``... if taken), atomically.
+
+    `parent` is checked up front with `ensure_writable`: read-only, full or not a folder raises
+    `mri_vqvae.outputs.OutputError` naming it.
+    """
+    parent = ensure_writable(parent)
     for n in range(1, 10_000):
         path = parent / (base if n == 1 else f"{base}-{n}")
         try:
             path.mkdir()
         except FileExistsError:
             continue
+        except OSError as exc:
+            raise output_error(parent, exc) from None
         return path
     raise RunDirError(f"could not create a new folder under {parent}: too many named {base}")
 
@@ -330,7 +337,7 @@ class RunRecorder:
             "git": git_state(),
             "versions": package_versions(),
             "device": describe_device(self.device),
-            "manifest_path": None if self.manifest is None else str(self.manifest),
+            "manifest_path": None if self.manifest is None else str(Path(self.manifest).resolve()),
             "manifest_digest": manifest_digest,
             "started_utc": utc_iso(),
             "ended_utc": None,

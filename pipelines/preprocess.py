@@ -20,7 +20,15 @@ from pipelines.common import config_options, report_failures, resolve
 @config_options
 def preprocess(manifest_path: str, out_dir: str, data_root: str | None, split: str | None,
                strict: bool, config_name: str | None, overrides: tuple[str, ...]) -> None:
-    """Write normalised NIfTI (RAS, target spacing and shape), one montage per case, an index."""
+    """Write normalised NIfTI (RAS, target spacing and shape), one montage per case, an index.
+
+    Rerunning into the same --out reuses every finished case whose outputs still verify (same
+    source file and data config, NIfTI sha256 unchanged) and computes the rest, so an
+    interrupted run is resumed by running it again; no --resume flag is needed. A different
+    config or a changed source file recomputes the case. The folder is checked for writes
+    before the first case, a full disk stops the run (exit 2), and a second run into an --out
+    in use is refused.
+    """
     from mri_vqvae.manifest import load_manifest
     from mri_vqvae.preprocess import preprocess_manifest
 
