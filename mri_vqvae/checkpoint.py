@@ -12,6 +12,18 @@ A save writes a hidden sibling ``.<name>.tmp-XXXX/`` and swaps it in with two re
 previous checkpoint loadable: the new one counts only once it is renamed into place. A kill between
 the two renames leaves ``<name>`` missing; `load_checkpoint` then reads the ``.old`` sibling and
 the next save moves it back. One writer per folder (rank 0).
+
+Refusals (each a `CheckpointError` naming the folder or file, the problem and the fix):
+
+* saving or loading weights or buffers that hold NaN / ±Inf (a diverged run): a save would
+  replace the last good checkpoint, a load would yield garbage volumes and codes;
+* a ``config.json`` whose structure is wrong (`_check_meta`: missing keys, wrong JSON types,
+  ``format_version`` not an integer, NaN / Infinity literals);
+* a config whose model would hold more than `max_parameters()` values (parameters + buffers,
+  computed from the config before anything is allocated; env ``MRI_VQVAE_MAX_PARAMETERS``,
+  default `MAX_PARAMETERS`), or more values than ``model.safetensors`` holds.
+
+Folders are made readable as the umask allows (``0777 & ~umask``, like ``mkdir``), not 0700.
 """
 
 from __future__ import annotations
@@ -24,7 +36,6 @@ import pickle
 import random
 import re
 import shutil
-import tempfile
 import uuid
 import zipfile
 from collections.abc import Callable, Mapping
@@ -38,8 +49,9 @@ import torch
 from pydantic import BaseModel, ValidationError
 from torch import nn
 
-from mri_vqvae.atomic import atomic_path, atomic_write_text
+from mri_vqvae.atomic import atomic_path, atomic_write_text, make_temp_dir
 from mri_vqvae.errors import CheckpointError
+from mri_vqvae.finite import describe_nonfinite
 from mri_vqvae.manifest import sha256_file
 from mri_vqvae.runs import package_versions, utc_iso
 
@@ -53,6 +65,12 @@ STATE = "state.pt"
 MARKER = "COMPLETE"
 _OWN = frozenset({WEIGHTS, CONFIG, STATE, MARKER})
 _KIND_RE = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+MAX_CONFIG_BYTES = 16 * 2**20
+MAX_PARAMETERS = 2_000_000_000
+"""Default cap on the values (parameters + buffers) of a model rebuilt from a checkpoint: 2e9
+float32 values are 8 GiB. Override with the environment variable `MAX_PARAMETERS_ENV`."""
+MAX_PARAMETERS_ENV = "MRI_VQVAE_MAX_PARAMETERS"
 
 Builder = Callable[[dict[str, Any]], nn.Module]
 
@@ -91,6 +109,21 @@ def _build_prior(config: dict[str, Any]) -> nn.Module:
 DEFAULT_BUILDERS: Mapping[str, Builder] = {"vqvae": _build_vqvae, "prior": _build_prior}
 
 
+def _sizer(kind: str) -> tuple[type[BaseModel], Callable[[Any], int]] | None:
+    """(config model, values-in-state_dict function) of a default kind, else None."""
+    if kind == "vqvae":
+        from mri_vqvae.config import VQVAEConfig
+        from mri_vqvae.vqvae import state_numel
+
+        return VQVAEConfig, state_numel
+    if kind == "prior":
+        from mri_vqvae.config import PriorConfig
+        from mri_vqvae.prior import state_numel as prior_numel
+
+        return PriorConfig, prior_numel
+    return None
+
+
 # --- small helpers -------------------------------------------------------------------------------
 
 
@@ -106,6 +139,12 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def _first_nonfinite(tensors: Mapping[str, torch.Tensor]) -> tuple[str, str, int] | None:
+    """(first tensor name, what is wrong, number of bad tensors) or None when all are finite."""
+    bad = [(k, p) for k, t in tensors.items() if (p := describe_nonfinite(t)) is not None]
+    return None if not bad else (bad[0][0], bad[0][1], len(bad))
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -297,13 +336,13 @@ def _settle(folder: Path) -> None:
 def _write_files(
     tmp: Path,
     model: nn.Module,
+    tensors: dict[str, torch.Tensor],
     kind: str,
     config: dict[str, Any],
     extra: dict[str, Any],
     state: Mapping[str, Any] | None,
     step: int | None,
 ) -> None:
-    tensors = _tensors_for_disk(_unwrap(model))
     files: dict[str, str] = {}
     with atomic_path(tmp / WEIGHTS) as path:
         safetensors.torch.save_file(tensors, str(path), metadata={"format": "pt", "kind": kind})
@@ -344,7 +383,8 @@ def save_checkpoint(
 
     An existing checkpoint at `folder` is replaced only once the new one is complete on disk.
     `extra` is JSON metadata (metrics, data digest...); `step` defaults to ``state["step"]``.
-    Returns `folder`.
+    Weights or buffers holding NaN / ±Inf are refused (`CheckpointError`, nothing written), so a
+    diverged run never replaces its last good checkpoint. Returns `folder`.
     """
     folder = Path(folder)
     if not isinstance(kind, str) or not _KIND_RE.match(kind):
@@ -361,12 +401,22 @@ def save_checkpoint(
         raise CheckpointError(f"checkpoint extra for {folder} is not plain JSON ({exc})") from None
     if step is None and state is not None and isinstance(state.get("step"), int):
         step = int(state["step"])
+    tensors = _tensors_for_disk(_unwrap(model))
+    bad = _first_nonfinite(tensors)
+    if bad is not None:
+        name, problem, count = bad
+        raise CheckpointError(
+            f"refusing to save {folder}: the model's tensor {name!r} holds {problem} ({count} of "
+            f"{len(tensors)} tensors hold NaN/Inf). The run diverged; the previous checkpoint "
+            "there is kept unchanged. Resume from it (or checkpoints/best) with a lower learning "
+            "rate (train_*.lr), grad_clip set, or bf16: false"
+        )
     folder.parent.mkdir(parents=True, exist_ok=True)
     _settle(folder)
     _refuse_foreign(folder)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    tmp = make_temp_dir(folder.parent, f".{folder.name}.tmp-")
     try:
-        _write_files(tmp, model, kind, _config_dict(config), extra_doc, state, step)
+        _write_files(tmp, model, tensors, kind, _config_dict(config), extra_doc, state, step)
         if folder.exists():
             old = folder.parent / f".{folder.name}.old-{uuid.uuid4().hex[:8]}"
             os.replace(folder, old)
@@ -417,29 +467,101 @@ def resolve_checkpoint(folder: str | Path) -> Path:
     )
 
 
+def _json_type(value: Any) -> str:
+    """The JSON name of a parsed value's type, for messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true/false"
+    names = {dict: "an object", list: "a list", str: "a string", int: "an integer"}
+    return names.get(type(value), "a number")
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON (mri-vqvae never writes NaN or Infinity)")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_meta(doc: Any, path: Path) -> dict[str, Any]:
+    """Validate the structure of a parsed config.json; raise `CheckpointError` naming the field."""
+    fix = f"The file was edited, truncated or written by another tool. {_alternatives(path.parent)}"
+    if not isinstance(doc, dict):
+        raise CheckpointError(f"{path}: the top level is {_json_type(doc)}, not an object. {fix}")
+    if doc.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{path} is not an mri-vqvae checkpoint config (field 'format' is "
+            f"{doc.get('format', 'missing')!r}, expected {FORMAT!r})"
+        )
+    for key in ("format_version", "kind", "config", "files"):
+        if key not in doc:
+            raise CheckpointError(f"{path} lacks the field {key!r}. {fix}")
+
+    def wrong(key: str, expected: str) -> CheckpointError:
+        value = doc[key]
+        shown = repr(value) if not isinstance(value, (dict, list)) else _json_type(value)
+        return CheckpointError(f"{path}: field {key!r} must be {expected}, got {shown}. {fix}")
+
+    version = doc["format_version"]
+    if not _is_int(version) or version < 1:
+        raise wrong("format_version", "an integer >= 1")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has format_version {version}, newer than this mri-vqvae understands "
+            f"({FORMAT_VERSION}); upgrade mri-vqvae"
+        )
+    if not isinstance(doc["kind"], str) or not _KIND_RE.match(doc["kind"]):
+        raise wrong("kind", "a short lowercase model name such as 'vqvae' or 'prior'")
+    if not isinstance(doc["config"], dict):
+        raise wrong("config", "an object (the model's config)")
+    files = doc["files"]
+    if not isinstance(files, dict) or WEIGHTS not in files:
+        raise wrong("files", f"an object mapping {WEIGHTS!r} (and {STATE!r}) to sha256 digests")
+    for name, digest in files.items():
+        if not isinstance(digest, str) or not _SHA256_RE.match(digest):
+            raise CheckpointError(
+                f"{path}: field 'files'[{name!r}] must be a 64-digit lowercase sha256, got "
+                f"{digest!r}. {fix}"
+            )
+    optional: dict[str, tuple[Callable[[Any], bool], str]] = {
+        "extra": (lambda v: v is None or isinstance(v, dict), "an object or null"),
+        "step": (lambda v: v is None or (_is_int(v) and v >= 0), "an integer >= 0 or null"),
+        "versions": (
+            lambda v: v is None or (
+                isinstance(v, dict) and all(x is None or isinstance(x, str) for x in v.values())
+            ),
+            "an object of version strings",
+        ),
+        "created_utc": (lambda v: isinstance(v, str), "a string"),
+        "num_tensors": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+        "num_parameters": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    }
+    for key, (ok, expected) in optional.items():
+        if key in doc and not ok(doc[key]):
+            raise wrong(key, expected)
+    return doc
+
+
 def _read_meta(folder: Path) -> dict[str, Any]:
+    """The parsed, structurally checked config.json of `folder`."""
     path = folder / CONFIG
     if not path.is_file():
         raise CheckpointError(f"{path} is missing. {_alternatives(folder)}")
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        size = path.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise CheckpointError(
+                f"{path} is {size} bytes, far more than a checkpoint config (limit "
+                f"{MAX_CONFIG_BYTES}); it is not one. {_alternatives(folder)}"
+            )
+        doc = json.loads(path.read_text(encoding="utf-8"), parse_constant=_no_constant)
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise CheckpointError(
-            f"{path} is not readable JSON ({exc}). {_alternatives(folder)}"
+            f"{path} is not readable JSON ({str(exc)[:200]}). {_alternatives(folder)}"
         ) from None
-    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-        raise CheckpointError(
-            f"{path} is not an mri-vqvae checkpoint config (no format {FORMAT!r})"
-        )
-    if doc.get("format_version", 0) > FORMAT_VERSION:
-        raise CheckpointError(
-            f"{path} has format_version {doc['format_version']}, newer than this mri-vqvae "
-            f"understands ({FORMAT_VERSION}); upgrade mri-vqvae"
-        )
-    for key in ("kind", "config", "files"):
-        if key not in doc:
-            raise CheckpointError(f"{path} lacks the key {key!r}; the file was edited or truncated")
-    return doc
+    return _check_meta(doc, path)
 
 
 def _verify(folder: Path, meta: dict[str, Any], name: str) -> Path:
@@ -455,6 +577,108 @@ def _verify(folder: Path, meta: dict[str, Any], name: str) -> Path:
             f"{_alternatives(folder)}"
         )
     return path
+
+
+def max_parameters() -> int:
+    """The cap on a rebuilt model's values: env `MAX_PARAMETERS_ENV`, else `MAX_PARAMETERS`."""
+    raw = os.environ.get(MAX_PARAMETERS_ENV, "").strip()
+    if not raw:
+        return MAX_PARAMETERS
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not math.isfinite(value) or value < 1:
+        raise CheckpointError(
+            f"environment variable {MAX_PARAMETERS_ENV}={raw!r} must be a number of values >= 1 "
+            f"such as 2e9 (the default {MAX_PARAMETERS:.0e}); fix or unset it"
+        )
+    return int(value)
+
+
+def _file_numel(path: Path) -> int | None:
+    """Values held by a safetensors file, from its header alone (None if unreadable)."""
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            names = list(f.keys())  # noqa: SIM118 (safe_open is not iterable)
+            return sum(math.prod(f.get_slice(k).get_shape()) for k in names)
+    except Exception:  # safetensors raises its own errors; _load_weights reports them
+        return None
+
+
+def _blame(cfg: BaseModel, numel: Callable[[Any], int], cap: int) -> str:
+    """The size fields of `cfg` that make `numel(cfg)` large, as ``field=value`` text."""
+    total = numel(cfg)
+    smallest = {"kernel_size": 3, "codebook_size": 2}
+    shrink: list[tuple[float, str, bool]] = []
+    for name, value in cfg.model_dump().items():
+        if _is_int(value):
+            small: Any = smallest.get(name, 1)
+        elif isinstance(value, tuple) and value and all(_is_int(v) for v in value):
+            small = tuple(1 for _ in value)
+        else:
+            continue
+        try:
+            reduced = numel(cfg.model_copy(update={name: small}))
+        except Exception:  # a combination the formula cannot take: not this field's doing
+            continue
+        if reduced < total:
+            shrink.append((total / max(reduced, 1), f"{name}={value}", reduced <= cap))
+    shrink.sort(reverse=True)
+    named = [text for _, text, enough in shrink if enough] or [text for _, text, _ in shrink[:2]]
+    return ", ".join(named) or "the size fields together"
+
+
+def _validated_config(
+    folder: Path, kind: str, meta: dict[str, Any], cls: type[BaseModel]
+) -> BaseModel:
+    try:
+        return cls.model_validate(meta["config"])
+    except ValidationError as exc:
+        raise CheckpointError(
+            f"{folder / CONFIG}: the stored {kind} config does not validate with this mri-vqvae "
+            f"({(meta.get('versions') or {}).get('mri_vqvae')} saved it): {exc}"
+        ) from None
+
+
+def _check_size(folder: Path, kind: str, meta: dict[str, Any], weights: Path) -> None:
+    """Refuse, before anything is allocated, a config whose model is absurdly large."""
+    sizer = _sizer(kind)
+    if sizer is None:
+        return
+    cls, numel = sizer
+    cfg = _validated_config(folder, kind, meta, cls)
+    wanted, cap, held = numel(cfg), max_parameters(), _file_numel(weights)
+    where = f"{folder / CONFIG}: its {kind} config describes a model of {wanted:,} values"
+    held_text = "" if held is None else f" {WEIGHTS} holds {held:,} values."
+    if wanted > cap:
+        raise CheckpointError(
+            f"{where} ({wanted * 4 / 2**30:,.1f} GiB as float32), above the limit of {cap:,} "
+            f"({MAX_PARAMETERS_ENV}); responsible: {_blame(cfg, numel, cap)}.{held_text} If the "
+            f"model really is that large, set {MAX_PARAMETERS_ENV} higher; if config.json was "
+            f"edited, restore it. {_alternatives(folder)}"
+        )
+    if held is not None and wanted > held:
+        raise CheckpointError(
+            f"{where}, but {WEIGHTS} holds only {held:,}; responsible: "
+            f"{_blame(cfg, numel, held)}. config.json and the weights come from different "
+            f"models (was config.json edited?). {_alternatives(folder)}"
+        )
+
+
+def _refuse_nonfinite(model: nn.Module, folder: Path) -> None:
+    """Raise `CheckpointError` if a loaded weight or buffer holds NaN / ±Inf."""
+    state = model.state_dict()
+    bad = _first_nonfinite(state)
+    if bad is None:
+        return
+    name, problem, count = bad
+    raise CheckpointError(
+        f"checkpoint {folder} holds diverged weights: tensor {name!r} holds {problem} ({count} of "
+        f"{len(state)} tensors hold NaN/Inf), so it would produce garbage volumes and codes. "
+        f"{_alternatives(folder)} To keep training, resume from an earlier checkpoint with a "
+        "lower learning rate (train_*.lr) or bf16: false"
+    )
 
 
 def _load_weights(model: nn.Module, path: Path) -> None:
@@ -486,8 +710,9 @@ def load_checkpoint(
     """Rebuild the model stored in `folder` from its files alone (no YAML), in eval mode.
 
     `builders` maps kind -> callable(config dict) -> nn.Module and extends `DEFAULT_BUILDERS`.
-    Raises `CheckpointError` for an incomplete folder, a checksum mismatch, or weights that do
-    not fit the rebuilt model (missing / unexpected keys, wrong shapes).
+    Raises `CheckpointError` for an incomplete folder, a malformed config.json, a checksum
+    mismatch, a config above `max_parameters()` (checked before building), weights that do not
+    fit the rebuilt model (missing / unexpected keys, wrong shapes) or hold NaN / ±Inf.
     """
     folder = resolve_checkpoint(folder)
     meta = _read_meta(folder)
@@ -499,14 +724,17 @@ def load_checkpoint(
             f"{folder / CONFIG}: unknown model kind {kind!r}; known kinds {sorted(table)} "
             "(pass builders={kind: callable} to load other models)"
         )
+    if table[kind] is DEFAULT_BUILDERS.get(kind):
+        _check_size(folder, kind, meta, weights)
     try:
         model = table[kind](dict(meta["config"]))
     except ValidationError as exc:
         raise CheckpointError(
             f"{folder / CONFIG}: the stored {kind} config does not validate with this mri-vqvae "
-            f"({meta.get('versions', {}).get('mri_vqvae')} saved it): {exc}"
+            f"({(meta.get('versions') or {}).get('mri_vqvae')} saved it): {exc}"
         ) from None
     _load_weights(model, weights)
+    _refuse_nonfinite(model, folder)
     model.to(map_location).eval()
     state_path = folder / STATE if STATE in meta["files"] else None
     return LoadedCheckpoint(

@@ -331,7 +331,8 @@ class GatedPixelCNN3D(nn.Module):
         `mri_vqvae.sampling.sample_categorical`). ``method="fast"`` caches stack activations;
         ``"naive"`` recomputes everything each position depends on, from scratch, per position.
         Both return identical indices for the same seed. ``temperature=0`` or ``greedy`` takes
-        the argmax (an ablation, not a sampler).
+        the argmax (an ablation, not a sampler). NaN/±Inf logits raise
+        `mri_vqvae.finite.NonFiniteError` instead of drawing garbage codes.
         """
         from mri_vqvae.sampling import sample_grid
 
@@ -345,3 +346,24 @@ class GatedPixelCNN3D(nn.Module):
             method=method,
             greedy=greedy,
         )
+
+
+# --- size without building -----------------------------------------------------------------------
+
+
+def _layer_numel(in_channels: int, cfg: PriorConfig) -> int:
+    """Values of one `GatedLayer3D` (weights, biases, mask buffers, class embedding)."""
+    two, k, c = 2 * cfg.hidden_channels, cfg.kernel_size, cfg.kernel_size // 2
+    boxes = ((c + 1) * k * k, (c + 1) * k, c + 1)  # depth, height, width stacks
+    stacks = sum(two * in_channels * box + two + box for box in boxes)
+    links = 2 * (two * two + two) + (cfg.hidden_channels * two + two)
+    cond = cfg.num_classes * 3 * two
+    return stacks + links + cond
+
+
+def state_numel(cfg: PriorConfig) -> int:
+    """Values (parameters + buffers) in the state_dict of ``GatedPixelCNN3D(cfg)``, not built."""
+    total = cfg.codebook_size * cfg.embedding_dim + _layer_numel(cfg.embedding_dim, cfg)
+    total += (cfg.num_layers - 1) * _layer_numel(cfg.hidden_channels, cfg)  # closed form: O(1)
+    total += cfg.hidden_channels * cfg.head_channels + cfg.head_channels
+    return total + cfg.head_channels * cfg.codebook_size + cfg.codebook_size

@@ -18,6 +18,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mri_vqvae.finite import NonFiniteError, describe_nonfinite
+
 # Rows of latent vectors scored against the codebook at once (bounds the (rows, K) score matrix).
 _SEARCH_CHUNK = 65536
 
@@ -199,18 +201,45 @@ class EMAQuantizer(nn.Module):
         """
         return F.embedding(indices, self.codebook.float()).movedim(-1, 1)
 
+    def require_finite(self, z: Tensor) -> None:
+        """Raise `NonFiniteError` if ``z`` or the codebook holds NaN/±Inf (argmin over NaN
+        distances would silently pick code 0 or the NaN code)."""
+        problem = describe_nonfinite(z)
+        if problem is not None:
+            raise NonFiniteError(
+                f"the encoder output holds {problem}, so its codes would be meaningless: the "
+                "input volume holds NaN/Inf voxels or overflowed the encoder (bf16). Check the "
+                "input (mri-vqvae preprocess refuses non-finite scans) or run in float32"
+            )
+        problem = describe_nonfinite(self.codebook)
+        if problem is not None:
+            raise NonFiniteError(
+                f"the quantizer codebook holds {problem}: the checkpoint diverged; load "
+                "checkpoints/best or an earlier checkpoint"
+            )
+
     def indices(self, z: Tensor) -> Tensor:
-        """Nearest codes of ``z`` (B, D, d, h, w) -> (B, d, h, w) int64; codebook untouched."""
+        """Nearest codes of ``z`` (B, D, d, h, w) -> (B, d, h, w) int64; codebook untouched.
+
+        Raises `NonFiniteError` when ``z`` or the codebook is not finite.
+        """
         with torch.autocast(device_type=z.device.type, enabled=False), torch.no_grad():
             flat = self._flatten(z)
+            self.require_finite(flat)
             idx = nearest_code(flat, self.codebook.float())
         return idx.view(z.shape[0], *z.shape[2:])
 
     def forward(self, z: Tensor) -> QuantizerOutput:
-        """Quantize ``z`` (B, D, d, h, w); training mode also updates the codebook."""
+        """Quantize ``z`` (B, D, d, h, w); training mode also updates the codebook.
+
+        In eval mode a non-finite ``z`` raises `NonFiniteError`; in training mode the loss turns
+        non-finite and the training loop stops (no per-step host sync here).
+        """
         with torch.autocast(device_type=z.device.type, enabled=False):
             z32 = z.float()
             flat = self._flatten(z32)
+            if not self.training:
+                self.require_finite(flat.detach())
             if self.training:
                 self._check_float32()
                 with torch.no_grad():

@@ -22,9 +22,51 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mri_vqvae.finite import NonFiniteError, describe_nonfinite
 from mri_vqvae.prior import GatedLayer3D, GatedPixelCNN3D, PriorInputError, gate
 
 METHODS = ("fast", "naive")
+
+
+def _draw(
+    logits: Tensor,
+    generator: torch.Generator,
+    temperature: float,
+    top_k: int | None,
+    greedy: bool,
+) -> tuple[Tensor, Tensor]:
+    """`sample_categorical` without the host sync: (codes (B,) int64, 0-d bool "all finite").
+
+    The flag covers the logits and, when sampling, ``logits / temperature``.
+    """
+    if logits.ndim != 2:
+        raise PriorInputError(f"logits must be (B, K), received shape {tuple(logits.shape)}")
+    num_classes = logits.shape[1]
+    _check_draw_args(temperature, top_k, num_classes)
+    u = torch.rand(logits.shape[0], generator=generator, dtype=torch.float64, device=logits.device)
+    if greedy or temperature == 0:
+        return logits.argmax(dim=1), torch.isfinite(logits).all()
+    scaled = logits.double() / temperature
+    finite = torch.isfinite(scaled).all()
+    if top_k is not None and top_k < num_classes:
+        keep = torch.zeros_like(scaled, dtype=torch.bool)
+        keep.scatter_(1, scaled.topk(top_k, dim=1).indices, True)
+        scaled = scaled.masked_fill(~keep, float("-inf"))
+    probs = torch.softmax(scaled, dim=1)
+    cdf = probs.cumsum(dim=1)
+    drawn = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]
+    # u * total < total, but rounding could still land on the end: never return a zero-mass class
+    last_positive = num_classes - 1 - (probs > 0).flip(1).to(torch.int8).argmax(dim=1)
+    return torch.minimum(drawn, last_positive), finite
+
+
+def _nonfinite_logits(where: str) -> NonFiniteError:
+    """The error for logits (or logits / temperature) that are NaN/±Inf."""
+    return NonFiniteError(
+        f"the prior's logits hold NaN or Inf {where}, so any code drawn would be garbage: the "
+        "prior's weights diverged or overflowed. Load checkpoints/best or an earlier checkpoint, "
+        "or retrain with a lower learning rate / without bf16"
+    )
 
 
 def sample_categorical(
@@ -39,31 +81,28 @@ def sample_categorical(
     Exactly B uniforms are taken from ``generator`` on every call (also when greedy). With
     ``top_k`` only the k largest logits of a row can be drawn (ties broken by `torch.topk`);
     ``temperature == 0`` or ``greedy`` returns the argmax. Probabilities are formed in float64.
+    Non-finite logits raise `NonFiniteError`.
     """
-    if logits.ndim != 2:
-        raise PriorInputError(f"logits must be (B, K), received shape {tuple(logits.shape)}")
-    num_classes = logits.shape[1]
-    _check_draw_args(temperature, top_k, num_classes)
-    u = torch.rand(logits.shape[0], generator=generator, dtype=torch.float64, device=logits.device)
-    if greedy or temperature == 0:
-        return logits.argmax(dim=1)
-    scaled = logits.double() / temperature
-    if top_k is not None and top_k < num_classes:
-        keep = torch.zeros_like(scaled, dtype=torch.bool)
-        keep.scatter_(1, scaled.topk(top_k, dim=1).indices, True)
-        scaled = scaled.masked_fill(~keep, float("-inf"))
-    probs = torch.softmax(scaled, dim=1)
-    cdf = probs.cumsum(dim=1)
-    drawn = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]
-    # u * total < total, but rounding could still land on the end: never return a zero-mass class
-    last_positive = num_classes - 1 - (probs > 0).flip(1).to(torch.int8).argmax(dim=1)
-    return torch.minimum(drawn, last_positive)
+    codes, finite = _draw(logits, generator, temperature, top_k, greedy)
+    if not bool(finite):
+        problem = describe_nonfinite(logits) or "values that overflow once divided by temperature"
+        raise _nonfinite_logits(f"({problem})")
+    return codes
+
+
+MIN_TEMPERATURE = 1e-200
+"""Smallest temperature > 0: below it float32 logits / temperature could overflow float64."""
 
 
 def _check_draw_args(temperature: float, top_k: int | None, num_classes: int) -> None:
     if not temperature >= 0 or temperature == float("inf"):
         raise PriorInputError(
             f"temperature must be a finite number >= 0 (0 = argmax), received {temperature}"
+        )
+    if 0 < temperature < MIN_TEMPERATURE:
+        raise PriorInputError(
+            f"temperature {temperature} is too small (logits / temperature would overflow): use "
+            f"temperature=0 for the argmax, or at least {MIN_TEMPERATURE}"
         )
     bad_k = not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= num_classes
     if top_k is not None and bad_k:
@@ -308,7 +347,10 @@ def sample_grid(
     method: str = "fast",
     greedy: bool = False,
 ) -> Tensor:
-    """Sample code grids (B, d, h, w) int64 from ``model``; see `GatedPixelCNN3D.sample`."""
+    """Sample code grids (B, d, h, w) int64 from ``model``; see `GatedPixelCNN3D.sample`.
+
+    Raises `NonFiniteError` (no grid returned) when the model's logits are NaN/±Inf.
+    """
     batch, d, h, w = _check_shape(shape)
     if method not in METHODS:
         raise PriorInputError(f"method must be one of {METHODS}, received {method!r}")
@@ -329,9 +371,18 @@ def sample_grid(
         labels = labels.to(device)
     state = StepState(model, batch, (d, h, w), labels)
     out = torch.zeros(batch, d, h, w, dtype=torch.long, device=device)
+    all_finite = torch.ones((), dtype=torch.bool, device=device)
+    steps = [0]
 
     def choose(logits: Tensor) -> Tensor:
-        return sample_categorical(logits, generator, temperature, top_k, greedy)
+        # The finiteness flag stays on the device; it is read once per latent slice (one host
+        # sync per slice, not per voxel), so a diverged prior stops within one slice.
+        codes, finite = _draw(logits, generator, temperature, top_k, greedy)
+        all_finite.logical_and_(finite)
+        steps[0] += 1
+        if steps[0] % (h * w) == 0 and not bool(all_finite):
+            raise _nonfinite_logits(f"in latent slice {steps[0] // (h * w) - 1}")
+        return codes
 
     run = _run_fast if method == "fast" else _run_naive
     return run(state, out, choose)

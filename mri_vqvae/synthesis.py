@@ -54,6 +54,7 @@ from mri_vqvae.atomic import atomic_write_text
 from mri_vqvae.checkpoint import WEIGHTS, load_checkpoint, resolve_checkpoint
 from mri_vqvae.config import DataConfig
 from mri_vqvae.errors import CheckpointError, MriVqvaeError
+from mri_vqvae.finite import NonFiniteError, describe_nonfinite
 from mri_vqvae.manifest import sha256_file
 from mri_vqvae.prior import GatedPixelCNN3D
 from mri_vqvae.report import orthogonal_montage
@@ -381,22 +382,40 @@ def sample_sidecar(
 
 
 def draw_indices(run: PriorRun, settings: SampleSettings, generator: torch.Generator) -> Tensor:
-    """One batch of code grids (B, d, h, w) int64 drawn with `generator`."""
+    """One batch of code grids (B, d, h, w) int64 drawn with `generator`.
+
+    Raises `NonFiniteError` naming the prior checkpoint when its logits are NaN/±Inf.
+    """
     shape = (settings.batch_size, *run.latent_shape)
-    return run.prior.sample(
-        shape,
-        generator,
-        temperature=float(settings.temperature or 0.0),
-        top_k=settings.top_k,
-        method=settings.method,
-        greedy=settings.greedy,
-    )
+    try:
+        return run.prior.sample(
+            shape,
+            generator,
+            temperature=float(settings.temperature or 0.0),
+            top_k=settings.top_k,
+            method=settings.method,
+            greedy=settings.greedy,
+        )
+    except NonFiniteError as exc:
+        raise NonFiniteError(f"prior {run.paths.prior_checkpoint}: {exc}") from None
 
 
 @torch.no_grad()
-def decode_volumes(vqvae: VQVAE, indices: Tensor) -> np.ndarray:
-    """Decode code grids (B, d, h, w) -> volumes (B, D, H, W) float32 numpy (RAS)."""
-    return vqvae.decode_indices(indices).float()[:, 0].cpu().numpy()
+def decode_volumes(vqvae: VQVAE, indices: Tensor, where: str = "the VQ-VAE") -> np.ndarray:
+    """Decode code grids (B, d, h, w) -> volumes (B, D, H, W) float32 numpy (RAS).
+
+    Raises `NonFiniteError` (naming `where` and the bad samples) if a voxel is NaN/±Inf.
+    """
+    volumes = vqvae.decode_indices(indices).float()[:, 0].cpu().numpy()
+    problem = describe_nonfinite(volumes)
+    if problem is not None:
+        bad = [i for i, v in enumerate(volumes) if not np.isfinite(v).all()]
+        raise NonFiniteError(
+            f"{where} decoded {len(bad)} of {len(volumes)} volumes (batch rows {bad[:8]}) with "
+            f"non-finite voxels ({problem}); nothing of this batch was written. The decoder "
+            "diverged or overflowed: use the VQ-VAE's checkpoints/best or an earlier checkpoint"
+        )
+    return volumes
 
 
 def sample_volumes(
@@ -411,6 +430,8 @@ def sample_volumes(
     Files: ``sample_0000.nii.gz`` (float32 decoder output, (D, H, W) = data.spatial_size, RAS at
     data.spacing), ``sample_0000.json`` (`sample_sidecar`) and ``samples.png`` (first
     `MONTAGE_ROWS` samples). Every write is atomic. `threads`: see the module docstring.
+    NaN/±Inf logits or decoded voxels raise `NonFiniteError` before that batch is written
+    (earlier batches, all finite, stay).
     """
     _require_unconditional(run)
     s = settings.resolved(run)
@@ -427,7 +448,7 @@ def sample_volumes(
         while len(images) < s.num_samples:
             b = min(s.batch_size, s.num_samples - len(images))
             batch = draw_indices(run, SampleSettings(**{**asdict(s), "batch_size": b}), generator)
-            volumes = decode_volumes(run.vqvae, batch)
+            volumes = decode_volumes(run.vqvae, batch, f"VQ-VAE {run.paths.vqvae_checkpoint}")
             for grid, volume in zip(batch.cpu(), volumes, strict=True):
                 i = len(images)
                 images.append(write_nifti(out / f"sample_{i:04d}.nii.gz", volume, affine))
@@ -509,8 +530,18 @@ def likelihood_map(run: PriorRun, input_path: str | Path) -> LikelihoodResult:
     _require_unconditional(run)
     volume, affine = preprocess_scan(input_path, run.data)
     x = torch.from_numpy(volume)[None, None].to(run.device)
-    indices = run.vqvae.encode_indices(x)  # (1, d, h, w)
+    try:
+        indices = run.vqvae.encode_indices(x)  # (1, d, h, w)
+    except NonFiniteError as exc:
+        raise NonFiniteError(f"{input_path} (VQ-VAE {run.paths.vqvae_checkpoint}): {exc}") from None
     bits = run.prior.nll(indices, per_position=True)[0].float().cpu().numpy()
+    problem = describe_nonfinite(bits)
+    if problem is not None:
+        raise NonFiniteError(
+            f"{input_path}: the prior {run.paths.prior_checkpoint} gives non-finite bits per "
+            f"latent ({problem}); its weights diverged or overflowed. Use the prior's "
+            "checkpoints/best or an earlier checkpoint"
+        )
     return LikelihoodResult(
         bits=bits,
         bits_map=block_upsample(bits, run.vqvae.factor),

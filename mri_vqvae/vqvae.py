@@ -28,6 +28,7 @@ from torch.utils.checkpoint import checkpoint
 
 from mri_vqvae.config import VQVAEConfig
 from mri_vqvae.errors import MriVqvaeError
+from mri_vqvae.finite import NonFiniteError, describe_nonfinite
 from mri_vqvae.quantizer import EMAQuantizer, QuantizerOutput
 
 
@@ -244,7 +245,17 @@ class VQVAE(nn.Module):
         return self.decoder(z_q, self._checkpointing())
 
     def encode_indices(self, x: Tensor) -> Tensor:
-        """x (B, 1, D, H, W) -> indices (B, d, h, w) int64; never moves the codebook."""
+        """x (B, 1, D, H, W) -> indices (B, d, h, w) int64; never moves the codebook.
+
+        Raises `NonFiniteError` when ``x`` or the encoder output holds NaN/±Inf.
+        """
+        self._check_volume(x)
+        problem = describe_nonfinite(x)
+        if problem is not None:
+            raise NonFiniteError(
+                f"the input volume holds {problem}, so its codes would be meaningless; "
+                "preprocess the scan with mri-vqvae preprocess (which refuses NaN/Inf voxels)"
+            )
         with torch.no_grad():
             return self.quantizer.indices(self.encode(x))
 
@@ -267,3 +278,43 @@ class VQVAE(nn.Module):
         """x (B, 1, D, H, W) -> `VQVAEOutput` (reconstruction plus the quantizer's fields)."""
         q = self.quantize(self.encode(x))
         return VQVAEOutput(self.decode(q.quantized), *q)
+
+
+# --- size without building -----------------------------------------------------------------------
+
+
+def _conv(cin: int, cout: int, kernel: int) -> int:
+    """Values of a Conv3d / ConvTranspose3d with bias and a cubic kernel."""
+    return cin * cout * kernel**3 + cout
+
+
+def _norm_numel(kind: str, channels: int) -> int:
+    return 2 * channels if kind == "group" else 0
+
+
+def _residual_numel(channels: int, hidden: int, cfg: VQVAEConfig) -> int:
+    ka, kb = cfg.residual_kernels
+    unit = _conv(channels, hidden, ka) + _conv(hidden, channels, kb)
+    unit += _norm_numel(cfg.norm, hidden) + _norm_numel(cfg.norm, channels)
+    return cfg.num_res_layers * unit
+
+
+def state_numel(cfg: VQVAEConfig) -> int:
+    """Values (parameters + buffers) in the state_dict of ``VQVAE(cfg)``, computed, not built."""
+    total, cin = 0, 1
+    for cout, hidden in zip(cfg.channels, cfg.num_res_channels, strict=True):
+        total += _conv(cin, cout, 4) + _norm_numel(cfg.norm, cout)
+        total += _residual_numel(cout, hidden, cfg)
+        cin = cout
+    total += _conv(cin, cfg.embedding_dim, 1)
+    widths = list(reversed(cfg.channels))
+    hiddens = list(reversed(cfg.num_res_channels))
+    total += _conv(cfg.embedding_dim, widths[0], 3)
+    for i, (w, hidden) in enumerate(zip(widths, hiddens, strict=True)):
+        last = i == len(widths) - 1
+        cout = 1 if last else widths[i + 1]
+        total += _residual_numel(w, hidden, cfg)
+        total += _conv(w, cout, 4 if cfg.upsample == "transpose" else 3)
+        total += 0 if last else _norm_numel(cfg.norm, cout)
+    k, d = cfg.codebook_size, cfg.embedding_dim
+    return total + 2 * k * d + 2 * k + 2  # codebook, ema_sum, ema_count, recent_count, flags
