@@ -47,6 +47,13 @@ class DataConfig(_Strict):
     max_shear: float = Field(
         1e-3, ge=0, description="largest |cos| between affine axes before a volume is sheared"
     )
+    min_size: int = Field(
+        12,
+        ge=1,
+        description="fewest voxels accepted along every axis of the stored volume (checked from "
+        "the header): smaller ones are thumbnails, localisers or failed exports. 12 admits a "
+        "thick-slab stack of 12 slices; lower it on purpose for smaller volumes",
+    )
 
     @field_validator("spacing")
     @classmethod
@@ -271,7 +278,12 @@ class TrainConfig(_Strict):
     )
     preview_every: int = Field(1000, ge=1, description="steps between preview montages")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes (0: main process)")
-    bf16: bool = Field(False, description="bfloat16 autocast for encoder/decoder (CPU or GPU)")
+    precision: str = Field(
+        "auto",
+        description="auto (bf16 autocast only where the device runs bf16 natively, else fp32; "
+        "see mri_vqvae.precision) | fp32 | bf16 (forced; emulated and very slow on CPUs without "
+        "native bf16)",
+    )
     time_limit_minutes: float | None = Field(
         None,
         gt=0,
@@ -283,10 +295,24 @@ class TrainConfig(_Strict):
     )
     device: str = Field("auto", description="auto (cuda when available) | cpu | cuda")
 
-    @field_validator("loss", "device")
+    @model_validator(mode="before")
+    @classmethod
+    def _bf16_alias(cls, data: Any) -> Any:
+        """The former ``bf16: true|false`` key (older configs and run folders) -> precision."""
+        if isinstance(data, dict) and "bf16" in data:
+            data = dict(data)
+            flag = data.pop("bf16")
+            if isinstance(flag, bool):  # given explicitly, it wins (an override of old configs)
+                data["precision"] = "bf16" if flag else "fp32"
+            else:
+                data["bf16"] = flag  # let validation name the bad value
+        return data
+
+    @field_validator("loss", "device", "precision")
     @classmethod
     def _known_choice(cls, v: str, info: Any) -> str:
-        choices = {"loss": ("l1", "mse"), "device": ("auto", "cpu", "cuda")}[info.field_name]
+        choices = {"loss": ("l1", "mse"), "device": ("auto", "cpu", "cuda"),
+                   "precision": ("auto", "fp32", "bf16")}[info.field_name]
         if v not in choices:
             raise ValueError(f"{info.field_name} must be one of {choices}, got {v!r}")
         return v
@@ -299,6 +325,10 @@ class TrainConfig(_Strict):
         return v
 
 
+COHORT_MODALITIES = ("T1w", "T2w", "FLAIR")
+"""Contrasts of the kit's real-patient cohort, in canonical order."""
+
+
 class KitConfig(_Strict):
     """The offline real-MRI kit (`mri-vqvae data kit`)."""
 
@@ -307,6 +337,28 @@ class KitConfig(_Strict):
     )
     spacing: float = Field(1.5, gt=0, description="isotropic mm of the written pseudo-subjects")
     seed: int = 0
+    cohort: bool = Field(
+        True,
+        description="include the real MS patients of the open_ms longitudinal source (downloaded "
+        "from their pinned URLs, or copied from a mirror: --mirror / MRI_VQVAE_KIT_MIRROR); "
+        "never augmented",
+    )
+    cohort_modalities: tuple[str, ...] = Field(
+        COHORT_MODALITIES,
+        description="contrasts of the cohort in the kit, any of T1w, T2w, FLAIR (kept in that "
+        "order; e.g. [T1w] for a T1-only model)",
+    )
+
+    @field_validator("cohort_modalities")
+    @classmethod
+    def _known_modalities(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = [m for m in v if m not in COHORT_MODALITIES]
+        if unknown or not v or len(set(v)) != len(v):
+            raise ValueError(
+                f"cohort_modalities must be distinct values of {list(COHORT_MODALITIES)} (at "
+                f"least one), got {list(v)}; to leave the cohort out set kit.cohort=false"
+            )
+        return tuple(m for m in COHORT_MODALITIES if m in v)
 
 
 class ExperimentConfig(_Strict):

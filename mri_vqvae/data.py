@@ -20,13 +20,16 @@ def case_items(
     """One dict per case of `split` (all cases if None), sorted by case_id.
 
     ``"prep"`` is the digest of the preprocessing config and ``"sha256"`` the file's checksum, so
-    a cache keyed on the item changes when either the config or the file changes.
+    a cache keyed on the item changes when either the config or the file changes; ``"root"`` is
+    the manifest's data root, which every file of the case must stay inside.
     """
     prep = config_digest(data)
     cases = [c for c in manifest.cases if split is None or c.split == split]
     return [
         {
             "image": str(manifest.data_root / c.path),
+            "root": str(manifest.data_root),
+            "series_uid": c.series_uid,
             "case_id": c.case_id,
             "subject_id": c.subject_id,
             "split": c.split or "",

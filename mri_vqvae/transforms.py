@@ -2,8 +2,20 @@
 
 Deterministic chain (every split), on the key ``"image"``::
 
-    LoadImaged(MriReader) → EnsureChannelFirstd → Orientationd("RAS") → Spacingd(spacing)
+    LoadCased → EnsureChannelFirstd → Orientationd("RAS") → Spacingd(spacing)
     → CropForegroundd → ScaleIntensityRangePercentilesd(→ [0, 1]) → ResizeWithPadOrCropd(shape)
+
+`LoadCased` takes the whole item, not just the path. For a manifest case (the item carries
+``"root"`` and ``"sha256"``, see `mri_vqvae.data.case_items`) every source file must resolve
+inside the data root and the content must hash to the manifest's sha256, or the case fails with
+a `ManifestError` naming the file. NIfTI is parsed from the very bytes that were hashed (one
+read). DICOM (pydicom) and NRRD/MetaImage (SimpleITK) readers take paths, so those files are
+verified and then read again from their paths: a second read, and a file swapped on disk between
+the two reads would not be caught. An item without ``"sha256"`` / ``"root"`` (a user's single
+scan) is read unverified. Before any voxel is read, the grid after `Spacingd` (estimated from the
+header) must stay within ``data.max_voxels``; the header's shape must reach ``data.min_size`` on
+every axis. The output equals MONAI's ``LoadImaged(reader=MriReader(...))``: a MetaTensor with
+geometry-only metadata.
 
 Intensity scaling runs before the final pad so padded voxels are exactly 0, the background value.
 Training appends the named random steps of `AugmentConfig` (affine, elastic, bias_field, contrast,
@@ -14,14 +26,18 @@ voxel-to-world (RAS mm) matrix of the output grid.
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
+
 import numpy as np
 import torch
+from monai.config import KeysCollection
 from monai.transforms import (
     Compose,
     CropForegroundd,
     EnsureChannelFirstd,
     EnsureTyped,
-    LoadImaged,
+    LoadImage,
     MapTransform,
     Orientationd,
     Rand3DElasticd,
@@ -35,7 +51,7 @@ from monai.transforms import (
 )
 
 from mri_vqvae.config import AugmentConfig, DataConfig
-from mri_vqvae.io import MriReader
+from mri_vqvae.io import DEFAULT_MAX_SHEAR, DEFAULT_MAX_VOXELS, DEFAULT_MIN_SIZE, MriReader
 
 IMAGE = "image"
 RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))  # explicit: silences a MONAI default change
@@ -52,10 +68,65 @@ def foreground(x: torch.Tensor) -> torch.Tensor:
     return x > 0.1 * torch.quantile(flat, 0.99)
 
 
+class LoadCased(MapTransform):
+    """Load the image of one dataset item, verified when the item is a manifest case.
+
+    Reads ``item[key]`` (a path) through `MriReader`, made per item with the item's ``"root"``,
+    ``"sha256"`` and ``"series_uid"`` (each may be absent): with root and sha256 the files are
+    confined and verified (see the module docstring), else read as given. Header limits:
+    `max_voxels`, `max_shear`, `min_size`, and with `spacing` (target mm, RAS order, as given to
+    `Spacingd`) the resampled grid must stay within `max_voxels`. Every other key, ``"sha256"``
+    included, passes through unchanged, so the digest recorded downstream is the verified one.
+    Output: ``item[key]`` is the MetaTensor ``LoadImaged(key, reader=MriReader(...))`` gives.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection = IMAGE,
+        max_voxels: int = DEFAULT_MAX_VOXELS,
+        max_shear: float = DEFAULT_MAX_SHEAR,
+        min_size: int = DEFAULT_MIN_SIZE,
+        spacing: Sequence[float] | None = None,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.max_voxels = int(max_voxels)
+        self.max_shear = float(max_shear)
+        self.min_size = int(min_size)
+        self.spacing = None if spacing is None else tuple(float(v) for v in spacing)
+        # MONAI's own loader does the array -> MetaTensor step, so the output is LoadImaged's
+        self._loader = LoadImage(reader=MriReader(), image_only=True, dtype=np.float32)
+
+    @classmethod
+    def from_config(cls, data: DataConfig, keys: KeysCollection = IMAGE) -> LoadCased:
+        """The limits of `data`: max_voxels, max_shear, min_size, and its target spacing."""
+        return cls(keys, data.max_voxels, data.max_shear, data.min_size, data.spacing)
+
+    def reader_for(self, item: Mapping[Hashable, Any]) -> MriReader:
+        """The reader of one item: these limits plus the item's root, sha256 and series_uid."""
+        root, sha256 = item.get("root"), item.get("sha256")
+        return MriReader(
+            self.max_voxels,
+            self.max_shear,
+            min_size=self.min_size,
+            spacing=self.spacing,
+            root=None if root is None else str(root),
+            sha256=None if sha256 is None else str(sha256),
+            series_uid=item.get("series_uid"),
+        )
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        reader = self.reader_for(d)
+        for key in self.key_iterator(d):
+            d[key] = self._loader(d[key], reader)
+        return d
+
+
 def preprocessing_steps(data: DataConfig) -> list[tuple[str, MapTransform]]:
     """The deterministic chain as (name, transform) pairs, in order."""
     steps: list[tuple[str, MapTransform]] = [
-        ("load", LoadImaged(IMAGE, reader=MriReader(data.max_voxels, data.max_shear))),
+        ("load", LoadCased.from_config(data)),
         ("channel_first", EnsureChannelFirstd(IMAGE, channel_dim="no_channel")),
         ("orientation", Orientationd(IMAGE, axcodes="RAS", labels=RAS_LABELS)),
         ("spacing", Spacingd(IMAGE, pixdim=data.spacing, mode="bilinear", dtype=np.float32)),
@@ -158,7 +229,7 @@ def pseudo_subject_chain(spacing: float, augment: AugmentConfig, seed: int) -> C
     """
     chain = Compose(
         [
-            LoadImaged(IMAGE, reader=MriReader()),
+            LoadCased(IMAGE, spacing=(spacing, spacing, spacing)),
             EnsureChannelFirstd(IMAGE, channel_dim="no_channel"),
             Orientationd(IMAGE, axcodes="RAS", labels=RAS_LABELS),
             Spacingd(IMAGE, pixdim=spacing, mode="bilinear", dtype=np.float32),

@@ -1,4 +1,9 @@
-"""NRRD (.nrrd/.nhdr) and MetaImage (.mha/.mhd) through SimpleITK.
+"""NRRD (.nrrd/.nhdr) and MetaImage (.mha/.mhd) through SimpleITK, from paths only.
+
+SimpleITK has no public in-memory reader: `mri_vqvae.io` verifies the files (confinement and
+sha256, see `mri_vqvae.sources`) and then this module reads them again from their paths. A
+``.nhdr`` / ``.mhd`` header names a separate data file; `mri_vqvae.sources.source_files` lists it
+so confinement and the digest cover it too.
 
 ITK's world is LPS; the affine is converted to RAS. ITK arrays come out (Z, Y, X) from
 `GetArrayFromImage`; they are transposed back to the (X, Y, Z) index order of the affine.
@@ -12,7 +17,14 @@ import numpy as np
 import SimpleITK as sitk
 
 from mri_vqvae.errors import InvalidImageError
-from mri_vqvae.readers.common import Header, as_volume, check_dims, guard, lps_to_ras
+from mri_vqvae.readers.common import (
+    Header,
+    as_volume,
+    check_dims,
+    check_voxel_size,
+    guard,
+    lps_to_ras,
+)
 
 
 def _affine(reader: sitk.ImageFileReader) -> np.ndarray:
@@ -40,6 +52,9 @@ def probe(path: Path, max_voxels: int) -> Header:
             f"{components} components per voxel (vector or colour image)",
             "save one scalar component per file (e.g. sitk.VectorIndexSelectionCast)",
         )
+    with guard(path, "NRRD/MetaImage geometry"):
+        spacing = tuple(float(v) for v in reader.GetSpacing())[:3]
+    check_voxel_size(path, spacing, "spacing")
     with guard(path, "NRRD/MetaImage geometry"):
         affine = lps_to_ras(_affine(reader))
     return Header(shape, affine, source=reader)
