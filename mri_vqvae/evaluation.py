@@ -54,6 +54,8 @@ from mri_vqvae.metrics import (
     psnr,
     ssim_window,
 )
+from mri_vqvae.preprocessed import with_store
+from mri_vqvae.run_summary import training_summary
 from mri_vqvae.sample_metrics import (
     FEATURE_GRID,
     NearestScan,
@@ -227,9 +229,10 @@ def describe_error(exc: BaseException) -> str:
 class _PreparedCases(Dataset):
     """``ds[i]`` -> `Prepared` of ``items[i]``; errors are caught and described (picklable)."""
 
-    def __init__(self, items: Sequence[dict[str, Any]], data: DataConfig) -> None:
+    def __init__(self, items: Sequence[dict[str, Any]], data: DataConfig,
+                 preprocessed: str | Path | None = None) -> None:
         self.items = list(items)
-        self.chain = build_transforms(data)
+        self.chain = with_store(build_transforms(data), preprocessed, data)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -248,12 +251,13 @@ def _first(batch: list[Prepared]) -> Prepared:
     return batch[0]
 
 
-def iter_prepared(items: Sequence[dict[str, Any]], data: DataConfig, num_workers: int = 0
-                  ) -> Iterator[Prepared]:
-    """Preprocess `items` in order with `num_workers` worker processes (0: in this process)."""
+def iter_prepared(items: Sequence[dict[str, Any]], data: DataConfig, num_workers: int = 0,
+                  preprocessed: str | Path | None = None) -> Iterator[Prepared]:
+    """Preprocess `items` in order with `num_workers` worker processes (0: in this process);
+    verified volumes of a `preprocessed` folder are read instead where it has them."""
     if not items:
         return iter(())
-    loader = DataLoader(_PreparedCases(items, data), batch_size=1, shuffle=False,
+    loader = DataLoader(_PreparedCases(items, data, preprocessed), batch_size=1, shuffle=False,
                         num_workers=num_workers, collate_fn=_first)
     return iter(loader)
 
@@ -280,6 +284,7 @@ class EvaluateSettings:
     strict: bool = False
     sample_batch_size: int = 8
     sample_threads: int | None = 1
+    preprocessed: str | None = None  # a `preprocess` folder read instead of the raw files
 
 
 @dataclass
@@ -332,7 +337,7 @@ def _held_out_pass(model: VQVAE, data: DataConfig, items: list[dict[str, Any]],
     held = HeldOut()
     bar = progress(len(items), f"evaluate {s.split}")
     with bar:
-        for prepared in iter_prepared(items, data, s.num_workers):
+        for prepared in iter_prepared(items, data, s.num_workers, s.preprocessed):
             bar.update(1)
             item = prepared.item
             try:
@@ -385,7 +390,7 @@ def _train_pass(model: VQVAE, prior: GatedPixelCNN3D, data: DataConfig,
     failures: list[Failure] = []
     bar = progress(len(items), "train grids")
     with bar:
-        for prepared in iter_prepared(items, data, s.num_workers):
+        for prepared in iter_prepared(items, data, s.num_workers, s.preprocessed):
             bar.update(1)
             item = prepared.item
             if prepared.error is not None or prepared.volume is None:
@@ -505,20 +510,25 @@ def evaluate_runs(
                                                 source.codebook_size),
         "likelihood": None,
         "samples": None,
+        "training": [training_summary(source.run_dir)]
+        + ([] if prior is None else [training_summary(prior.paths.run_dir)]),
     }
     nearest = None
     failures = list(held.failures)
     sample_volumes_ = None
     if prior is not None:
-        drawn = _samples_block(prior, model, held, s, out, dev) if main else None
-        sample_volumes_, samples_block = distributed.broadcast_object(drawn)
+        sample_volumes_, samples_block = np.zeros((0, *held.volumes[0].shape), np.float32), None
+        if s.num_samples > 0:
+            drawn = _samples_block(prior, model, held, s, out, dev) if main else None
+            sample_volumes_, samples_block = distributed.broadcast_object(drawn)
         nearest = NearestScan(np.concatenate([sample_volumes_, np.stack(held.volumes)]))
         train_items = _train_items(manifest, source.data, s)
         train_bits, train_failures = _sharded_train_pass(model, prior.prior, source.data,
                                                          train_items, nearest, s, dev)
         failures += train_failures
         metrics["likelihood"] = _likelihood_block(held.bits, train_bits, source.codebook_size, s)
-        samples_block["memorisation"] = _memorisation_block(nearest, s.num_samples, held)
+        if samples_block is not None:
+            samples_block["memorisation"] = _memorisation_block(nearest, s.num_samples, held)
         metrics["samples"] = samples_block
     metrics["failures"] = [asdict(f) for f in failures]
     if main:

@@ -46,6 +46,7 @@ from mri_vqvae.config import DataConfig
 from mri_vqvae.data import case_items, plain_volume
 from mri_vqvae.errors import CheckpointError, MriVqvaeError
 from mri_vqvae.manifest import Manifest, sha256_file
+from mri_vqvae.preprocessed import with_store
 from mri_vqvae.runs import utc_iso
 from mri_vqvae.transforms import IMAGE, build_transforms
 from mri_vqvae.vqvae import VQVAE
@@ -256,11 +257,13 @@ def encode_manifest(
     strict: bool = False,
     device: str | torch.device = "auto",
     manifest_path: str | Path | None = None,
+    preprocessed: str | Path | None = None,
 ) -> EncodeResult:
     """Encode the cases of `split` (all if None) into uint16 grids under `out_dir`.
 
     The VQ-VAE is ``vqvae_run/checkpoints/best`` (else ``last``) in eval mode; each case goes
-    through the deterministic preprocessing chain of the data config stored in that checkpoint.
+    through the deterministic preprocessing chain of the data config stored in that checkpoint,
+    or is read from `preprocessed` (a `preprocess` folder of that config; verified).
     index.json holds the provenance (vqvae run, checkpoint, weights sha256, manifest digest,
     latent_shape, codebook_size, data config) and one entry per case: case_id, subject_id,
     split, file, sha256 (of the .npy), source_sha256 (of the input, from the manifest).
@@ -284,7 +287,7 @@ def encode_manifest(
     distributed.barrier()  # every rank has read the old index.json before rank 0 rewrites it
     dev = distributed.resolve_device(device)
     model = source.model.to(dev).eval()
-    chain = build_transforms(source.data)
+    chain = with_store(build_transforms(source.data), preprocessed, source.data)
     encoded: list[str] = []
     reused: list[str] = []
     main = distributed.is_main()
@@ -306,7 +309,7 @@ def encode_manifest(
         try:
             grid = encode_item(model, chain, item, dev)
         except (OSError, RuntimeError, ValueError) as exc:
-            raise _case_error(item, exc) from exc
+            raise _case_error(item, exc) from None  # the case error says what the cause was
         content = npy_bytes(grid)
         atomic_write_bytes(out / f"{cid}.npy", content)
         entries[cid] = {"case_id": cid, "subject_id": item["subject_id"], "split": item["split"],

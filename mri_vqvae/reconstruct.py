@@ -174,7 +174,10 @@ def _native(prepared: Prepared, recon: np.ndarray, data: DataConfig
     from mri_vqvae.synthesis import resample_to_grid
 
     assert prepared.affine is not None
-    scan, affine = read_volume(prepared.item["image"], data.max_voxels, data.max_shear)
+    item = prepared.item  # the raw file again: confined and verified like the first read
+    scan, affine = read_volume(item["image"], data.max_voxels, data.max_shear,
+                               min_size=data.min_size, root=item.get("root"),
+                               sha256=item.get("sha256"), series_uid=item.get("series_uid"))
     return resample_to_grid(recon, prepared.affine, scan.shape, affine, mode="bilinear"), affine
 
 
@@ -255,6 +258,7 @@ def reconstruct_manifest(
     num_workers: int = 0,
     device: str | torch.device = "cpu",
     threads: int | None = None,
+    preprocessed: str | Path | None = None,
 ) -> ReconstructResult:
     """Reconstruct every case of `split` (all if None) into `out_dir` (see the module doc).
 
@@ -267,7 +271,7 @@ def reconstruct_manifest(
     """
     with _lock_on_main(Path(out_dir)):
         return _reconstruct(vqvae_run, manifest, out_dir, split, native_space, strict,
-                            num_workers, device, threads)
+                            num_workers, device, threads, preprocessed)
 
 
 def _reconstruct(
@@ -280,6 +284,7 @@ def _reconstruct(
     num_workers: int = 0,
     device: str | torch.device = "cpu",
     threads: int | None = None,
+    preprocessed: str | Path | None = None,
 ) -> ReconstructResult:
     """`reconstruct_manifest`'s work, with the output folder's lock held."""
     from mri_vqvae.data import case_items
@@ -309,7 +314,7 @@ def _reconstruct(
     bar = progress(len(mine), "reconstruct")
     bar.update(len(reused))
     with bar, cpu_threads(dev, threads):
-        for prepared in iter_prepared(todo, source.data, num_workers):
+        for prepared in iter_prepared(todo, source.data, num_workers, preprocessed):
             item = prepared.item
             try:
                 if prepared.error is not None:

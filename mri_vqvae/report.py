@@ -23,6 +23,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from mri_vqvae.atomic import atomic_path, atomic_write_text  # noqa: E402
+from mri_vqvae.run_summary import describe_stop  # noqa: E402
 
 VIEWS = ("axial", "coronal", "sagittal")
 
@@ -350,12 +351,22 @@ def _overview(metrics: Mapping[str, Any]) -> Section:
             ["prior run", inputs["prior_run"] or "none"],
             ["manifest", f"{inputs['manifest_name']} (digest {inputs['manifest_digest']})"],
             ["split", inputs["split"]], ["created (UTC)", metrics.get("created_utc", "")]]
-    return Section("Overview", [
+    blocks: list[str | Figure | Table] = [
         Table(["", ""], rows),
         f"Held-out check passed: the manifest digest matches the run's "
         f"({', '.join(check['digest_sources'])}), the split is not train, and none of the "
         f"{check['held_out_subjects']} held-out subjects has training cases.",
-    ])
+    ]
+    training = metrics.get("training") or []
+    if training:
+        blocks.append(Table(
+            ["stage", "run", "steps", "how it ended", "precision"],
+            [[t["stage"], t["run"], f"{t['steps_done']} / {t['max_steps']}", describe_stop(t),
+              t["precision"] or "n/a"] for t in training],
+            "Training runs evaluated here"))
+        blocks += [f"WARNING — {t['stage']}: {describe_stop(t)}. These results are not those "
+                   f"of the configured run." for t in training if not t["complete"]]
+    return Section("Overview", blocks)
 
 
 def _reconstruction(metrics: Mapping[str, Any]) -> Section:

@@ -100,7 +100,10 @@ from mri_vqvae.latents import (
 )
 from mri_vqvae.manifest import Manifest, load_manifest
 from mri_vqvae.metrics import mean_of, psnr, ssim
+from mri_vqvae.precision import Precision, resolve_precision
+from mri_vqvae.preprocessed import with_store
 from mri_vqvae.prior import GatedPixelCNN3D
+from mri_vqvae.progress import StepClock, StopControl, slow_step_message
 from mri_vqvae.quantizer import usage
 from mri_vqvae.report import orthogonal_montage
 from mri_vqvae.runs import RunRecorder, new_run_dir, seed_everything
@@ -113,12 +116,14 @@ LN2 = math.log(2.0)
 LATENTS_COPY = "latents_index.json"  # a prior run's copy of its latents' index.json
 LIKELIHOOD = "likelihood.json"
 # Test-only hook: with this set to k, the process SIGKILLs itself right after step k's work
-# (checkpoint included), so tests can interrupt a run at an exact point without polling.
+# (checkpoint included), so tests can interrupt a run at an exact point without polling; "k:NAME"
+# sends signal NAME instead (e.g. "3:SIGTERM", a graceful stop request).
 KILL_ENV = "MRI_VQVAE_TEST_KILL_AFTER_STEP"
 # Test-only hook: with this set to a folder, every rank saves its final model state_dict and torch
 # RNG state to <folder>/rank<r>.pt when the run ends, so tests can compare the ranks of a DDP run.
 DUMP_ENV = "MRI_VQVAE_TEST_DUMP_DIR"
 _PERM_STREAM, _ITEM_STREAM, _DROPOUT_STREAM = 0, 1, 2
+PROGRESS_EVERY_S = 30.0  # seconds between progress lines in the log
 
 
 class TrainingError(MriVqvaeError):
@@ -127,7 +132,7 @@ class TrainingError(MriVqvaeError):
 
 @dataclass(frozen=True)
 class TrainResult:
-    """Where a run went and how it ended (``stop_reason``: max_steps | time_limit).
+    """Where a run went and how it ended (``stop_reason``: max_steps | time_limit | signal).
 
     ``best_metric`` is the best validation value of ``metric`` (VQ-VAE: psnr, prior:
     bits_per_latent); ``likelihood`` is the prior's likelihood.json.
@@ -269,7 +274,7 @@ def split_items(manifest: Manifest, config: ExperimentConfig, split: str) -> lis
     """The `split` cases of `manifest` as dataset items; raises `TrainingError` when empty."""
     items = case_items(manifest, config.data, split)
     if not items:
-        counts = manifest.split_counts
+        counts = manifest.split_counts()
         raise TrainingError(
             f"manifest {manifest.name!r} has no {split!r} cases (split counts {counts}): "
             f"train-vqvae trains on 'train' and validates on 'val'; assign splits with "
@@ -333,14 +338,17 @@ def train_step(
     tc: TrainConfig,
     device: torch.device,
     batch_total: int | None = None,
+    bf16: bool = False,
 ) -> dict[str, Tensor]:
     """One optimizer step on `images` (B, 1, D, H, W); returns detached scalar terms.
+
+    `bf16` turns on bfloat16 autocast (see `mri_vqvae.precision` for when that pays).
 
     Under DDP `images` is this rank's share of a `batch_total`-item batch: the loss is weighted
     for DDP's gradient average (`_share_weight`) and the returned terms are the whole batch's.
     """
     model.train()
-    with _autocast(device, tc.bf16):
+    with _autocast(device, bf16):
         out = model(images)
     recon = reconstruction_loss(out.reconstruction, images, tc.loss)
     loss = recon + out.commitment_loss
@@ -359,7 +367,7 @@ def train_step(
 
 @torch.no_grad()
 def validate(
-    model: VQVAE, val_ds: Dataset, tc: TrainConfig, device: torch.device
+    model: VQVAE, val_ds: Dataset, tc: TrainConfig, device: torch.device, bf16: bool = False
 ) -> dict[str, float]:
     """Loss terms, mean PSNR / SSIM (data range 1) and code usage over the whole `val_ds`.
 
@@ -373,7 +381,7 @@ def validate(
     ssims: list[float] = []
     for start in range(0, n, tc.batch_size):
         images = _val_images(val_ds, start, min(n, start + tc.batch_size)).to(device)
-        with _autocast(device, tc.bf16):
+        with _autocast(device, bf16):
             out = model(images)
         recon = reconstruction_loss(out.reconstruction, images, tc.loss)
         b = images.shape[0]
@@ -420,6 +428,7 @@ def prior_train_step(
     tc: TrainConfig,
     device: torch.device,
     batch_total: int | None = None,
+    bf16: bool = False,
 ) -> dict[str, Tensor]:
     """One optimizer step on code grids `indices` (B, d, h, w) int64; detached scalar terms.
 
@@ -427,7 +436,7 @@ def prior_train_step(
     `indices` is this rank's share of a `batch_total`-grid batch (see `train_step`).
     """
     model.train()
-    with _autocast(device, tc.bf16):
+    with _autocast(device, bf16):
         logits = model(indices)
     loss = F.cross_entropy(logits.float(), indices)
     optimizer.zero_grad(set_to_none=True)
@@ -534,6 +543,17 @@ class _Session:
     rank: int = 0
     world: int = 1
     ddp: DistributedDataParallel | None = None
+    precision: Precision = Precision("fp32", "fp32", "default")
+    val_seconds: float | None = None  # measured duration of the last validation
+    save_seconds: float | None = None  # measured duration of the last checkpoints/last save
+    # the final validation's cost, in validations (the prior also scores val and test grids
+    # for likelihood.json when it stops)
+    stop_work_factor: ClassVar[float] = 1.0
+
+    @property
+    def bf16(self) -> bool:
+        """bfloat16 autocast in this run's steps and validations (`precision`)."""
+        return self.precision.bf16
 
     @property
     def net(self) -> nn.Module:
@@ -575,6 +595,10 @@ class _Session:
 
     @property
     def n_train(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def n_val(self) -> int:
         raise NotImplementedError
 
     @property
@@ -647,6 +671,10 @@ class _VQVAESession(_Session):
     def n_train(self) -> int:
         return len(self.train_ds)
 
+    @property
+    def n_val(self) -> int:
+        return len(self.val_ds)  # type: ignore[arg-type]
+
     def batches(self) -> Iterable[Any]:
         """A DataLoader over the steps left; a private generator leaves global RNG alone."""
         sampler = StepBatchSampler(self.n_train, self.tc.batch_size, self.config.seed,
@@ -660,10 +688,10 @@ class _VQVAESession(_Session):
     def train_step(self, batch: Any) -> dict[str, Tensor]:
         images = batch["image"].to(self.device)
         return train_step(self.net, self.optimizer, images, self.tc, self.device,
-                          self.batch_total(self.step))
+                          self.batch_total(self.step), self.bf16)
 
     def validate(self) -> dict[str, float]:
-        return validate(self.model, self.val_ds, self.tc, self.device)
+        return validate(self.model, self.val_ds, self.tc, self.device, self.bf16)
 
     def describe(self, val: dict[str, float]) -> str:
         return (f"val psnr {val['psnr']:.2f} dB, ssim {val['ssim']:.4f}, "
@@ -681,7 +709,7 @@ class _VQVAESession(_Session):
             image = plain_volume(self.val_ds[0][IMAGE])
             write_preview(self.model, image, self.config.data.spacing,
                           self.recorder.preview_path(f"step_{step:07d}.png"), f"step {step}",
-                          self.device, self.tc.bf16)
+                          self.device, self.bf16)
 
 
 @dataclass(kw_only=True)
@@ -689,6 +717,7 @@ class _PriorSession(_Session):
     stage: ClassVar[str] = "prior"
     best_key: ClassVar[str] = "bits_per_latent"
     maximize: ClassVar[bool] = False
+    stop_work_factor: ClassVar[float] = 3.0
 
     model: GatedPixelCNN3D
     latents: LatentIndex
@@ -698,6 +727,10 @@ class _PriorSession(_Session):
     @property
     def n_train(self) -> int:
         return len(self.train_grids)
+
+    @property
+    def n_val(self) -> int:
+        return len(self.val_grids)
 
     def batches(self) -> Iterable[Any]:
         """(B, d, h, w) int64 grids of each step left, in the seeded per-epoch order."""
@@ -709,7 +742,7 @@ class _PriorSession(_Session):
     def train_step(self, batch: Any) -> dict[str, Tensor]:
         """One step; under DDP dropout draws from an RNG forked per (seed, step, rank)."""
         args = (self.net, self.optimizer, batch.to(self.device), self.tc, self.device,
-                self.batch_total(self.step))
+                self.batch_total(self.step), self.bf16)
         if self.world <= 1:
             return prior_train_step(*args)
         cuda = self.device.type == "cuda"
@@ -722,7 +755,7 @@ class _PriorSession(_Session):
 
     def validate(self) -> dict[str, float]:
         bits = prior_bits(self.model, self.val_grids, self.tc.batch_size, self.device,
-                          self.tc.bf16)
+                          self.bf16)
         return {"loss": bits * LN2, "bits_per_latent": bits, "num_cases": len(self.val_grids)}
 
     def describe(self, val: dict[str, float]) -> str:
@@ -770,7 +803,7 @@ class _PriorSession(_Session):
             model, step = loaded.model.to(self.device), self.best_step
         assert isinstance(model, GatedPixelCNN3D)
         report = likelihood_report(model, self.latents, self.tc.batch_size, self.device,
-                                   self.tc.bf16)
+                                   self.bf16)
         used = self.best_dir if self.best_step is not None else self.last_dir
         report = {"run": self.run_dir.name, "checkpoint": str(used.resolve()), "step": step,
                   "stop_reason": reason, **report}
@@ -841,9 +874,13 @@ def _maybe_save_best(s: _Session, val: dict[str, float]) -> None:
 
 
 def _build_session(
-    config: ExperimentConfig, manifest: Manifest, device: torch.device
+    config: ExperimentConfig, manifest: Manifest, device: torch.device,
+    preprocessed: str | Path | None = None,
 ) -> _VQVAESession:
-    """Seeded model and optimizer plus both datasets; raises before any folder is made."""
+    """Seeded model and optimizer plus both datasets; raises before any folder is made.
+
+    With `preprocessed` (a `preprocess` output folder) verified stored volumes replace the
+    chain (`mri_vqvae.preprocessed`)."""
     tc = config.train_vqvae
     train_items = split_items(manifest, config, "train")
     val_items = split_items(manifest, config, "val")
@@ -854,14 +891,16 @@ def _build_session(
     model.latent_shape(config.data.spatial_size)  # SpatialShapeError: names the fix
     model.to(device)
     optimizer = _adamw(model, tc)
-    prep = build_transforms(config.data)
-    log.info("preprocessing %d train and %d val case(s) once", len(train_items), len(val_items))
+    prep = with_store(build_transforms(config.data), preprocessed, config.data)
+    log.info("preprocessing %d train and %d val case(s) once%s", len(train_items),
+             len(val_items), "" if preprocessed is None else f" (or reading {preprocessed})")
     train_base = make_dataset(train_items, prep, tc.cache_dir)
     val_ds = make_dataset(val_items, prep, tc.cache_dir)
     train_ds = AugmentedDataset(train_base, augment_only(config.augment, seed=0), config.seed)
     return _VQVAESession(config=config, model=model, optimizer=optimizer, device=device,
                          train_ds=train_ds, val_ds=val_ds, manifest_digest=manifest.digest,
-                         rank=distributed.rank(), world=world)
+                         rank=distributed.rank(), world=world,
+                         precision=resolve_precision(tc.precision, device))
 
 
 def _adamw(model: nn.Module, tc: TrainConfig) -> torch.optim.Optimizer:
@@ -905,7 +944,8 @@ def _build_prior_session(
     model = GatedPixelCNN3D(config.prior).to(device)
     return _PriorSession(config=config, model=model, optimizer=_adamw(model, config.train_prior),
                          device=device, latents=index, train_grids=train_grids,
-                         val_grids=val_grids, rank=distributed.rank(), world=world)
+                         val_grids=val_grids, rank=distributed.rank(), world=world,
+                         precision=resolve_precision(config.train_prior.precision, device))
 
 
 def _resumable(run_dir: Path) -> Path:
@@ -958,78 +998,128 @@ def _restore(s: _Session, run_dir: Path) -> dict[str, Any]:
 # --- the loop ------------------------------------------------------------------------------------
 
 
-def _kill_after() -> int | None:
+def _kill_after() -> tuple[int, signal.Signals] | None:
+    """The `KILL_ENV` test hook: (step, signal) or None."""
     raw = os.environ.get(KILL_ENV)
-    return int(raw) if raw else None
+    if not raw:
+        return None
+    step, _, name = raw.partition(":")
+    return int(step), signal.Signals[name or "SIGKILL"]
 
 
 def _due(step: int, every: int, last: bool) -> bool:
     return last or step % every == 0
 
 
-def _after_step(s: _Session, terms: dict[str, Tensor], timed_out: bool, bar: Any) -> None:
+def _after_step(s: _Session, terms: dict[str, Tensor], stopping: bool, bar: Any) -> None:
     """Logging, validation, best/last checkpoints and stage outputs due after step `s.step`.
 
+    A step the run stops after (`stopping`: max_steps, time limit, signal) is validated,
+    previewed and checkpointed whatever the periods say, so no trained step is thrown away.
     Under DDP only rank 0 validates, writes previews and logs; the other ranks receive its
     validation result (so every rank agrees on the best metric) and wait for checkpoints/last.
     """
     tc, step = s.tc, s.step
     rec = s.recorder
     assert rec is not None
-    last = step == tc.max_steps
+    last = step == tc.max_steps or stopping
     epoch = s.epoch_of(step)
     if _due(step, tc.log_every, last):
         values = {k: v.item() for k, v in terms.items()}  # codes_used stays an int
         rec.log_metrics(step, epoch, "train", **values, lr=s.optimizer.param_groups[0]["lr"])
         bar.set_postfix(s.postfix(values))
     if _due(step, tc.val_every, last):
+        started = time.monotonic()
         val = distributed.broadcast_object(s.validate() if s.is_main else {})
         rec.log_metrics(step, epoch, "val", **val)
         if s.is_main:
             log.info("step %d: %s", step, s.describe(val))
         _maybe_save_best(s, val)
+        s.val_seconds = time.monotonic() - started
     if s.is_main:
         s.after_step(step, last)
-    if _due(step, tc.checkpoint_every, last) or timed_out:
+    if _due(step, tc.checkpoint_every, last):
+        started = time.monotonic()
         save_last(s)  # last: its random states must be the ones the next step starts from
+        s.save_seconds = time.monotonic() - started
 
 
-def _any_rank(flag: bool, device: torch.device) -> bool:
-    """True when `flag` is True on some rank (each rank's own clock may say otherwise)."""
+def _final_work_estimate(s: _Session, clock: StepClock) -> float:
+    """Seconds the stop itself takes (validation + checkpoint; the prior adds likelihood.json).
+
+    Measured once a validation has run; before that, one training step per validation batch
+    (a step is about 3 forward passes, so this errs on the safe side).
+    """
+    val = s.val_seconds
+    if val is None:
+        val = (clock.median or 0.0) * max(1, math.ceil(s.n_val / s.tc.batch_size))
+    return val * s.stop_work_factor + (s.save_seconds or 0.0)
+
+
+_STOP_CODES = {None: 0, "time_limit": 1, "signal": 2}
+
+
+def _stop_reason(local: str | None, device: torch.device) -> str | None:
+    """The stop reason agreed by every rank (a signal on any rank wins over a time limit)."""
     if not distributed.is_distributed():
-        return flag
-    t = torch.tensor([int(flag)], device=device)  # nccl reduces GPU tensors only
+        return local
+    t = torch.tensor([_STOP_CODES[local]], device=device)  # nccl reduces GPU tensors only
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return bool(t.item())
+    return {v: k for k, v in _STOP_CODES.items()}[int(t.item())]
 
 
-def _loop(s: _Session, deadline: float | None) -> str:
-    """Train from s.step to max_steps (or the deadline); returns the stop reason."""
+def _report_progress(s: _Session, clock: StepClock, duration: float, loss: float,
+                     last_line: float) -> float:
+    """A progress line every `PROGRESS_EVERY_S` (and at the first step); warns on a slow step.
+
+    Returns when the last progress line was written.
+    """
+    if not s.is_main:
+        return last_line
+    median = clock.median
+    if median is not None and clock.is_slow(duration):
+        log.warning(slow_step_message(s.step, duration, median, s.precision.name,
+                                      torch.get_num_threads(), os.cpu_count()))
+    now = time.monotonic()
+    if now - last_line >= PROGRESS_EVERY_S or len(clock.durations) == 1:
+        log.info("train-%s %s", s.stage, clock.line(loss))
+        return now
+    return last_line
+
+
+def _loop(s: _Session, stop: StopControl) -> str:
+    """Train from s.step to max_steps, or until `stop` says so; returns the stop reason."""
     tc = s.tc
     kill_after = _kill_after()
     bar = tqdm(total=tc.max_steps, initial=s.step, desc=f"train-{s.stage}", unit="step",
                disable=not (sys.stderr.isatty() and s.is_main), dynamic_ncols=True)
+    clock, last_line = StepClock(s.step, tc.max_steps), -math.inf
     try:
         for batch in s.batches():
             terms = s.train_step(batch)
             s.step += 1
+            duration = clock.tick(s.step)
             if not torch.isfinite(terms["loss"]):
                 raise TrainingError(
                     f"loss became {float(terms['loss'])} at step {s.step}: lower "
-                    f"train_{s.stage}.lr ({tc.lr}), set grad_clip, or turn off bf16, then resume "
-                    f"from {s.last_dir}"
+                    f"train_{s.stage}.lr ({tc.lr}), set grad_clip, or use precision=fp32, then "
+                    f"resume from {s.last_dir}"
                 )
-            timed_out = deadline is not None and _any_rank(time.monotonic() >= deadline, s.device)
-            _after_step(s, terms, timed_out, bar)
+            last_line = _report_progress(s, clock, duration, float(terms["loss"]), last_line)
+            reason = _stop_reason(stop.reason(clock.median, _final_work_estimate(s, clock)),
+                                  s.device)
+            _after_step(s, terms, reason is not None, bar)
             bar.update(1)
-            if kill_after == s.step:
-                os.kill(os.getpid(), signal.SIGKILL)
-            if timed_out and s.step < tc.max_steps:
+            clock.restart()
+            if kill_after is not None and kill_after[0] == s.step:
+                os.kill(os.getpid(), kill_after[1])
+            if reason is not None and s.step < tc.max_steps:
                 if s.is_main:
-                    log.warning("time limit of %s min reached at step %d: stopped with a "
-                                "resumable checkpoint in %s", tc.time_limit_minutes, s.step,
-                                s.last_dir)
-                return "time_limit"
+                    why = (f"time limit of {tc.time_limit_minutes} min" if reason == "time_limit"
+                           else f"{stop.signal_name or 'a stop signal'}")
+                    log.warning("%s: stopped at step %d of %d after validating it; resumable "
+                                "checkpoint in %s", why, s.step, tc.max_steps, s.last_dir)
+                return reason
     finally:
         bar.close()
     return "max_steps"
@@ -1074,6 +1164,11 @@ def _run(
         resumed_from=None if state is None else s.last_dir,
     )
     s.recorder.start()
+    s.recorder.update(precision=s.precision.as_dict(), torch_threads=torch.get_num_threads())
+    if s.is_main:
+        log.info("train-%s: precision %s (%s: %s), %d torch thread(s)", s.stage,
+                 s.precision.name, s.precision.requested, s.precision.reason,
+                 torch.get_num_threads())
     s.on_start()
     s.wrap()
     deadline = None if tc.time_limit_minutes is None else started + 60 * tc.time_limit_minutes
@@ -1081,7 +1176,8 @@ def _run(
     try:
         if state is not None:
             _restore_rng(state, s.device)  # last: nothing may draw before the next step
-        reason = _loop(s, deadline) if s.step < tc.max_steps else "max_steps"
+        with StopControl(deadline).signals() as stop:
+            reason = _loop(s, stop) if s.step < tc.max_steps else "max_steps"
         summary = s.on_complete(reason)
     except KeyboardInterrupt as exc:
         s.recorder.finish("interrupted", exc)
@@ -1102,25 +1198,61 @@ def _run(
 
 def train_vqvae(
     config: ExperimentConfig,
-    manifest_path: str | Path,
+    manifest_path: str | Path | None,
     runs_root: str | Path = "runs",
     resume: str | Path | None = None,
     data_root: str | Path | None = None,
     argv: list[str] | None = None,
+    preprocessed: str | Path | None = None,
 ) -> TrainResult:
     """Train (or, with `resume` = a run folder, continue) a VQ-VAE; returns where it went.
 
+    With `resume` and no `manifest_path`, the manifest the run recorded is used (its digest
+    checked).
     A fresh run makes ``runs_root/vqvae/<UTC>-<config.name>-s<seed>/``. Errors a user can cause
     (empty split, shape not divisible by ``2**levels``, nothing to resume) are raised before any
     folder is made or changed.
     """
     started = time.monotonic()
-    manifest = load_manifest(manifest_path, data_root=data_root)
-    device = resolve_device(config.train_vqvae.device)
     if resume is not None:
         _resumable(Path(resume))
-    s = _build_session(config, manifest, device)
+        if manifest_path is None:
+            manifest_path = recorded_manifest(resume)
+    if manifest_path is None:
+        raise TrainingError("train-vqvae needs --manifest M.json (or --resume RUN_DIR)")
+    manifest = load_manifest(manifest_path, data_root=data_root)
+    device = resolve_device(config.train_vqvae.device)
+    s = _build_session(config, manifest, device, preprocessed)
     return _run(s, started, runs_root, resume, manifest_path=manifest_path, argv=argv)
+
+
+def recorded_manifest(run_dir: str | Path) -> Path:
+    """The manifest a VQ-VAE run recorded in its run.json, checked against its recorded digest
+    (for ``train-vqvae --resume`` without ``--manifest``)."""
+    from mri_vqvae.runs import _manifest_digest
+
+    path = Path(run_dir) / "run.json"
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+        recorded, digest = info.get("manifest_path"), info.get("manifest_digest")
+    except (OSError, json.JSONDecodeError, AttributeError) as exc:
+        raise TrainingError(f"cannot resume {run_dir}: {path} is unreadable ({exc})") from None
+    if not recorded:
+        raise TrainingError(f"{path} records no manifest_path: pass --manifest M.json")
+    manifest = Path(recorded)
+    if not manifest.is_file():
+        raise TrainingError(
+            f"cannot resume {run_dir}: the manifest it was trained on, {manifest}, is gone; pass "
+            f"--manifest with the same manifest (its copy is {Path(run_dir) / 'manifest.json'})"
+        )
+    found = _manifest_digest(manifest)
+    if digest and found != digest:
+        raise TrainingError(
+            f"cannot resume {run_dir}: {manifest} changed since the run started (digest "
+            f"{str(found)[:12]} != recorded {str(digest)[:12]}); pass --manifest with the "
+            f"manifest it was trained on"
+        )
+    return manifest
 
 
 def recorded_latents_dir(run_dir: str | Path) -> Path:

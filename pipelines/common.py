@@ -18,6 +18,16 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("MRI_VQVAE_CACHE", Path.home() / ".cache" / "mri-vqvae"))
 
 
+def preprocessed_option(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Add ``--preprocessed DIR``: read a `preprocess` output folder instead of the raw files."""
+    return click.option(
+        "--preprocessed", default=None, type=click.Path(file_okay=False),
+        help="A `mri-vqvae preprocess` output folder of the same data config: cases found "
+        "there (sidecar, source sha256 and NIfTI sha256 verified) are read instead of "
+        "preprocessing the raw files again; others are preprocessed as usual.",
+    )(func)
+
+
 def config_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """Add ``--config NAME_OR_YAML`` and repeatable ``--set key.sub=value``."""
     func = click.option(

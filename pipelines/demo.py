@@ -7,11 +7,15 @@ same chain at toy sizes.
 
 from __future__ import annotations
 
+import json
 import time
+from collections import Counter
 from pathlib import Path
 
 import click
 
+from mri_vqvae.manifest import Manifest
+from mri_vqvae.run_summary import describe_stop, training_summary
 from pipelines.common import config_options, default_cache_dir, report_failures, resolve
 
 
@@ -22,7 +26,8 @@ from pipelines.common import config_options, default_cache_dir, report_failures,
               help="Kit folder (default: $MRI_VQVAE_CACHE/kit or ~/.cache/mri-vqvae/kit).")
 @click.option("--quick", is_flag=True,
               help="Toy sizes for CI (config demo_quick): the whole chain in a few minutes.")
-@click.option("-n", "--num-samples", default=4, show_default=True, help="Synthetic volumes.")
+@click.option("-n", "--num-samples", default=4, show_default=True,
+              type=click.IntRange(min=0), help="Synthetic volumes (0: none).")
 @config_options
 def demo(out_dir: str, kit_dir: str | None, quick: bool, num_samples: int,
          config_name: str | None, overrides: tuple[str, ...]) -> None:
@@ -35,6 +40,9 @@ def demo(out_dir: str, kit_dir: str | None, quick: bool, num_samples: int,
     from mri_vqvae.synthesis import SampleSettings, load_prior_run, sample_volumes
     from mri_vqvae.training import train_prior, train_vqvae
 
+    if num_samples == 1:
+        raise click.BadParameter("0 (no samples) or at least 2 (diversity needs pairs)",
+                                 param_hint="--num-samples")
     config = resolve(config_name or ("demo_quick" if quick else "demo"), overrides)
     kit_root = Path(kit_dir) if kit_dir else default_cache_dir() / "kit"
     run_dir = Path(out_dir) / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
@@ -47,40 +55,85 @@ def demo(out_dir: str, kit_dir: str | None, quick: bool, num_samples: int,
     if problems:
         raise click.ClickException(f"kit manifest does not verify: {problems}")
     click.echo(f"      {len(manifest.cases)} cases verified, digest {manifest.digest[:12]}")
+    _sources(manifest, kit_root)
 
     step("preprocess")
     done, failures = preprocess_manifest(manifest, config, run_dir / "preprocessed")
+    if not done:
+        raise click.ClickException(f"no kit case could be preprocessed: {failures[:1]}")
     report_failures(failures, True, "case(s)")
     click.echo(f"      {len(done)} montages in {(run_dir / 'preprocessed' / 'montages').resolve()}")
 
+    preprocessed = run_dir / "preprocessed"  # every later stage reads these (verified)
     step("train VQ-VAE")
-    vq = train_vqvae(config, manifest_path, runs_root=run_dir / "runs")
-    click.echo(f"      {vq.run_dir} (step {vq.step}, best val PSNR {vq.best_metric:.2f} dB)")
+    vq = train_vqvae(config, manifest_path, runs_root=run_dir / "runs", preprocessed=preprocessed)
+    click.echo(f"      {vq.run_dir}: {describe_stop(training_summary(vq.run_dir))}; best val "
+               f"PSNR {_number(vq.best_metric, '.2f', ' dB')}")
 
     step("encode latent grids")
-    encode_manifest(vq.run_dir, manifest, run_dir / "latents", manifest_path=manifest_path)
+    encode_manifest(vq.run_dir, manifest, run_dir / "latents", manifest_path=manifest_path,
+                    preprocessed=preprocessed)
 
     step("train prior")
     prior = train_prior(config, run_dir / "latents", runs_root=run_dir / "runs")
-    click.echo(f"      {prior.run_dir} (step {prior.step}, best val "
-               f"{prior.best_metric:.3f} bits/latent)")
+    click.echo(f"      {prior.run_dir}: {describe_stop(training_summary(prior.run_dir))}; best "
+               f"val {_number(prior.best_metric, '.3f', ' bits/latent')}")
 
     step(f"sample {num_samples} synthetic volume(s)")
-    samples = sample_volumes(
-        load_prior_run(prior.run_dir), SampleSettings(num_samples, seed=config.seed),
-        run_dir / "samples",
-    )
-    click.echo(f"      montage: {samples.montage.resolve()}")
+    if num_samples > 0:
+        samples = sample_volumes(
+            load_prior_run(prior.run_dir), SampleSettings(num_samples, seed=config.seed),
+            run_dir / "samples",
+        )
+        click.echo(f"      montage: {samples.montage.resolve()}")
+    else:
+        click.echo("      skipped: --num-samples 0")
 
     step("evaluate on the held-out test split")
     result = evaluate_runs(
         vq.run_dir, manifest, run_dir / "eval", prior_run=prior.run_dir,
-        settings=EvaluateSettings(split="test", num_samples=num_samples, seed=config.seed),
+        settings=EvaluateSettings(split="test", num_samples=num_samples, seed=config.seed,
+                                  preprocessed=str(preprocessed)),
         manifest_path=manifest_path,
     )
     click.echo(f"      metrics: {result.metrics_path.resolve()}")
+    _summary([vq.run_dir, prior.run_dir], step)
     click.echo(f"demo finished: everything is under {run_dir.resolve()}")
     click.echo(f"report: {result.report_path.resolve()}")
+
+
+def _sources(manifest: Manifest, kit_root: Path) -> None:
+    """Which sources the kit used (cases per split) and which it skipped, with the reason."""
+    used: dict[str, Counter[str]] = {}
+    for case in manifest.cases:
+        used.setdefault(case.source_id, Counter())[case.split or "none"] += 1
+    for source, splits in sorted(used.items()):
+        counts = ", ".join(f"{n} {split}" for split, n in sorted(splits.items()))
+        click.echo(f"      used    {source}: {counts}")
+    skipped_path = kit_root / "skipped.json"
+    skipped = json.loads(skipped_path.read_text()) if skipped_path.is_file() else []
+    reasons: dict[str, str] = {}
+    for row in skipped:
+        reasons.setdefault(row["source_id"], row["reason"])
+    for source, reason in sorted(reasons.items()):
+        click.echo(f"      SKIPPED {source}: {reason}", err=True)
+
+
+def _number(value: float | None, spec: str, unit: str = "") -> str:
+    """`value` formatted, or "n/a" when nothing was measured."""
+    return "n/a" if value is None else f"{value:{spec}}{unit}"
+
+
+def _summary(runs: list[Path], stages: _Stages) -> None:
+    """The closing lines: total time, and a loud note for each training that stopped early."""
+    click.echo(f"summary ({(time.monotonic() - stages.start) / 60:.1f} min in all):")
+    for run in runs:
+        info = training_summary(run)
+        click.echo(f"  {info['stage']:<6} {describe_stop(info)}; precision {info['precision']}")
+        if not info["complete"]:
+            click.echo(f"  WARNING: the {info['stage']} stage did not train every configured "
+                       f"step, so its results are not those of the configured demo; see "
+                       f"docs/benchmarks.md for the step times this machine would need", err=True)
 
 
 class _Stages:

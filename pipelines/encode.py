@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from pipelines.common import report_failures
+from pipelines.common import preprocessed_option, report_failures
 
 
 @click.command("encode")
@@ -25,8 +25,9 @@ from pipelines.common import report_failures
               help="Override the manifest's data root.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
               show_default=True, help="Where the VQ-VAE runs.")
+@preprocessed_option
 def encode(vqvae_run: str, manifest_path: str, out_dir: str, split: str | None, strict: bool,
-           data_root: str | None, device: str) -> None:
+           data_root: str | None, device: str, preprocessed: str | None) -> None:
     """Encode each case with the VQ-VAE: <case_id>.npy grids, index.json, failures.csv.
 
     Under torchrun the cases are shared among the processes; rank 0 writes index.json.
@@ -38,7 +39,8 @@ def encode(vqvae_run: str, manifest_path: str, out_dir: str, split: str | None, 
     manifest = load_manifest(manifest_path, data_root=data_root, check_files=False)
     with distributed.process_group(device):  # under torchrun: each rank encodes a share
         result = encode_manifest(vqvae_run, manifest, out_dir, split=split, strict=strict,
-                                 device=device, manifest_path=manifest_path)
+                                 device=device, manifest_path=manifest_path,
+                                 preprocessed=preprocessed)
         main = distributed.is_main()
     if not main:
         return

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from pipelines.common import report_failures
+from pipelines.common import preprocessed_option, report_failures
 from pipelines.sample import DEVICES, pick_device
 
 
@@ -39,10 +39,11 @@ from pipelines.sample import DEVICES, pick_device
               help="Worker processes that preprocess cases ahead of the model.")
 @click.option("--strict", is_flag=True, help="Stop at the first bad held-out case.")
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
+@preprocessed_option
 def evaluate(vqvae_run: str, prior_run: str | None, manifest_path: str, data_root: str | None,
              split: str, out_dir: str | None, runs_root: str, num_samples: int, seed: int,
              num_resamples: int, max_train_cases: int | None, report_cases: int,
-             num_workers: int, strict: bool, device: str) -> None:
+             num_workers: int, strict: bool, device: str, preprocessed: str | None) -> None:
     """Measure a VQ-VAE (and prior) on held-out scans: metrics.json, per_case.csv, report.html.
 
     Under torchrun the per-case passes are shared among the processes; rank 0 writes the files.
@@ -57,7 +58,8 @@ def evaluate(vqvae_run: str, prior_run: str | None, manifest_path: str, data_roo
     manifest = load_manifest(manifest_path, data_root=data_root, check_files=False)
     settings = EvaluateSettings(split=split, num_samples=num_samples, seed=seed,
                                 num_resamples=num_resamples, max_train_cases=max_train_cases,
-                                report_cases=report_cases, num_workers=num_workers, strict=strict)
+                                report_cases=report_cases, num_workers=num_workers, strict=strict,
+                                preprocessed=preprocessed)
     with distributed.process_group(device):  # under torchrun: each rank does a share of cases
         result = evaluate_runs(vqvae_run, manifest, out_dir, prior_run=prior_run,
                                settings=settings, device=pick_device(device),

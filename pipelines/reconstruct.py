@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from pipelines.common import report_failures
+from pipelines.common import preprocessed_option, report_failures
 from pipelines.sample import DEVICES, pick_device
 
 
@@ -31,9 +31,10 @@ from pipelines.sample import DEVICES, pick_device
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
 @click.option("--threads", default=0, show_default=True, type=click.IntRange(min=0),
               help="torch CPU threads; 0 keeps torch's default.")
+@preprocessed_option
 def reconstruct(vqvae_run: str, manifest_path: str, data_root: str | None, split: str | None,
                 out_dir: str, native_space: bool, strict: bool, num_workers: int, device: str,
-                threads: int) -> None:
+                threads: int, preprocessed: str | None) -> None:
     """Reconstruct every case: images/<case>.nii.gz, cases/<case>.json, metrics.csv (resumable).
 
     Under torchrun the cases are shared among the processes; rank 0 writes the tables.
@@ -47,7 +48,7 @@ def reconstruct(vqvae_run: str, manifest_path: str, data_root: str | None, split
         result = reconstruct_manifest(vqvae_run, manifest, out_dir, split=split,
                                       native_space=native_space, strict=strict,
                                       num_workers=num_workers, device=pick_device(device),
-                                      threads=threads or None)
+                                      threads=threads or None, preprocessed=preprocessed)
         main = distributed.is_main()
     if not main:
         return

@@ -6,12 +6,13 @@ import sys
 
 import click
 
-from pipelines.common import config_options, resolve_run_config
+from pipelines.common import config_options, preprocessed_option, resolve_run_config
 
 
 @click.command("train-vqvae")
-@click.option("--manifest", "manifest_path", required=True, type=click.Path(dir_okay=False),
-              help="Dataset manifest: trains on its train split, validates on its val split.")
+@click.option("--manifest", "manifest_path", default=None, type=click.Path(dir_okay=False),
+              help="Dataset manifest: trains on its train split, validates on its val split "
+              "(with --resume: default the run's recorded manifest, digest checked).")
 @click.option("--data-root", default=None, type=click.Path(file_okay=False),
               help="Override the manifest's data root.")
 @click.option("--resume", "resume_dir", default=None, type=click.Path(file_okay=False),
@@ -19,9 +20,11 @@ from pipelines.common import config_options, resolve_run_config
               "run's own config.yaml).")
 @click.option("--runs-root", default="runs", show_default=True, type=click.Path(file_okay=False),
               help="New runs go to RUNS_ROOT/vqvae/<UTC>-<config>-s<seed>/.")
+@preprocessed_option
 @config_options
-def train_vqvae(manifest_path: str, data_root: str | None, resume_dir: str | None,
-                runs_root: str, config_name: str | None, overrides: tuple[str, ...]) -> None:
+def train_vqvae(manifest_path: str | None, data_root: str | None, resume_dir: str | None,
+                runs_root: str, preprocessed: str | None, config_name: str | None,
+                overrides: tuple[str, ...]) -> None:
     """Train the VQ-VAE; writes checkpoints, metrics, TensorBoard scalars and previews.
 
     Under torchrun (several processes) trains with DDP: train_vqvae.batch_size is the global
@@ -29,10 +32,13 @@ def train_vqvae(manifest_path: str, data_root: str | None, resume_dir: str | Non
     """
     from mri_vqvae import distributed, training
 
+    if manifest_path is None and resume_dir is None:
+        raise click.UsageError("give --manifest M.json (or --resume RUN_DIR)")
     config = resolve_run_config(resume_dir, config_name, overrides)
     with distributed.process_group(config.train_vqvae.device):
         result = training.train_vqvae(config, manifest_path, runs_root=runs_root,
-                                      resume=resume_dir, data_root=data_root, argv=sys.argv)
+                                      resume=resume_dir, data_root=data_root, argv=sys.argv,
+                                      preprocessed=preprocessed)
         main = distributed.is_main()
     if not main:
         return
@@ -40,8 +46,7 @@ def train_vqvae(manifest_path: str, data_root: str | None, resume_dir: str | Non
     click.echo(f"run written to {result.run_dir.resolve()} (step {result.step}, "
                f"{result.stop_reason}; best val PSNR {best})")
     if result.stop_reason != "max_steps":
-        click.echo(f"continue with: mri-vqvae train-vqvae --manifest {manifest_path} "
-                   f"--resume {result.run_dir}")
+        click.echo(f"continue with: mri-vqvae train-vqvae --resume {result.run_dir}")
 
 
 if __name__ == "__main__":

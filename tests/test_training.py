@@ -194,6 +194,71 @@ def test_time_limit_stops_cleanly_with_a_resumable_checkpoint(
     _assert_same_weights(reference / "checkpoints" / "last", resumed.last_checkpoint)
 
 
+def test_time_limit_stop_validates_the_last_step(manifest: Path, tmp_path: Path) -> None:
+    """A run stopped before its first periodic validation still validates where it stopped."""
+    config = _config("train_vqvae.time_limit_minutes=1e-6", "train_vqvae.val_every=100")
+    result = train_vqvae(config, manifest, runs_root=tmp_path)
+    assert (result.stop_reason, result.step) == ("time_limit", 1)
+    assert result.best_metric is not None and result.best_checkpoint is not None
+    (val,) = read_metrics(result.run_dir, "val")
+    assert val["step"] == 1 and val["psnr"] == pytest.approx(result.best_metric)
+    run = json.loads((result.run_dir / "run.json").read_text())
+    assert run["best_step"] == 1 and run["precision"]["precision"] in ("fp32", "bf16")
+
+
+def test_sigterm_stops_after_the_step_with_validation_and_checkpoint(
+    manifest: Path, tmp_path: Path
+) -> None:
+    runs = tmp_path / "runs"
+    env = {**os.environ, KILL_ENV: "3:SIGTERM", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipelines.train_vqvae", "--manifest", str(manifest),
+         "--config", "smoke", *SET_ARGS, "--set", "train_vqvae.val_every=100",
+         "--runs-root", str(runs)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "SIGTERM received" in proc.stderr and "Traceback" not in proc.stderr
+    (run_dir,) = (runs / "vqvae").iterdir()
+    run = json.loads((run_dir / "run.json").read_text())
+    # the signal arrives after step 3's work, so step 4 (the one under way) is the last
+    assert (run["stop_reason"], run["steps_done"], run["best_step"]) == ("signal", 4, 4)
+    assert load_resume_state(run_dir / "checkpoints" / "last")["step"] == 4
+    assert f"--resume {run_dir}" in proc.stdout
+
+
+def test_precision_fp32_is_recorded(manifest: Path, tmp_path: Path) -> None:
+    result = train_vqvae(_config("train_vqvae.precision=fp32", "train_vqvae.max_steps=1"),
+                         manifest, runs_root=tmp_path)
+    precision = json.loads((result.run_dir / "run.json").read_text())["precision"]
+    assert precision == {"precision": "fp32", "requested": "fp32",
+                         "reason": precision["reason"]}
+
+
+def test_resume_without_manifest_uses_the_recorded_one(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    root.mkdir()
+    path = _write_manifest(root, {"a": "train", "b": "train", "v": "val"})
+    stopped = train_vqvae(_config("train_vqvae.time_limit_minutes=1e-6"), path,
+                          runs_root=tmp_path / "runs")
+    args = ["train-vqvae", "--resume", str(stopped.run_dir), "--set",
+            "train_vqvae.time_limit_minutes=null"]
+    result = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert json.loads((stopped.run_dir / "run.json").read_text())["steps_done"] == MAX_STEPS
+
+    _write_manifest(root, {"a": "train", "b": "train", "v": "val", "w": "val"})  # changed
+    result = CliRunner().invoke(cli, args)
+    assert isinstance(result.exception, TrainingError)
+    assert "changed since the run started" in str(result.exception)
+    assert "pass --manifest" in str(result.exception)
+
+
+def test_no_manifest_and_no_resume_is_a_usage_error() -> None:
+    result = CliRunner().invoke(cli, ["train-vqvae", "--config", "smoke"])
+    assert result.exit_code == 2 and "--manifest" in result.output
+
+
 # --- errors a user can cause ---------------------------------------------------------------------
 
 
@@ -210,8 +275,9 @@ def test_unknown_set_key_suggests_the_closest(manifest: Path, tmp_path: Path) ->
 def test_empty_split_fails_before_any_folder(manifest: Path, tmp_path: Path, missing: str) -> None:
     other = "val" if missing == "train" else "train"
     path = _write_manifest(manifest.parent, {"a": other, "b": other}, name=f"only_{other}.json")
-    with pytest.raises(TrainingError, match=f"no '{missing}' cases"):
+    with pytest.raises(TrainingError, match=f"no '{missing}' cases") as caught:
         train_vqvae(_config(), path, runs_root=tmp_path)
+    assert f"split counts {{'{other}': 2}}" in str(caught.value)  # counts, not a method repr
     assert not any(tmp_path.iterdir())
 
 
