@@ -54,6 +54,7 @@ from mri_vqvae.metrics import (
     psnr,
     ssim_window,
 )
+from mri_vqvae.outputs import ensure_writable
 from mri_vqvae.preprocessed import with_store
 from mri_vqvae.run_summary import training_summary
 from mri_vqvae.sample_metrics import (
@@ -491,7 +492,7 @@ def evaluate_runs(
     else:  # one new folder, made by rank 0
         out = distributed.broadcast_object(default_eval_dir(runs_root, names) if main else None)
     if main:
-        out.mkdir(parents=True, exist_ok=True)
+        ensure_writable(out)
     model = source.model.to(dev).eval()
     items = case_items(manifest, source.data, s.split)
     held = _sharded_held_out_pass(model, source.data, items,

@@ -46,6 +46,7 @@ from mri_vqvae.config import DataConfig
 from mri_vqvae.data import case_items, plain_volume
 from mri_vqvae.errors import CheckpointError, MriVqvaeError
 from mri_vqvae.manifest import Manifest, sha256_file
+from mri_vqvae.outputs import ensure_writable
 from mri_vqvae.preprocessed import with_store
 from mri_vqvae.runs import utc_iso
 from mri_vqvae.transforms import IMAGE, build_transforms
@@ -275,7 +276,7 @@ def encode_manifest(
     out = Path(out_dir)
     source = load_vqvae_source(vqvae_run)
     header = _header(source, manifest, manifest_path)
-    out.mkdir(parents=True, exist_ok=True)
+    ensure_writable(out)  # a read-only or full folder is a clear error before any case
     previous = _previous_entries(out, header)
     items = case_items(manifest, source.data, split)
     by_id = {c.case_id: c for c in manifest.cases}

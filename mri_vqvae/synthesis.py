@@ -56,6 +56,7 @@ from mri_vqvae.config import DataConfig
 from mri_vqvae.errors import CheckpointError, MriVqvaeError
 from mri_vqvae.finite import NonFiniteError, describe_nonfinite
 from mri_vqvae.manifest import sha256_file
+from mri_vqvae.outputs import ensure_writable
 from mri_vqvae.prior import GatedPixelCNN3D
 from mri_vqvae.report import orthogonal_montage
 from mri_vqvae.runs import describe_device, package_versions, unique_dir, utc_iso, utc_stamp
@@ -352,7 +353,7 @@ def default_sample_dir(runs_root: str | Path, run_name: str, seed: int) -> Path:
 
 
 def _prepare_out_dir(out_dir: Path) -> Path:
-    out_dir.mkdir(parents=True, exist_ok=True)
+    ensure_writable(out_dir)
     old = sorted(p.name for p in out_dir.glob("sample_*"))
     if old:
         raise SynthesisError(

@@ -34,6 +34,7 @@ from mri_vqvae.latents import (
     unigram_probabilities,
 )
 from mri_vqvae.manifest import Case, Manifest, load_manifest, sha256_file, write_manifest
+from mri_vqvae.outputs import OutputError
 from mri_vqvae.transforms import build_transforms
 from mri_vqvae.vqvae import VQVAE
 from pipelines.cli import cli, main
@@ -233,6 +234,17 @@ def test_a_folder_of_another_vqvae_is_refused(
 
 
 # --- bad inputs ----------------------------------------------------------------------------------
+
+
+def test_an_out_folder_that_cannot_be_written_is_refused_before_any_case(
+    manifest: Path, vqvae_run: Path, tmp_path: Path
+) -> None:
+    (tmp_path / "file").write_text("x")  # a path through a file: ENOTDIR, even as root
+    with pytest.raises(OutputError, match="not a folder") as info:
+        encode_manifest(vqvae_run, load_manifest(manifest), tmp_path / "file" / "out",
+                        device="cpu")
+    assert str(tmp_path / "file" / "out") in str(info.value)
+
 
 
 def test_a_malformed_case_is_listed_and_the_others_complete(

@@ -211,3 +211,4 @@ def test_reconstruct_refuses_a_locked_or_unwritable_folder_before_loading(
     (tmp_path / "file").write_text("x")
     with pytest.raises(OutputError, match="not a folder"):
         reconstruct_manifest(tmp_path / "no-such-run", manifest, tmp_path / "file" / "out")
+
