@@ -41,6 +41,7 @@ from mri_vqvae.config import DataConfig, ExperimentConfig
 from mri_vqvae.data import case_items
 from mri_vqvae.errors import CheckpointError, EvaluationError, MriVqvaeError
 from mri_vqvae.heldout import check_held_out, recorded_manifest_digests
+from mri_vqvae.kit_sources import citations, run_citations
 from mri_vqvae.manifest import Manifest
 from mri_vqvae.metrics import (
     MsSsimSettings,
@@ -644,6 +645,8 @@ def _inputs(source: VQVAESource, prior: PriorRun | None, manifest: Manifest,
         "data": source.data.model_dump(mode="json"),
         **{k: v for k, v in asdict(s).items() if k not in ("strict",)},
         "ci_level": CI_LEVEL,
+        "data_citations": {"evaluated": citations(manifest),
+                           "trained_on": run_citations(source.run_dir)},
     }
 
 

@@ -20,6 +20,7 @@ co-registered space, not in the raw space of these files.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
@@ -261,6 +262,21 @@ def citations(manifest: Manifest, catalog: Mapping[str, Mapping[str, Any]] | Non
     For reports and sample sidecars; `catalog` defaults to ``data_manifests/sources.json``.
     """
     return source_citations([c.source_id for c in manifest.cases], catalog)
+
+
+def run_citations(run_dir: str | Path) -> list[str]:
+    """`source_citations` of the train cases in a VQ-VAE run's manifest copy (manifest.json).
+
+    What a synthetic volume or a report must credit: the sources its models learnt from.
+    """
+    path = Path(run_dir) / "manifest.json"
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        cases = doc["cases"] if isinstance(doc, dict) else []
+    except (OSError, ValueError, KeyError):
+        return [f"training sources unknown: {path} is missing or unreadable"]
+    ids = [c.get("source_id") for c in cases if isinstance(c, dict) and c.get("split") == "train"]
+    return source_citations(i for i in ids if isinstance(i, str))
 
 
 def source_citations(source_ids: Iterable[str],

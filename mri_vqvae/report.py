@@ -357,6 +357,12 @@ def _overview(metrics: Mapping[str, Any]) -> Section:
         f"({', '.join(check['digest_sources'])}), the split is not train, and none of the "
         f"{check['held_out_subjects']} held-out subjects has training cases.",
     ]
+    cited = inputs.get("data_citations") or {}
+    for key, caption in (("trained_on", "Data the models were trained on"),
+                         ("evaluated", "Data evaluated here")):
+        if cited.get(key):
+            blocks.append(Table(["source, licence, citation"], [[line] for line in cited[key]],
+                                caption))
     training = metrics.get("training") or []
     if training:
         blocks.append(Table(

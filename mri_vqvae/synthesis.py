@@ -55,6 +55,7 @@ from mri_vqvae.checkpoint import WEIGHTS, load_checkpoint, resolve_checkpoint
 from mri_vqvae.config import DataConfig
 from mri_vqvae.errors import CheckpointError, MriVqvaeError
 from mri_vqvae.finite import NonFiniteError, describe_nonfinite
+from mri_vqvae.kit_sources import run_citations
 from mri_vqvae.manifest import sha256_file
 from mri_vqvae.outputs import ensure_writable
 from mri_vqvae.prior import GatedPixelCNN3D
@@ -379,6 +380,7 @@ def sample_sidecar(
         "spacing": list(run.data.spacing),
         "affine": np.asarray(affine).tolist(),
         **_provenance(run),
+        "training_data": run_citations(run.paths.vqvae_checkpoint.parent.parent),
     }
 
 

@@ -339,3 +339,14 @@ def test_session_is_written_only_when_set(tmp_path: Path) -> None:
     path.write_text(json.dumps(doc))
     with pytest.raises(ManifestError, match=r"session"):
         load_manifest(path, check_files=False)
+
+
+def test_run_citations_credit_the_train_sources_of_a_run(tmp_path: Path) -> None:
+    from mri_vqvae.kit_sources import run_citations
+
+    cases = [{"source_id": "open-ms-longitudinal", "split": "train"},
+             {"source_id": "pyradiomics-brain", "split": "test"}]
+    (tmp_path / "manifest.json").write_text(json.dumps({"cases": cases}))
+    (line,) = run_citations(tmp_path)
+    assert line.startswith("open-ms-longitudinal:") and "CC" in line and "Lesjak" in line
+    assert run_citations(tmp_path / "missing")[0].startswith("training sources unknown")

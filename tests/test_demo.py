@@ -53,6 +53,9 @@ def test_quick_demo_in_fp32_runs_every_configured_step(tmp_path: Path) -> None:
     assert all(np.isfinite(likelihood[s]["prior_bits_per_latent"]) for s in ("val", "test"))
     samples = sorted((demo / "samples").glob("sample_*.nii.gz"))
     assert len(samples) == 4
+    sidecar = json.loads((demo / "samples" / "sample_0000.json").read_text())
+    credited = " ".join(sidecar["training_data"])
+    assert "Licence:" in credited and "nilearn-mni152" in credited
     volume = nib.load(samples[0])
     assert nib.aff2axcodes(volume.affine) == ("R", "A", "S")
     assert np.isfinite(volume.get_fdata()).all() and volume.get_fdata().std() > 0
@@ -60,7 +63,10 @@ def test_quick_demo_in_fp32_runs_every_configured_step(tmp_path: Path) -> None:
     assert 0 < metrics["reconstruction"]["metrics"]["psnr"]["mean"] < 60
     assert metrics["samples"]["num_samples"] == 4
     assert [t["complete"] for t in metrics["training"]] == [True, True]
+    cited = metrics["inputs"]["data_citations"]
+    assert cited["trained_on"] and cited["evaluated"]
     report = demo / "eval" / "report.html"
+    assert "Data the models were trained on" in report.read_text()
     assert "STOPPED EARLY" not in report.read_text()
     assert f"report: {report.resolve()}" in proc.stdout
     assert "used    open-ms-longitudinal" in proc.stdout or "SKIPPED open-ms" in proc.stderr
