@@ -322,7 +322,7 @@ def encode_manifest(
 
     write_index([])
     mine = distributed.shard(items)
-    _, failures = run_batch(mine, process, strict=strict, desc="encode")
+    _, failures = run_batch(mine, process, strict=strict, desc="encode", out_dir=out)
     if distributed.is_distributed():
         encoded, reused, failures = _merge_shards(items, mine, entries, encoded, reused, failures)
     write_index(failures)

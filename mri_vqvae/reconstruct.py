@@ -66,7 +66,14 @@ from mri_vqvae.evaluation import (
     quality_of,
 )
 from mri_vqvae.manifest import Manifest, sha256_file
-from mri_vqvae.outputs import OutputError, ensure_writable, output_lock, remove_stale_temps
+from mri_vqvae.outputs import (
+    OutputError,
+    ensure_writable,
+    output_cause,
+    output_error,
+    output_lock,
+    remove_stale_temps,
+)
 from mri_vqvae.writers import write_nifti
 
 if TYPE_CHECKING:
@@ -326,6 +333,9 @@ def _reconstruct(
                 assert affine is not None
                 doc = commit_case(out, prepared, recon, affine, metrics, identity, session)
             except (MriVqvaeError, OSError, RuntimeError, ValueError) as exc:
+                cause = output_cause(exc, out)  # a full or read-only --out fails the run
+                if cause is not None:
+                    raise output_error(out, cause) from exc
                 reason = describe_error(exc)
                 failures.append(Failure(item["case_id"], item["image"], reason))
                 if strict:

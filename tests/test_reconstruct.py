@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import os
 import signal
@@ -16,6 +17,7 @@ import pytest
 from click.testing import CliRunner
 
 from mri_vqvae.manifest import load_manifest, sha256_file
+from mri_vqvae.outputs import OutputError
 from mri_vqvae.reconstruct import KILL_ENV, ReconstructError, reconstruct_manifest
 from pipelines.cli import cli
 from tests.test_evaluate import CFG, make_manifest, make_vqvae_run
@@ -110,6 +112,25 @@ def test_bad_case_goes_to_failures_or_stops_strict(bad_world: dict[str, Path],
     assert isinstance(strict.exception, ReconstructError) and "a1" in str(strict.exception)
     assert (tmp_path / "strict" / "cases" / "a0.json").is_file()
     assert not (tmp_path / "strict" / "cases" / "a2.json").exists()
+
+
+def test_disk_full_mid_run_fails_the_run_not_the_case(world: dict[str, Path], tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    real, calls = nib.save, []
+
+    def save(img: object, filename: str) -> None:  # the 2nd image write finds the disk full
+        calls.append(filename)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), filename)
+        real(img, filename)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(nib, "save", save)
+    out = tmp_path / "r"
+    with pytest.raises(OutputError, match="disk is full") as info:
+        reconstruct_manifest(world["vqvae"], load_manifest(world["manifest"]), out,
+                             split="test", threads=1)
+    assert str(out) in str(info.value)
+    assert not (out / "failures.csv").exists()  # not listed as a bad case
 
 
 def test_rerun_skips_verified_cases_and_redoes_changed_ones(world: dict[str, Path],
