@@ -45,6 +45,7 @@ class StepClock:
         self.step, self.total = start_step, total_steps
         self.durations: deque[float] = deque(maxlen=_WINDOW)
         self._last = time.monotonic()
+        self._last_line = -math.inf
 
     def restart(self) -> None:
         """Start timing the next step now (after validation, checkpoints, previews)."""
@@ -79,6 +80,14 @@ class StepClock:
         """True for a step over `SLOW_FACTOR` x the median of at least 3 earlier steps."""
         earlier = list(self.durations)[1:-1]
         return len(earlier) >= 3 and duration > SLOW_FACTOR * statistics.median(earlier)
+
+    def line_due(self, every_s: float) -> bool:
+        """True at the first step and then once every `every_s` seconds (marks it written)."""
+        now = time.monotonic()
+        if now - self._last_line < every_s and len(self.durations) != 1:
+            return False
+        self._last_line = now
+        return True
 
     def line(self, loss: float) -> str:
         """``step 120/400  0.62 steps/s  loss 0.0412  ETA 7.5 min``."""

@@ -1068,23 +1068,16 @@ def _stop_reason(local: str | None, device: torch.device) -> str | None:
     return {v: k for k, v in _STOP_CODES.items()}[int(t.item())]
 
 
-def _report_progress(s: _Session, clock: StepClock, duration: float, loss: float,
-                     last_line: float) -> float:
-    """A progress line every `PROGRESS_EVERY_S` (and at the first step); warns on a slow step.
-
-    Returns when the last progress line was written.
-    """
+def _report_progress(s: _Session, clock: StepClock, duration: float, loss: float) -> None:
+    """A progress line every `PROGRESS_EVERY_S` (and at the first step); warns on a slow step."""
     if not s.is_main:
-        return last_line
+        return
     median = clock.median
     if median is not None and clock.is_slow(duration):
         log.warning(slow_step_message(s.step, duration, median, s.precision.name,
                                       torch.get_num_threads(), os.cpu_count()))
-    now = time.monotonic()
-    if now - last_line >= PROGRESS_EVERY_S or len(clock.durations) == 1:
+    if clock.line_due(PROGRESS_EVERY_S):
         log.info("train-%s %s", s.stage, clock.line(loss))
-        return now
-    return last_line
 
 
 def _loop(s: _Session, stop: StopControl) -> str:
@@ -1093,7 +1086,7 @@ def _loop(s: _Session, stop: StopControl) -> str:
     kill_after = _kill_after()
     bar = tqdm(total=tc.max_steps, initial=s.step, desc=f"train-{s.stage}", unit="step",
                disable=not (sys.stderr.isatty() and s.is_main), dynamic_ncols=True)
-    clock, last_line = StepClock(s.step, tc.max_steps), -math.inf
+    clock = StepClock(s.step, tc.max_steps)
     try:
         for batch in s.batches():
             terms = s.train_step(batch)
@@ -1105,7 +1098,7 @@ def _loop(s: _Session, stop: StopControl) -> str:
                     f"train_{s.stage}.lr ({tc.lr}), set grad_clip, or use precision=fp32, then "
                     f"resume from {s.last_dir}"
                 )
-            last_line = _report_progress(s, clock, duration, float(terms["loss"]), last_line)
+            _report_progress(s, clock, duration, float(terms["loss"]))
             reason = _stop_reason(stop.reason(clock.median, _final_work_estimate(s, clock)),
                                   s.device)
             _after_step(s, terms, reason is not None, bar)

@@ -21,6 +21,15 @@ def test_clock_rate_eta_and_line() -> None:
     assert clock.line(0.5) == "step 4/10  1.00 steps/s  loss 0.5  ETA 6 s"
 
 
+def test_a_progress_line_is_due_at_the_first_step_then_once_per_interval() -> None:
+    clock = StepClock(0, 10)
+    clock.durations.append(1.0)
+    assert clock.line_due(30.0)       # the first step
+    clock.durations.append(1.0)
+    assert not clock.line_due(30.0)   # 30 s have not passed
+    assert clock.line_due(0.0)
+
+
 def test_slow_step_is_flagged_only_against_enough_history() -> None:
     clock = StepClock(0, 100)
     clock.durations.extend([9.0, 1.0, 1.0])
