@@ -29,9 +29,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mri_vqvae.config import load_config  # noqa: E402
-from mri_vqvae.precision import cpu_bf16_support, cpu_flags, resolve_precision  # noqa: E402
-from mri_vqvae.prior import GatedPixelCNN3D  # noqa: E402
-from mri_vqvae.vqvae import VQVAE  # noqa: E402
+from mri_vqvae.core.precision import cpu_bf16_support, cpu_flags, resolve_precision  # noqa: E402
+from mri_vqvae.models.autoencoders.vqvae import VQVAE  # noqa: E402
+from mri_vqvae.models.priors.pixelcnn.model import GatedPixelCNN3D  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -31,8 +31,8 @@ from typing import Any
 import torch
 
 from mri_vqvae.config import PriorConfig
-from mri_vqvae.prior import GatedPixelCNN3D
-from mri_vqvae.sampling import StepState, naive_logits_at, sample_categorical
+from mri_vqvae.models.priors.pixelcnn.model import GatedPixelCNN3D
+from mri_vqvae.models.priors.pixelcnn.sampling import StepState, naive_logits_at, sample_categorical
 
 
 def seconds(fn: Callable[[], object], reps: int = 1) -> float:

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from mri_vqvae.evaluation import evaluate_reconstruction
-from mri_vqvae.manifest import load_manifest
+from mri_vqvae.data.manifest import load_manifest
+from mri_vqvae.evaluation.evaluate import evaluate_reconstruction
 
 
 def main() -> None:

@@ -1,4 +1,5 @@
-"""Side-by-side VQ-VAE benchmark: our `mri_vqvae.vqvae.VQVAE` against `monai.networks.nets.VQVAE`.
+"""Side-by-side VQ-VAE benchmark: our `mri_vqvae.models.autoencoders.vqvae.VQVAE` against
+`monai.networks.nets.VQVAE`.
 
 Prints one JSON document. Per input shape and model (same channels, levels, residual layers,
 codebook and inputs; models alternate in one process, starting model rotated every repeat):
@@ -42,8 +43,8 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mri_vqvae.config import VQVAEConfig  # noqa: E402
-from mri_vqvae.quantizer import code_statistics, nearest_code  # noqa: E402
-from mri_vqvae.vqvae import VQVAE  # noqa: E402
+from mri_vqvae.models.autoencoders.quantizer import code_statistics, nearest_code  # noqa: E402
+from mri_vqvae.models.autoencoders.vqvae import VQVAE  # noqa: E402
 
 MODELS = ("ours", "ours_k33", "monai")
 

@@ -23,7 +23,7 @@ from pydantic import (
     model_validator,
 )
 
-from mri_vqvae.errors import ConfigError
+from mri_vqvae.core.errors import ConfigError
 
 Triple = tuple[float, float, float]
 IntTriple = tuple[int, int, int]
@@ -34,7 +34,7 @@ class _Strict(BaseModel):
 
 
 class DataConfig(_Strict):
-    """How volumes are loaded and normalised (see `mri_vqvae.transforms`)."""
+    """How volumes are loaded and normalised (see `mri_vqvae.data.transforms`)."""
 
     spacing: Triple = Field((2.5, 2.5, 2.5), description="target voxel size in mm, RAS order")
     spatial_size: IntTriple = Field((64, 80, 64), description="output (D, H, W) after pad/crop")
@@ -117,7 +117,8 @@ class AugmentConfig(_Strict):
 
 
 class VQVAEConfig(_Strict):
-    """The 3D VQ-VAE (`mri_vqvae.vqvae.VQVAE`) and its EMA codebook (`mri_vqvae.quantizer`).
+    """The 3D VQ-VAE (`mri_vqvae.models.autoencoders.vqvae.VQVAE`) and its EMA codebook
+    (`mri_vqvae.models.autoencoders.quantizer`).
 
     The latent grid is ``data.spatial_size // 2**levels`` per axis, so every axis of
     ``data.spatial_size`` must be a multiple of ``2**levels``.
@@ -214,7 +215,8 @@ class VQVAEConfig(_Strict):
 
 
 class PriorConfig(_Strict):
-    """The 3D gated PixelCNN prior over VQ-VAE code grids (`mri_vqvae.prior.GatedPixelCNN3D`).
+    """The 3D gated PixelCNN prior over VQ-VAE code grids
+    (`mri_vqvae.models.priors.pixelcnn.model.GatedPixelCNN3D`).
 
     Each stack reaches ``num_layers * (kernel_size // 2)`` latents back along its axis, so the
     defaults cover a 16^3 latent grid with half its extent as context per axis.
@@ -252,7 +254,7 @@ class PriorConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    """One training run (`mri_vqvae.training`): ``train_vqvae`` and ``train_prior`` sections.
+    """One training run (`mri_vqvae.training.loop`): ``train_vqvae`` and ``train_prior`` sections.
 
     Progress is counted in optimizer steps (one batch each): the run stops after ``max_steps``.
     An epoch is ``ceil(train cases / batch_size)`` steps, one pass over a seeded permutation of
@@ -281,8 +283,8 @@ class TrainConfig(_Strict):
     precision: str = Field(
         "auto",
         description="auto (bf16 autocast only where the device runs bf16 natively, else fp32; "
-        "see mri_vqvae.precision) | fp32 | bf16 (forced; emulated and very slow on CPUs without "
-        "native bf16)",
+        "see mri_vqvae.core.precision) | fp32 | bf16 (forced; emulated and very slow on CPUs "
+        "without native bf16)",
     )
     time_limit_minutes: float | None = Field(
         None,
@@ -386,7 +388,7 @@ class ExperimentConfig(_Strict):
         return self
 
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "pipelines" / "configs"
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:

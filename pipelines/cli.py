@@ -9,7 +9,7 @@ import warnings
 import click
 
 from mri_vqvae import __version__
-from mri_vqvae.errors import MriVqvaeError
+from mri_vqvae.core.errors import MriVqvaeError
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

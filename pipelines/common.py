@@ -9,8 +9,8 @@ from typing import Any
 
 import click
 
-from mri_vqvae.batch import Failure, failures_table
 from mri_vqvae.config import ExperimentConfig, load_config
+from mri_vqvae.tasks.cases import Failure, failures_table
 
 
 def default_cache_dir() -> Path:

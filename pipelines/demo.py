@@ -14,8 +14,8 @@ from pathlib import Path
 
 import click
 
-from mri_vqvae.manifest import Manifest
-from mri_vqvae.run_summary import describe_stop, training_summary
+from mri_vqvae.artifacts.run_summary import describe_stop, training_summary
+from mri_vqvae.data.manifest import Manifest
 from pipelines.common import config_options, default_cache_dir, report_failures, resolve
 
 
@@ -32,13 +32,13 @@ from pipelines.common import config_options, default_cache_dir, report_failures,
 def demo(out_dir: str, kit_dir: str | None, quick: bool, num_samples: int,
          config_name: str | None, overrides: tuple[str, ...]) -> None:
     """Run the whole chain on the embedded default data and print where the report is."""
-    from mri_vqvae.evaluation import EvaluateSettings, evaluate_runs
-    from mri_vqvae.kit import build_kit
-    from mri_vqvae.latents import encode_manifest
-    from mri_vqvae.manifest import load_manifest, verify_manifest
-    from mri_vqvae.preprocess import preprocess_manifest
-    from mri_vqvae.synthesis import SampleSettings, load_prior_run, sample_volumes
-    from mri_vqvae.training import train_prior, train_vqvae
+    from mri_vqvae.artifacts.latents import encode_manifest
+    from mri_vqvae.data.kit import build_kit
+    from mri_vqvae.data.manifest import load_manifest, verify_manifest
+    from mri_vqvae.evaluation.evaluate import EvaluateSettings, evaluate_runs
+    from mri_vqvae.tasks.preprocess import preprocess_manifest
+    from mri_vqvae.tasks.sample import SampleSettings, load_prior_run, sample_volumes
+    from mri_vqvae.training.loop import train_prior, train_vqvae
 
     if num_samples == 1:
         raise click.BadParameter("0 (no samples) or at least 2 (diversity needs pairs)",

@@ -32,9 +32,9 @@ def encode(vqvae_run: str, manifest_path: str, out_dir: str, split: str | None, 
 
     Under torchrun the cases are shared among the processes; rank 0 writes index.json.
     """
-    from mri_vqvae import distributed
-    from mri_vqvae.latents import encode_manifest
-    from mri_vqvae.manifest import load_manifest
+    from mri_vqvae.artifacts.latents import encode_manifest
+    from mri_vqvae.core import distributed
+    from mri_vqvae.data.manifest import load_manifest
 
     manifest = load_manifest(manifest_path, data_root=data_root, check_files=False)
     with distributed.process_group(device):  # under torchrun: each rank encodes a share

@@ -48,11 +48,11 @@ def evaluate(vqvae_run: str, prior_run: str | None, manifest_path: str, data_roo
 
     Under torchrun the per-case passes are shared among the processes; rank 0 writes the files.
     """
-    from mri_vqvae import distributed
-    from mri_vqvae.evaluation import EvaluateSettings, evaluate_runs
-    from mri_vqvae.heldout import refuse_split
-    from mri_vqvae.manifest import load_manifest
-    from mri_vqvae.report import stat_text
+    from mri_vqvae.core import distributed
+    from mri_vqvae.data.manifest import load_manifest
+    from mri_vqvae.evaluation.evaluate import EvaluateSettings, evaluate_runs
+    from mri_vqvae.evaluation.heldout import refuse_split
+    from mri_vqvae.evaluation.report import stat_text
 
     refuse_split(split)  # before anything is loaded
     manifest = load_manifest(manifest_path, data_root=data_root, check_files=False)

@@ -24,7 +24,7 @@ from pipelines.sample import DEVICES, pick_device
 def likelihood(prior_run: str, input_path: str, out_path: str, native: bool,
                vqvae_checkpoint: str | None, device: str) -> None:
     """Bits per latent (-log2 p) of a scan on the training grid, or with --native on its own."""
-    from mri_vqvae.synthesis import likelihood_map, load_prior_run, write_likelihood
+    from mri_vqvae.tasks.sample import likelihood_map, load_prior_run, write_likelihood
 
     run = load_prior_run(prior_run, pick_device(device), vqvae_checkpoint)
     result = likelihood_map(run, input_path)

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from mri_vqvae.batch import Failure
+from mri_vqvae.tasks.cases import Failure
 from pipelines.common import report_failures
 
 SPLIT_NAMES = ("train", "val", "test")
@@ -41,7 +41,7 @@ def _fixed(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -
 
 def _describer() -> Callable[[Path], Any]:
     """The image inspector (imported here: it pulls in the image readers)."""
-    from mri_vqvae.io import inspect_image
+    from mri_vqvae.data.io import inspect_image
 
     return inspect_image
 
@@ -88,8 +88,8 @@ def build(root: str, source_id: str, out_path: str, name: str | None, seed: int,
     Unreadable files are listed (file | reason) and left out; the manifest holds the rest.
     Subjects already split in an existing --out keep their split unless --force.
     """
-    from mri_vqvae.errors import ManifestError
-    from mri_vqvae.manifest import (
+    from mri_vqvae.core.errors import ManifestError
+    from mri_vqvae.data.manifest import (
         Manifest,
         assign_splits,
         load_catalog,
@@ -131,8 +131,8 @@ def build(root: str, source_id: str, out_path: str, name: str | None, seed: int,
 @click.option("--quick", is_flag=True, help="Check presence and size only, not sha256.")
 def verify(manifest_path: str, data_root: str | None, catalog: str | None, quick: bool) -> None:
     """Check files, sizes, checksums and subject-disjoint splits; exit 1 naming each bad case."""
-    from mri_vqvae.errors import ManifestError
-    from mri_vqvae.manifest import load_catalog, load_manifest, verify_manifest
+    from mri_vqvae.core.errors import ManifestError
+    from mri_vqvae.data.manifest import load_catalog, load_manifest, verify_manifest
 
     sources = load_catalog(catalog) if catalog else None
     try:
@@ -161,7 +161,7 @@ def verify(manifest_path: str, data_root: str | None, catalog: str | None, quick
 def split_cmd(manifest_path: str, seed: int | None, fractions: dict[str, float] | None,
               fixed: dict[str, str], force: bool) -> None:
     """Assign train/val/test by subject and rewrite the manifest in place."""
-    from mri_vqvae.manifest import load_manifest, split_manifest, write_manifest
+    from mri_vqvae.data.manifest import load_manifest, split_manifest, write_manifest
 
     loaded = load_manifest(manifest_path, check_files=False)
     result = split_manifest(loaded, fractions, seed, fixed, force=force)
@@ -176,7 +176,7 @@ def split_cmd(manifest_path: str, seed: int | None, fractions: dict[str, float] 
 @click.option("--name", required=True, help="Name of the merged manifest.")
 def merge(inputs: tuple[str, ...], out_path: str, name: str) -> None:
     """Collate several manifests into one, keeping each case's source and provenance."""
-    from mri_vqvae.manifest import load_manifest, merge_manifests, write_manifest
+    from mri_vqvae.data.manifest import load_manifest, merge_manifests, write_manifest
 
     merged = merge_manifests([load_manifest(p) for p in inputs], name)
     digest = write_manifest(merged, out_path)
@@ -227,7 +227,7 @@ def fetch_cmd(url: str, out_path: str, sha256: str | None, timeout: float,
     same command resumes it, but only from the same URL and unchanged server file; otherwise it
     starts over. A body longer than announced or over --max-bytes is refused and deleted.
     """
-    from mri_vqvae.download import fetch
+    from mri_vqvae.data.download import fetch
 
     path = fetch(url, out_path, sha256=sha256, timeout=timeout, total_timeout=total_timeout,
                  max_bytes=max_bytes)

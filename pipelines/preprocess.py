@@ -29,8 +29,8 @@ def preprocess(manifest_path: str, out_dir: str, data_root: str | None, split: s
     before the first case, a full disk stops the run (exit 2), and a second run into an --out
     in use is refused.
     """
-    from mri_vqvae.manifest import load_manifest
-    from mri_vqvae.preprocess import preprocess_manifest
+    from mri_vqvae.data.manifest import load_manifest
+    from mri_vqvae.tasks.preprocess import preprocess_manifest
 
     config = resolve(config_name, overrides)
     manifest = load_manifest(manifest_path, data_root=data_root, check_files=False)

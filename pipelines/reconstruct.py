@@ -39,9 +39,9 @@ def reconstruct(vqvae_run: str, manifest_path: str, data_root: str | None, split
 
     Under torchrun the cases are shared among the processes; rank 0 writes the tables.
     """
-    from mri_vqvae import distributed
-    from mri_vqvae.manifest import load_manifest
-    from mri_vqvae.reconstruct import reconstruct_manifest
+    from mri_vqvae.core import distributed
+    from mri_vqvae.data.manifest import load_manifest
+    from mri_vqvae.tasks.reconstruct import reconstruct_manifest
 
     manifest = load_manifest(manifest_path, data_root=data_root, check_files=False)
     with distributed.process_group(device):  # under torchrun: each rank does a share

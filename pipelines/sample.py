@@ -47,7 +47,7 @@ def sample(prior_run: str, num_samples: int, temperature: float | None, top_k: i
            seed: int, out_dir: str | None, runs_root: str, method: str, batch_size: int,
            greedy: bool, vqvae_checkpoint: str | None, device: str, threads: int) -> None:
     """Draw code grids from the prior, decode them, write NIfTI + JSON sidecars + a montage."""
-    from mri_vqvae.synthesis import (
+    from mri_vqvae.tasks.sample import (
         SampleSettings,
         default_sample_dir,
         load_prior_run,

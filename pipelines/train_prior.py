@@ -42,7 +42,8 @@ def train_prior(latents_dir: str | None, resume_dir: str | None, runs_root: str,
     Under torchrun (several processes) trains with DDP: train_prior.batch_size is the global
     batch and only rank 0 writes or prints.
     """
-    from mri_vqvae import distributed, training
+    from mri_vqvae.core import distributed
+    from mri_vqvae.training import loop as training
 
     if resume_dir is None and latents_dir is None:
         raise click.BadParameter("give the latents folder made by `mri-vqvae encode`",

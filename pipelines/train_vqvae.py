@@ -30,7 +30,8 @@ def train_vqvae(manifest_path: str | None, data_root: str | None, resume_dir: st
     Under torchrun (several processes) trains with DDP: train_vqvae.batch_size is the global
     batch and only rank 0 writes or prints.
     """
-    from mri_vqvae import distributed, training
+    from mri_vqvae.core import distributed
+    from mri_vqvae.training import loop as training
 
     if manifest_path is None and resume_dir is None:
         raise click.UsageError("give --manifest M.json (or --resume RUN_DIR)")

@@ -13,7 +13,7 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/python -m pip install -q --disable-pip-version-check ${TORCH_SPEC:-torch==2.13.0}
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[dev]"
-# Headless Chromium renders report.html in tests/test_report.py and tests/test_evaluate.py
+# Headless Chromium renders report.html in tests/evaluation/test_report.py and tests/evaluation/test_evaluate.py
 # (Debian package; optional: those tests skip, naming why, when it cannot be installed).
 if command -v apt-get >/dev/null 2>&1 && ! command -v chromium >/dev/null 2>&1; then
   { apt-get install -y -q chromium || { apt-get update -q && apt-get install -y -q chromium; }; } \

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from mri_vqvae.config import ExperimentConfig, config_digest, dump_config, load_config
-from mri_vqvae.errors import ConfigError
+from mri_vqvae.core.errors import ConfigError
 
 
 def test_defaults_validate() -> None:

@@ -1,0 +1,243 @@
+"""The MONAI transform chain: the only module that builds MONAI transforms.
+
+Deterministic chain (every split), on the key ``"image"``::
+
+    LoadCased → EnsureChannelFirstd → Orientationd("RAS") → Spacingd(spacing)
+    → CropForegroundd → ScaleIntensityRangePercentilesd(→ [0, 1]) → ResizeWithPadOrCropd(shape)
+
+`LoadCased` takes the whole item, not just the path. For a manifest case (the item carries
+``"root"`` and ``"sha256"``, see `mri_vqvae.data.datasets.case_items`) every source file must
+resolve
+inside the data root and the content must hash to the manifest's sha256, or the case fails with
+a `ManifestError` naming the file. NIfTI is parsed from the very bytes that were hashed (one
+read). DICOM (pydicom) and NRRD/MetaImage (SimpleITK) readers take paths, so those files are
+verified and then read again from their paths: a second read, and a file swapped on disk between
+the two reads would not be caught. An item without ``"sha256"`` / ``"root"`` (a user's single
+scan) is read unverified. Before any voxel is read, the grid after `Spacingd` (estimated from the
+header) must stay within ``data.max_voxels``; the header's shape must reach ``data.min_size`` on
+every axis. The output equals MONAI's ``LoadImaged(reader=MriReader(...))``: a MetaTensor with
+geometry-only metadata.
+
+Intensity scaling runs before the final pad so padded voxels are exactly 0, the background value.
+Training appends the named random steps of `AugmentConfig` (affine, elastic, bias_field, contrast,
+noise); `set_random_state(seed)` on the returned Compose makes them replayable.
+Output: ``data["image"]`` is a MetaTensor (1, D, H, W), float32, RAS, whose ``.affine`` is the
+voxel-to-world (RAS mm) matrix of the output grid.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.transforms import (
+    Compose,
+    CropForegroundd,
+    EnsureChannelFirstd,
+    EnsureTyped,
+    LoadImage,
+    MapTransform,
+    Orientationd,
+    Rand3DElasticd,
+    RandAdjustContrastd,
+    RandAffined,
+    RandBiasFieldd,
+    RandGaussianNoised,
+    ResizeWithPadOrCropd,
+    ScaleIntensityRangePercentilesd,
+    Spacingd,
+)
+
+from mri_vqvae.config import AugmentConfig, DataConfig
+from mri_vqvae.data.io import DEFAULT_MAX_SHEAR, DEFAULT_MAX_VOXELS, DEFAULT_MIN_SIZE, MriReader
+
+IMAGE = "image"
+RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))  # explicit: silences a MONAI default change
+
+
+def foreground(x: torch.Tensor) -> torch.Tensor:
+    """Foreground mask for cropping: voxels above 10% of the 99th intensity percentile.
+
+    A relative threshold because MRI background holds Rician noise, not zeros.
+    """
+    flat = x.reshape(-1).float()
+    if flat.numel() > 1_000_000:  # quantile() has an input-size limit; a strided subsample suffices
+        flat = flat[:: flat.numel() // 1_000_000 + 1]
+    return x > 0.1 * torch.quantile(flat, 0.99)
+
+
+class LoadCased(MapTransform):
+    """Load the image of one dataset item, verified when the item is a manifest case.
+
+    Reads ``item[key]`` (a path) through `MriReader`, made per item with the item's ``"root"``,
+    ``"sha256"`` and ``"series_uid"`` (each may be absent): with root and sha256 the files are
+    confined and verified (see the module docstring), else read as given. Header limits:
+    `max_voxels`, `max_shear`, `min_size`, and with `spacing` (target mm, RAS order, as given to
+    `Spacingd`) the resampled grid must stay within `max_voxels`. Every other key, ``"sha256"``
+    included, passes through unchanged, so the digest recorded downstream is the verified one.
+    Output: ``item[key]`` is the MetaTensor ``LoadImaged(key, reader=MriReader(...))`` gives.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection = IMAGE,
+        max_voxels: int = DEFAULT_MAX_VOXELS,
+        max_shear: float = DEFAULT_MAX_SHEAR,
+        min_size: int = DEFAULT_MIN_SIZE,
+        spacing: Sequence[float] | None = None,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.max_voxels = int(max_voxels)
+        self.max_shear = float(max_shear)
+        self.min_size = int(min_size)
+        self.spacing = None if spacing is None else tuple(float(v) for v in spacing)
+        # MONAI's own loader does the array -> MetaTensor step, so the output is LoadImaged's
+        self._loader = LoadImage(reader=MriReader(), image_only=True, dtype=np.float32)
+
+    @classmethod
+    def from_config(cls, data: DataConfig, keys: KeysCollection = IMAGE) -> LoadCased:
+        """The limits of `data`: max_voxels, max_shear, min_size, and its target spacing."""
+        return cls(keys, data.max_voxels, data.max_shear, data.min_size, data.spacing)
+
+    def reader_for(self, item: Mapping[Hashable, Any]) -> MriReader:
+        """The reader of one item: these limits plus the item's root, sha256 and series_uid."""
+        root, sha256 = item.get("root"), item.get("sha256")
+        return MriReader(
+            self.max_voxels,
+            self.max_shear,
+            min_size=self.min_size,
+            spacing=self.spacing,
+            root=None if root is None else str(root),
+            sha256=None if sha256 is None else str(sha256),
+            series_uid=item.get("series_uid"),
+        )
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        reader = self.reader_for(d)
+        for key in self.key_iterator(d):
+            d[key] = self._loader(d[key], reader)
+        return d
+
+
+def preprocessing_steps(data: DataConfig) -> list[tuple[str, MapTransform]]:
+    """The deterministic chain as (name, transform) pairs, in order."""
+    steps: list[tuple[str, MapTransform]] = [
+        ("load", LoadCased.from_config(data)),
+        ("channel_first", EnsureChannelFirstd(IMAGE, channel_dim="no_channel")),
+        ("orientation", Orientationd(IMAGE, axcodes="RAS", labels=RAS_LABELS)),
+        ("spacing", Spacingd(IMAGE, pixdim=data.spacing, mode="bilinear", dtype=np.float32)),
+    ]
+    if data.crop_foreground:
+        steps.append(
+            (
+                "crop_foreground",
+                CropForegroundd(
+                    IMAGE, source_key=IMAGE, select_fn=foreground, margin=data.foreground_margin
+                ),
+            )
+        )
+    low, high = data.percentiles
+    steps += [
+        (
+            "scale_intensity",
+            ScaleIntensityRangePercentilesd(IMAGE, low, high, b_min=0.0, b_max=1.0, clip=True),
+        ),
+        ("pad_or_crop", ResizeWithPadOrCropd(IMAGE, spatial_size=data.spatial_size)),
+        ("float32", EnsureTyped(IMAGE, dtype=torch.float32)),
+    ]
+    return steps
+
+
+def augmentation_steps(aug: AugmentConfig) -> list[tuple[str, MapTransform]]:
+    """The named random training steps enabled in `aug` (probability > 0), in order."""
+    if not aug.enabled:
+        return []
+    a, e = aug.affine, aug.elastic
+    candidates: list[tuple[str, float, MapTransform]] = [
+        (
+            "affine",
+            a.prob,
+            RandAffined(
+                IMAGE,
+                prob=a.prob,
+                rotate_range=[np.deg2rad(a.rotate_deg)] * 3,
+                scale_range=[a.scale] * 3,
+                translate_range=[a.translate_vox] * 3,
+                padding_mode="zeros",
+            ),
+        ),
+        (
+            "elastic",
+            e.prob,
+            Rand3DElasticd(
+                IMAGE,
+                sigma_range=e.sigma,
+                magnitude_range=e.magnitude,
+                prob=e.prob,
+                padding_mode="zeros",
+            ),
+        ),
+        (
+            "bias_field",
+            aug.bias_field.prob,
+            RandBiasFieldd(
+                IMAGE, coeff_range=(0.0, aug.bias_field.coeff), prob=aug.bias_field.prob
+            ),
+        ),
+        (
+            "contrast",
+            aug.contrast.prob,
+            RandAdjustContrastd(IMAGE, prob=aug.contrast.prob, gamma=aug.contrast.gamma),
+        ),
+        (
+            "noise",
+            aug.noise.prob,
+            RandGaussianNoised(IMAGE, prob=aug.noise.prob, std=aug.noise.std),
+        ),
+    ]
+    return [(name, t) for name, prob, t in candidates if prob > 0]
+
+
+def build_transforms(
+    data: DataConfig, augment: AugmentConfig | None = None, train: bool = False, seed: int = 0
+) -> Compose:
+    """The full chain for one split; `train=True` appends the random steps seeded with `seed`."""
+    steps = preprocessing_steps(data)
+    if train and augment is not None:
+        steps += augmentation_steps(augment)
+        steps.append(("float32_out", EnsureTyped(IMAGE, dtype=torch.float32)))
+    chain = Compose([t for _, t in steps])
+    chain.set_random_state(seed=seed)
+    return chain
+
+
+def augment_only(augment: AugmentConfig, seed: int) -> Compose:
+    """Just the random steps, seeded: applied to an already preprocessed ``{"image": ...}``."""
+    chain = Compose([t for _, t in augmentation_steps(augment)] + [EnsureTyped(IMAGE)])
+    chain.set_random_state(seed=seed)
+    return chain
+
+
+def pseudo_subject_chain(spacing: float, augment: AugmentConfig, seed: int) -> Compose:
+    """Load → RAS → isotropic `spacing` → percentile scaling to [0, 1] → the random steps.
+
+    Used by the offline kit to write augmented templates; seeded, so each one is replayable.
+    """
+    chain = Compose(
+        [
+            LoadCased(IMAGE, spacing=(spacing, spacing, spacing)),
+            EnsureChannelFirstd(IMAGE, channel_dim="no_channel"),
+            Orientationd(IMAGE, axcodes="RAS", labels=RAS_LABELS),
+            Spacingd(IMAGE, pixdim=spacing, mode="bilinear", dtype=np.float32),
+            ScaleIntensityRangePercentilesd(IMAGE, 0.5, 99.5, b_min=0.0, b_max=1.0, clip=True),
+        ]
+        + [t for _, t in augmentation_steps(augment)]
+        + [EnsureTyped(IMAGE, dtype=torch.float32)]
+    )
+    chain.set_random_state(seed=seed)
+    return chain

@@ -1,0 +1,371 @@
+"""3D gated PixelCNN prior over VQ-VAE code grids (B, d, h, w), raster order over (d, h, w).
+
+Three causal stacks per gated layer, each a convolution whose weight is multiplied by a registered
+0/1 mask inside ``forward`` (weights are never edited in place):
+
+* depth stack: sees every earlier slice (all rows and columns of slices ``< z``);
+* height stack: sees earlier rows of the current slice (all columns), plus the depth stack;
+* width stack: sees earlier voxels of the current row, plus the height (hence depth) stack.
+
+The first layer uses mask A (a stack never sees its own position along its axis), later layers mask
+B. Because the height stack spans the full row width and the depth stack the full slice, there is
+no blind spot: with enough layers position ``(z, y, x)`` depends on every earlier position in
+raster order, including later columns of earlier rows and later rows of earlier slices.
+
+Each stack's weight is stored only over the bounding box of its mask-B taps (depth
+``(k//2+1, k, k)``, height ``(1, k//2+1, k)``, width ``(1, 1, k//2+1)``), so no compute is spent on
+taps that are always zero. ``causal_mask`` gives the same masks embedded in the full k x k x k
+window, the form the tests check against a golden pattern.
+
+Sampling (naive and cached) lives in `mri_vqvae.models.priors.pixelcnn.sampling`;
+`GatedPixelCNN3D.sample` is the entry.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mri_vqvae.config import PriorConfig
+from mri_vqvae.core.errors import MriVqvaeError
+
+STACKS = ("depth", "height", "width")
+MASK_TYPES = ("A", "B")
+
+
+class PriorInputError(MriVqvaeError, ValueError):
+    """Indices, labels or sampling arguments a prior cannot accept (says what and how to fix)."""
+
+
+def gate(x: Tensor, dim: int = 1) -> Tensor:
+    """Gated activation ``tanh(f) * sigmoid(g)`` of the two halves of ``x`` along ``dim``.
+
+    (..., 2C, ...) -> (..., C, ...).
+    """
+    f, g = x.chunk(2, dim=dim)
+    return torch.tanh(f) * torch.sigmoid(g)
+
+
+def causal_mask(kernel_size: int, stack: str, mask_type: str) -> Tensor:
+    """The 0/1 taps a stack reads in a (k, k, k) window centred on the output, indexed [dz, dy, dx].
+
+    Mask A excludes the tap at offset 0 along the stack's own axis (the current slice, row or
+    voxel), mask B includes it. Returns a float32 tensor of shape (k, k, k).
+    """
+    if kernel_size < 3 or kernel_size % 2 == 0:
+        raise PriorInputError(f"kernel_size must be odd and >= 3, received {kernel_size}")
+    if stack not in STACKS or mask_type not in MASK_TYPES:
+        raise PriorInputError(
+            f"unknown stack/mask {stack!r}/{mask_type!r}: use one of {STACKS} and one of "
+            f"{MASK_TYPES}"
+        )
+    c = kernel_size // 2
+    upto = c + 1 if mask_type == "B" else c
+    mask = torch.zeros(kernel_size, kernel_size, kernel_size)
+    if stack == "depth":
+        mask[:upto] = 1
+    elif stack == "height":
+        mask[c, :upto] = 1
+    else:
+        mask[c, c, :upto] = 1
+    return mask
+
+
+def _support_box(kernel_size: int, stack: str) -> tuple[tuple[int, int], ...]:
+    """Offsets (lo, hi) from the centre, per axis (d, h, w), of the stack's mask-B taps."""
+    c = kernel_size // 2
+    full = (-c, c)
+    if stack == "depth":
+        return ((-c, 0), full, full)
+    if stack == "height":
+        return ((0, 0), (-c, 0), full)
+    return ((0, 0), (0, 0), (-c, 0))
+
+
+class CausalConv3d(nn.Module):
+    """A 3D convolution over one stack's causal taps; ``weight * mask`` is applied in forward.
+
+    (B, C_in, d, h, w) -> (B, C_out, d, h, w); the output at p reads inputs at p + offset for the
+    offsets where `causal_mask` is 1.
+    """
+
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel_size: int, stack: str, mask_type: str
+    ) -> None:
+        super().__init__()
+        full = causal_mask(kernel_size, stack, mask_type)
+        self.kernel_size = kernel_size
+        self.stack = stack
+        self.mask_type = mask_type
+        c = kernel_size // 2
+        self.box = _support_box(kernel_size, stack)
+        index = tuple(slice(lo + c, hi + c + 1) for lo, hi in self.box)
+        shape = tuple(hi - lo + 1 for lo, hi in self.box)
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, *shape))
+        self.bias = nn.Parameter(torch.zeros(out_channels))
+        self.register_buffer("mask", full[index].reshape(1, 1, *shape).clone())
+        (dl, dh), (hl, hh), (wl, wh) = self.box
+        self.pads = (-wl, wh, -hl, hh, -dl, dh)
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+
+    def masked_weight(self) -> Tensor:
+        """The weight with forbidden taps zeroed: (C_out, C_in, *box)."""
+        return self.weight * self.mask
+
+    def full_mask(self) -> Tensor:
+        """This layer's mask embedded in the (k, k, k) window (what `causal_mask` returns)."""
+        k, c = self.kernel_size, self.kernel_size // 2
+        out = torch.zeros(k, k, k, dtype=self.mask.dtype, device=self.mask.device)
+        index = tuple(slice(lo + c, hi + c + 1) for lo, hi in self.box)
+        out[index] = self.mask[0, 0]
+        return out
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, C_in, d, h, w) -> (B, C_out, d, h, w), causal along this stack's axis."""
+        return F.conv3d(F.pad(x, self.pads), self.masked_weight(), self.bias)
+
+
+class GatedLayer3D(nn.Module):
+    """One gated layer holding the depth, height and width stacks and their links.
+
+    pre-activations (2C channels each):
+        a = depth(D) + c_d
+        b = height(H) + depth_to_height(a) + c_h
+        e = width(W) + height_to_width(b) + c_w
+    outputs: D' = gate(a) [+ D], H' = gate(b) [+ H], o = gate(e),
+             [res, skip] = out(dropout(o)), W' = res [+ W].
+    The residual terms in brackets exist only for mask-B layers (a mask-A layer's input holds the
+    current position's own code, so a residual would leak it).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        channels: int,
+        kernel_size: int,
+        mask_type: str,
+        num_classes: int,
+        dropout: float,
+    ) -> None:
+        super().__init__()
+        two = 2 * channels
+        self.channels = channels
+        self.depth = CausalConv3d(in_channels, two, kernel_size, "depth", mask_type)
+        self.height = CausalConv3d(in_channels, two, kernel_size, "height", mask_type)
+        self.width = CausalConv3d(in_channels, two, kernel_size, "width", mask_type)
+        self.depth_to_height = nn.Conv3d(two, two, 1)
+        self.height_to_width = nn.Conv3d(two, two, 1)
+        self.out = nn.Conv3d(channels, two, 1)
+        self.cond = nn.Embedding(num_classes, 3 * two) if num_classes > 0 else None
+        self.dropout = nn.Dropout(dropout)
+        self.residual = mask_type == "B"
+        if self.residual and in_channels != channels:
+            raise PriorInputError(f"a mask-B layer needs in == out channels, got {in_channels}")
+
+    def conditioning(self, labels: Tensor | None) -> tuple[Tensor, Tensor, Tensor] | None:
+        """Per-stack class offsets, each (B, 2C), or None for an unconditional layer."""
+        if self.cond is None or labels is None:
+            return None
+        cd, ch, cw = self.cond(labels).chunk(3, dim=1)
+        return cd, ch, cw
+
+    def forward(
+        self, d: Tensor, h: Tensor, w: Tensor, labels: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Three (B, C_in, d, h, w) stack inputs -> three (B, C, d, h, w) outputs and a skip."""
+        cond = self.conditioning(labels)
+        a = self.depth(d)
+        if cond is not None:
+            a = a + cond[0][:, :, None, None, None]
+        b = self.height(h) + self.depth_to_height(a)
+        if cond is not None:
+            b = b + cond[1][:, :, None, None, None]
+        e = self.width(w) + self.height_to_width(b)
+        if cond is not None:
+            e = e + cond[2][:, :, None, None, None]
+        res, skip = self.out(self.dropout(gate(e))).chunk(2, dim=1)
+        d_new, h_new = gate(a), gate(b)
+        if self.residual:
+            return d_new + d, h_new + h, res + w, skip
+        return d_new, h_new, res, skip
+
+
+class GatedPixelCNN3D(nn.Module):
+    """Autoregressive prior p(indices) = prod_p p(i_p | i_<p) over (B, d, h, w) code grids.
+
+    ``forward`` gives logits (B, K, d, h, w); the logits at p depend only on codes before p in
+    raster order over (d, h, w). ``nll`` gives bits per latent; ``sample`` draws new grids.
+    """
+
+    def __init__(self, config: PriorConfig | None = None) -> None:
+        super().__init__()
+        cfg = config if config is not None else PriorConfig()
+        self.config = cfg
+        self.codebook_size = cfg.codebook_size
+        self.num_classes = cfg.num_classes
+        self.embedding = nn.Embedding(cfg.codebook_size, cfg.embedding_dim)
+        self.layers = nn.ModuleList(
+            GatedLayer3D(
+                cfg.embedding_dim if i == 0 else cfg.hidden_channels,
+                cfg.hidden_channels,
+                cfg.kernel_size,
+                "A" if i == 0 else "B",
+                cfg.num_classes,
+                cfg.dropout,
+            )
+            for i in range(cfg.num_layers)
+        )
+        self.head_hidden = nn.Conv3d(cfg.hidden_channels, cfg.head_channels, 1)
+        self.head_out = nn.Conv3d(cfg.head_channels, cfg.codebook_size, 1)
+
+    # ---- input checks -------------------------------------------------------------------------
+
+    def check_indices(self, indices: Tensor) -> Tensor:
+        """Validate a code grid and return it as int64 (B, d, h, w); raise `PriorInputError`."""
+        if not isinstance(indices, Tensor):
+            raise PriorInputError(
+                f"indices must be a torch.Tensor (B, d, h, w), received {type(indices).__name__}"
+            )
+        dtype = indices.dtype
+        if dtype.is_floating_point or dtype.is_complex or dtype == torch.bool:
+            raise PriorInputError(
+                f"indices must be an integer tensor, received dtype {indices.dtype}; pass the "
+                "VQ-VAE's encode_indices output (or .long() it)"
+            )
+        if indices.ndim != 4 or min(indices.shape) < 1:
+            raise PriorInputError(
+                f"indices must have shape (B, d, h, w) with every size >= 1, received shape "
+                f"{tuple(indices.shape)}; add a batch axis with indices[None] for one grid"
+            )
+        lo, hi = int(indices.min()), int(indices.max())
+        if lo < 0 or hi >= self.codebook_size:
+            raise PriorInputError(
+                f"indices must lie in [0, {self.codebook_size}) (prior.codebook_size), received "
+                f"values in [{lo}, {hi}]; set prior.codebook_size to the VQ-VAE's codebook_size"
+            )
+        return indices.long()
+
+    def check_labels(self, labels: Tensor | None, batch: int) -> Tensor | None:
+        """Validate class labels (B,) against ``num_classes``; return int64 labels or None."""
+        if self.num_classes == 0:
+            if labels is not None:
+                raise PriorInputError(
+                    "labels were given but this prior is unconditional (num_classes=0); drop the "
+                    "labels or train a prior with prior.num_classes > 0"
+                )
+            return None
+        if labels is None:
+            raise PriorInputError(
+                f"this prior is class-conditional (num_classes={self.num_classes}): pass labels, "
+                f"an integer tensor of shape ({batch},)"
+            )
+        if not isinstance(labels, Tensor) or labels.dtype.is_floating_point or labels.ndim != 1:
+            raise PriorInputError(
+                f"labels must be an integer tensor of shape ({batch},), received "
+                f"{getattr(labels, 'dtype', type(labels).__name__)} "
+                f"{tuple(getattr(labels, 'shape', ()))}"
+            )
+        if labels.shape[0] != batch:
+            raise PriorInputError(f"labels has {labels.shape[0]} entries for a batch of {batch}")
+        lo, hi = int(labels.min()), int(labels.max())
+        if lo < 0 or hi >= self.num_classes:
+            raise PriorInputError(
+                f"labels must lie in [0, {self.num_classes}) (prior.num_classes), received "
+                f"[{lo}, {hi}]"
+            )
+        return labels.long()
+
+    # ---- likelihood ---------------------------------------------------------------------------
+
+    def forward_embedded(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
+        """Logits from already-embedded codes: (B, E, d, h, w) float -> (B, K, d, h, w).
+
+        The float input path exists for gradient-based causality checks; ``labels`` are assumed
+        valid (use `forward` for checked input).
+        """
+        d = h = w = x
+        skip: Tensor | None = None
+        for layer in self.layers:
+            d, h, w, s = layer(d, h, w, labels)
+            skip = s if skip is None else skip + s
+        assert skip is not None
+        return self.head_out(F.relu(self.head_hidden(F.relu(skip))))
+
+    def forward(self, indices: Tensor, labels: Tensor | None = None) -> Tensor:
+        """Logits (B, K, d, h, w) for codes (B, d, h, w) int64 in [0, K); labels (B,) or None."""
+        indices = self.check_indices(indices)
+        labels = self.check_labels(labels, indices.shape[0])
+        x = self.embedding(indices).permute(0, 4, 1, 2, 3)
+        return self.forward_embedded(x, labels)
+
+    def nll(
+        self, indices: Tensor, labels: Tensor | None = None, per_position: bool = False
+    ) -> Tensor:
+        """Negative log-likelihood in bits per latent.
+
+        Returns the mean over all positions (scalar) or, with ``per_position``, the (B, d, h, w)
+        map of ``-log2 p(i_p | i_<p)`` (a likelihood map for anomaly views).
+        """
+        logits = self(indices, labels)
+        bits = F.cross_entropy(logits, indices.long(), reduction="none") / math.log(2.0)
+        return bits if per_position else bits.mean()
+
+    # ---- sampling -----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def sample(
+        self,
+        shape: tuple[int, int, int, int],
+        generator: torch.Generator,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        labels: Tensor | None = None,
+        method: str = "fast",
+        greedy: bool = False,
+    ) -> Tensor:
+        """Draw code grids (B, d, h, w) int64 for ``shape = (B, d, h, w)`` in raster order.
+
+        One uniform per batch row and position comes from ``generator`` (inverse-CDF draw, see
+        `mri_vqvae.models.priors.pixelcnn.sampling.sample_categorical`). ``method="fast"`` caches
+        stack activations;
+        ``"naive"`` recomputes everything each position depends on, from scratch, per position.
+        Both return identical indices for the same seed. ``temperature=0`` or ``greedy`` takes
+        the argmax (an ablation, not a sampler). NaN/±Inf logits raise
+        `mri_vqvae.core.finite.NonFiniteError` instead of drawing garbage codes.
+        """
+        from mri_vqvae.models.priors.pixelcnn.sampling import sample_grid
+
+        return sample_grid(
+            self,
+            shape,
+            generator,
+            temperature=temperature,
+            top_k=top_k,
+            labels=labels,
+            method=method,
+            greedy=greedy,
+        )
+
+
+# --- size without building -----------------------------------------------------------------------
+
+
+def _layer_numel(in_channels: int, cfg: PriorConfig) -> int:
+    """Values of one `GatedLayer3D` (weights, biases, mask buffers, class embedding)."""
+    two, k, c = 2 * cfg.hidden_channels, cfg.kernel_size, cfg.kernel_size // 2
+    boxes = ((c + 1) * k * k, (c + 1) * k, c + 1)  # depth, height, width stacks
+    stacks = sum(two * in_channels * box + two + box for box in boxes)
+    links = 2 * (two * two + two) + (cfg.hidden_channels * two + two)
+    cond = cfg.num_classes * 3 * two
+    return stacks + links + cond
+
+
+def state_numel(cfg: PriorConfig) -> int:
+    """Values (parameters + buffers) in the state_dict of ``GatedPixelCNN3D(cfg)``, not built."""
+    total = cfg.codebook_size * cfg.embedding_dim + _layer_numel(cfg.embedding_dim, cfg)
+    total += (cfg.num_layers - 1) * _layer_numel(cfg.hidden_channels, cfg)  # closed form: O(1)
+    total += cfg.hidden_channels * cfg.head_channels + cfg.head_channels
+    return total + cfg.head_channels * cfg.codebook_size + cfg.codebook_size

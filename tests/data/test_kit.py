@@ -1,0 +1,131 @@
+"""The offline real-MRI kit: fetched from package registries, verified, cached, augmented.
+
+The cohort comes from the open_ms mirror when there is one (see tests/data/test_cohort.py).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import pytest
+from click.testing import CliRunner
+
+from mri_vqvae.config import load_config
+from mri_vqvae.core.errors import DownloadError
+from mri_vqvae.data import kit as kit_mod
+from mri_vqvae.data import kit_sources
+from mri_vqvae.data.manifest import load_manifest, verify_manifest
+from pipelines.cli import cli
+from tests.data.test_cohort import MIRROR
+from tests.tasks.test_preprocess import assert_sitk_agrees
+
+pytestmark = pytest.mark.kit
+CFG = load_config("smoke")
+MANIFEST = kit_mod.manifest_name(CFG.kit, CFG.augment)
+
+
+@pytest.fixture(scope="module")
+def kit_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("kit")
+    try:
+        kit_mod.build_kit(root, CFG.kit, CFG.augment,
+                          MIRROR if (MIRROR / "SHA256SUMS").is_file() else None)
+    except DownloadError as exc:
+        if "no kit file could be fetched" in str(exc):
+            pytest.skip(f"the kit cannot be downloaded here: {exc}")
+        raise
+    return root
+
+
+def test_kit_manifest_verifies_with_fixed_real_test_split(kit_root: Path) -> None:
+    manifest = load_manifest(kit_root / MANIFEST, verify_checksums=True)
+    assert verify_manifest(manifest) == []
+    by_id = {c.case_id: c for c in manifest.cases}
+    expected = {kf.subject_id: (kf.subject_id, kf.split) for kf in kit_mod.KIT_FILES}
+    expected |= {f.case_id: (f.subject_id, f.split) for f in kit_mod.cohort_files(CFG.kit)}
+    skipped = {row["subject_id"] for row in json.loads((kit_root / "skipped.json").read_text())}
+    for case_id, (subject, split) in expected.items():
+        if subject in skipped:
+            continue
+        assert by_id[case_id].split == split and by_id[case_id].origin == "real"
+    tests = [c for c in manifest.cases if c.split == "test"]
+    assert tests and all(c.origin == "real" for c in tests), "test split holds real people only"
+    for case in manifest.cases:
+        if case.origin == "augmented":
+            parent = by_id[case.derived_from]
+            assert case.subject_id == parent.subject_id and case.split == parent.split
+
+
+def test_pseudo_subjects_are_distinct_volumes(kit_root: Path) -> None:
+    manifest = load_manifest(kit_root / MANIFEST)
+    aug = [c for c in manifest.cases if c.origin == "augmented"]
+    templates = {kf.subject_id for kf in kit_mod.KIT_FILES if kf.split != "test"}
+    assert len(aug) == CFG.kit.pseudo_subjects * len(
+        [c for c in manifest.cases if c.origin == "real" and c.case_id in templates]
+    )
+    assert all(c.subject_id in templates for c in aug), "real patients are never augmented"
+    assert len({c.sha256 for c in aug}) == len(aug)
+    img = nib.load(kit_root / aug[0].path)
+    assert nib.aff2axcodes(img.affine) == ("R", "A", "S")
+
+
+def test_second_build_is_cached(kit_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    before = load_manifest(kit_root / MANIFEST).digest
+
+    def no_download(*args: object) -> Path:
+        raise AssertionError("a cached kit must not download again")
+
+    monkeypatch.setattr(kit_mod, "_download_archive", no_download)
+    monkeypatch.setattr(kit_mod, "make_pseudo_subject", no_download)
+    monkeypatch.setattr(kit_sources, "fetch", no_download)
+    monkeypatch.setattr(kit_sources, "_copy_hashing", no_download)
+    kit_mod.build_kit(kit_root, CFG.kit, CFG.augment)
+    assert load_manifest(kit_root / MANIFEST).digest == before
+
+
+def test_altered_file_fails_verify_and_names_it(kit_root: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "kit"
+    shutil.copytree(kit_root, copy)
+    manifest_path = copy / MANIFEST
+    victim = load_manifest(manifest_path).cases[0]
+    with open(copy / victim.path, "r+b") as fh:  # same size, one byte flipped
+        fh.seek(100)
+        byte = fh.read(1)
+        fh.seek(100)
+        fh.write(bytes([byte[0] ^ 0xFF]))
+    result = CliRunner().invoke(cli, ["manifest", "verify", str(manifest_path)])
+    assert result.exit_code != 0
+    assert victim.case_id in result.output and "does not match" in result.output
+    assert victim.path in result.output
+
+
+def test_kit_preprocesses_to_configured_shape(kit_root: Path, tmp_path: Path) -> None:
+    from mri_vqvae.tasks.preprocess import preprocess_manifest
+
+    manifest = load_manifest(kit_root / MANIFEST)
+    done, failures = preprocess_manifest(manifest, CFG, tmp_path / "pre", split="test")
+    assert failures == [] and done
+    for case in done:
+        img = nib.load(tmp_path / "pre" / case.image)
+        assert img.shape == CFG.data.spatial_size
+        assert nib.aff2axcodes(img.affine) == ("R", "A", "S")
+        assert_sitk_agrees(tmp_path / "pre" / case.image, img.affine)
+
+
+def test_wrong_archive_checksum_is_refused(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    kf = kit_mod.KIT_FILES[0]
+    fake = tmp_path / "fake.whl"
+    fake.write_bytes(b"not the wheel")
+    monkeypatch.setitem(kit_mod.ARCHIVE_SHA256, (kf.package, kf.version), "0" * 64)
+    monkeypatch.setattr(kit_mod, "_download_wheel", lambda *a: fake)
+    with pytest.raises(DownloadError, match="does not match the recorded"):
+        kit_mod._download_archive(kf, tmp_path)
+
+
+def test_missing_apt_skips_debian_sources(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(kit_mod.shutil, "which", lambda name: None)
+    with pytest.raises(DownloadError, match="apt-get is not available"):
+        kit_mod._download_deb("mricron-data", "1", tmp_path)

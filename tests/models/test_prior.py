@@ -1,0 +1,285 @@
+"""Tests of the 3D gated PixelCNN prior: masks, causality, likelihood, samplers, input errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from mri_vqvae.config import PriorConfig, load_config
+from mri_vqvae.core.errors import MriVqvaeError
+from mri_vqvae.models.priors.pixelcnn.model import GatedPixelCNN3D, PriorInputError, causal_mask
+from mri_vqvae.models.priors.pixelcnn.sampling import sample_categorical, teacher_forced_logits
+
+K = 16
+
+
+def tiny(num_layers: int = 3, num_classes: int = 0, kernel_size: int = 3) -> GatedPixelCNN3D:
+    """A seeded CPU-tiny prior (K=16, 8 channels)."""
+    torch.manual_seed(1234)
+    cfg = PriorConfig(
+        codebook_size=K,
+        embedding_dim=6,
+        hidden_channels=8,
+        num_layers=num_layers,
+        kernel_size=kernel_size,
+        head_channels=12,
+        num_classes=num_classes,
+    )
+    return GatedPixelCNN3D(cfg).eval()
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def raster(shape: tuple[int, int, int]) -> list[tuple[int, int, int]]:
+    d, h, w = shape
+    return [(z, y, x) for z in range(d) for y in range(h) for x in range(w)]
+
+
+# ---- masks -------------------------------------------------------------------------------------
+
+Z = [[0, 0, 0], [0, 0, 0], [0, 0, 0]]
+ONES = [[1, 1, 1], [1, 1, 1], [1, 1, 1]]
+GOLDEN = {  # [dz][dy][dx], centre (1, 1, 1)
+    ("depth", "A"): [ONES, Z, Z],
+    ("depth", "B"): [ONES, ONES, Z],
+    ("height", "A"): [Z, [[1, 1, 1], [0, 0, 0], [0, 0, 0]], Z],
+    ("height", "B"): [Z, [[1, 1, 1], [1, 1, 1], [0, 0, 0]], Z],
+    ("width", "A"): [Z, [[0, 0, 0], [1, 0, 0], [0, 0, 0]], Z],
+    ("width", "B"): [Z, [[0, 0, 0], [1, 1, 0], [0, 0, 0]], Z],
+}
+# what one mask-A gated layer (width output, fed by the height and depth links) sees: the
+# classic raster-order 3D mask A, 13 taps
+RASTER_A = [ONES, [[1, 1, 1], [1, 0, 0], [0, 0, 0]], Z]
+
+
+@pytest.mark.parametrize("stack,kind", sorted(GOLDEN))
+def test_golden_masks(stack: str, kind: str) -> None:
+    golden = torch.tensor(GOLDEN[(stack, kind)], dtype=torch.float32)
+    assert torch.equal(causal_mask(3, stack, kind), golden)
+    layer = tiny(num_layers=2).layers[0 if kind == "A" else 1]
+    conv = getattr(layer, stack)
+    assert torch.equal(conv.full_mask(), golden)
+    if kind == "A":  # the mask is applied in forward: the raw weight of a masked tap is non-zero
+        assert (conv.weight * (1 - conv.mask)).abs().sum() > 0
+
+
+def input_grad(model: GatedPixelCNN3D, shape: tuple[int, int, int], p: tuple[int, int, int]):
+    """|d logits[p] / d input embedding| summed over channels: (d, h, w), float64."""
+    torch.manual_seed(7)
+    x = torch.randn(1, model.config.embedding_dim, *shape, dtype=torch.float64, requires_grad=True)
+    logits = model.forward_embedded(x)
+    proj = torch.randn(K, dtype=torch.float64)
+    (grad,) = torch.autograd.grad((logits[0, :, p[0], p[1], p[2]] * proj).sum(), x)
+    return grad[0].abs().sum(0)
+
+
+def test_one_layer_sees_exactly_the_raster_mask_a() -> None:
+    model = tiny(num_layers=1).double()
+    seen = input_grad(model, (3, 3, 3), (1, 1, 1)) != 0
+    assert torch.equal(seen, torch.tensor(RASTER_A, dtype=torch.bool))
+
+
+# ---- causality ---------------------------------------------------------------------------------
+
+CASES = {
+    (4, 4, 4): [(0, 0, 0), (0, 0, 1), (0, 1, 0), (1, 0, 0), (1, 2, 1), (2, 2, 1), (3, 3, 3)],
+    (3, 5, 4): [(0, 0, 3), (0, 4, 0), (1, 0, 0), (2, 4, 0), (2, 2, 2), (2, 4, 3)],
+}
+
+
+@pytest.mark.parametrize("shape", sorted(CASES))
+def test_causality_by_gradients_and_no_blind_spot(shape: tuple[int, int, int]) -> None:
+    model = tiny(num_layers=4).double()
+    order = raster(shape)
+    for p in CASES[shape]:
+        grad = input_grad(model, shape, p)
+        for q in order:
+            if q >= p:  # tuples compare in raster order
+                assert grad[q] == 0, f"logits at {p} depend on {q}"
+            else:
+                assert grad[q] > 0, f"logits at {p} do not see earlier position {q}"
+        z, y, x = p
+        # positions a plain masked-convolution stack misses (the blind spot), asserted explicitly
+        blind = [(z, y - 1, xx) for xx in range(x + 1, shape[2])]
+        blind += [(z - 1, yy, xx) for yy in range(y + 1, shape[1]) for xx in range(shape[2])]
+        for q in blind:
+            if min(q) >= 0:
+                assert grad[q] > 0, f"blind spot at {q} for {p}"
+
+
+def test_training_step_keeps_causality() -> None:
+    model = tiny(num_layers=2).double().train()
+    idx = torch.randint(0, K, (2, 3, 3, 3))
+    torch.optim.SGD(model.parameters(), lr=1.0).zero_grad()
+    model.nll(idx).backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.grad is not None:
+                p -= p.grad
+    grad = input_grad(model.eval(), (3, 3, 3), (1, 1, 1))
+    assert all(grad[q] == 0 for q in raster((3, 3, 3)) if q >= (1, 1, 1))
+
+
+# ---- likelihood --------------------------------------------------------------------------------
+
+
+def test_forward_matches_the_samplers_step_arithmetic() -> None:
+    model = tiny(num_layers=3, num_classes=3)
+    idx = torch.randint(0, K, (2, 3, 5, 4))
+    labels = torch.tensor([0, 2])
+    full = model(idx, labels)
+    assert full.shape == (2, K, 3, 5, 4)
+    assert torch.allclose(full, teacher_forced_logits(model, idx, labels), atol=1e-5, rtol=1e-5)
+
+
+def test_nll_of_uniform_logits_is_log2_k() -> None:
+    model = tiny()
+    with torch.no_grad():
+        model.head_out.weight.zero_()
+        model.head_out.bias.zero_()
+    idx = torch.randint(0, K, (2, 3, 4, 2))
+    assert math.isclose(model.nll(idx).item(), math.log2(K), rel_tol=1e-6)
+    per = model.nll(idx, per_position=True)
+    assert per.shape == (2, 3, 4, 2)
+    assert torch.allclose(per, torch.full_like(per, math.log2(K)))
+
+
+def test_class_conditioning_changes_logits() -> None:
+    model = tiny(num_classes=3)
+    idx = torch.randint(0, K, (1, 2, 3, 3))
+    a, b = model(idx, torch.tensor([0])), model(idx, torch.tensor([1]))
+    assert (a - b).abs().max() > 1e-3
+    assert torch.equal(a, model(idx, torch.tensor([0])))
+
+
+# ---- sampling ----------------------------------------------------------------------------------
+
+SETTINGS = [(0, 1.0, None), (1, 0.7, 5), (2, 1.5, 3)]
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 4, 4), (2, 3, 5, 4)])
+@pytest.mark.parametrize("seed,temperature,top_k", SETTINGS)
+def test_fast_sampler_equals_naive_sampler_exactly(shape, seed, temperature, top_k) -> None:
+    model = tiny()
+    kwargs = {"temperature": temperature, "top_k": top_k}
+    fast = model.sample(shape, gen(seed), method="fast", **kwargs)
+    naive = model.sample(shape, gen(seed), method="naive", **kwargs)
+    assert fast.dtype == torch.int64 and fast.shape == shape
+    assert torch.equal(fast, naive)
+    assert fast.min() >= 0 and fast.max() < K
+
+
+def test_fast_equals_naive_with_class_labels() -> None:
+    model = tiny(num_classes=3)
+    labels = torch.tensor([2, 0])
+    fast = model.sample((2, 3, 3, 3), gen(5), labels=labels)
+    assert torch.equal(fast, model.sample((2, 3, 3, 3), gen(5), labels=labels, method="naive"))
+    assert not torch.equal(fast, model.sample((2, 3, 3, 3), gen(5), labels=labels.flip(0)))
+
+
+def test_same_seed_same_sample_different_seed_different() -> None:
+    model = tiny()
+    a = model.sample((2, 3, 4, 4), gen(11))
+    assert torch.equal(a, model.sample((2, 3, 4, 4), gen(11)))
+    assert not torch.equal(a, model.sample((2, 3, 4, 4), gen(12)))
+
+
+def test_cold_limits_equal_greedy_argmax() -> None:
+    model = tiny()
+    shape = (2, 3, 4, 4)
+    greedy = model.sample(shape, gen(0), greedy=True)
+    for kwargs in ({"temperature": 0.0}, {"top_k": 1}, {"temperature": 1e-6}):
+        assert torch.equal(greedy, model.sample(shape, gen(3), **kwargs)), kwargs
+    # a greedy grid is its own argmax under teacher forcing (stepped and vectorised logits)
+    assert torch.equal(teacher_forced_logits(model, greedy).argmax(1), greedy)
+    assert torch.equal(model(greedy).argmax(1), greedy)
+
+
+def test_top_k_never_samples_outside_the_top_k() -> None:
+    model = tiny()
+    grid = model.sample((2, 3, 4, 4), gen(4), top_k=2, temperature=2.0)
+    top2 = teacher_forced_logits(model, grid).topk(2, dim=1).indices  # (B, 2, d, h, w)
+    assert (top2 == grid[:, None]).any(dim=1).all()
+    logits = torch.randn(1, 10).expand(4000, 10)
+    draws = sample_categorical(logits, gen(0), top_k=3)
+    allowed = set(logits[0].topk(3).indices.tolist())
+    assert set(draws.tolist()) == allowed
+    want = torch.softmax(logits[0, sorted(allowed)], 0)
+    got = torch.bincount(draws, minlength=10)[sorted(allowed)] / 4000.0
+    assert (got - want).abs().max() < 0.05
+
+
+def test_draw_uses_one_uniform_per_row_inverse_cdf() -> None:
+    logits = torch.randn(5, 7)
+    g1, g2 = gen(9), gen(9)
+    drawn = sample_categorical(logits, g1, temperature=0.8)
+    u = torch.rand(5, generator=g2, dtype=torch.float64)
+    assert torch.equal(g1.get_state(), g2.get_state())
+    cdf = torch.softmax(logits.double() / 0.8, 1).cumsum(1)
+    assert torch.equal(drawn, (cdf <= (u * cdf[:, -1])[:, None]).sum(1))
+    greedy = sample_categorical(logits, g1, greedy=True)
+    torch.rand(5, generator=g2, dtype=torch.float64)
+    assert torch.equal(g1.get_state(), g2.get_state())
+    assert torch.equal(greedy, logits.argmax(1))
+
+
+# ---- errors and config -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "indices,match",
+    [
+        (torch.full((1, 2, 2, 2), K), "codebook_size"),
+        (torch.full((1, 2, 2, 2), -1), r"\[0, 16\)"),
+        (torch.zeros(2, 2, 2, dtype=torch.long), r"\(B, d, h, w\)"),
+        (torch.zeros(1, 2, 2, 2), "integer"),
+        (torch.zeros(1, 0, 2, 2, dtype=torch.long), r"\(B, d, h, w\)"),
+    ],
+)
+def test_bad_indices_raise_clear_errors(indices: torch.Tensor, match: str) -> None:
+    with pytest.raises(PriorInputError, match=match):
+        tiny()(indices)
+
+
+def test_bad_labels_and_sampling_arguments_raise_clear_errors() -> None:
+    idx = torch.zeros(2, 2, 2, 2, dtype=torch.long)
+    with pytest.raises(PriorInputError, match="unconditional"):
+        tiny()(idx, torch.tensor([0, 1]))
+    cond = tiny(num_classes=3)
+    with pytest.raises(PriorInputError, match="pass labels"):
+        cond(idx)
+    with pytest.raises(PriorInputError, match=r"\[0, 3\)"):
+        cond(idx, torch.tensor([0, 3]))
+    with pytest.raises(PriorInputError, match="batch of 2"):
+        cond(idx, torch.tensor([0]))
+    model = tiny()
+    bad_calls = [
+        ({"shape": (2, 2, 2)}, "four integers"),
+        ({"top_k": 0}, "top_k"),
+        ({"top_k": K + 1}, "top_k"),
+        ({"temperature": -1.0}, "temperature"),
+        ({"method": "fancy"}, "method"),
+        ({"generator": 0}, "torch.Generator"),
+        ({"labels": torch.tensor([0])}, "unconditional"),
+    ]
+    for kwargs, match in bad_calls:
+        call = {"shape": (1, 2, 2, 2), "generator": gen(0), **kwargs}
+        with pytest.raises(PriorInputError, match=match):
+            model.sample(**call)
+    assert issubclass(PriorInputError, MriVqvaeError) and issubclass(PriorInputError, ValueError)
+
+
+def test_prior_config_defaults_and_validation() -> None:
+    cfg = load_config(overrides=["prior.num_layers=2", "prior.num_classes=4"]).prior
+    assert (cfg.num_layers, cfg.num_classes, cfg.codebook_size) == (2, 4, 512)
+    with pytest.raises(ValidationError, match="odd"):
+        PriorConfig(kernel_size=4)
+    with pytest.raises(ValidationError, match="top_k"):
+        PriorConfig(codebook_size=8, top_k=9)
+    model = tiny(kernel_size=5)
+    assert model.layers[0].depth.weight.shape[2:] == (3, 5, 5)
