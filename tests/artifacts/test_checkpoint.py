@@ -27,8 +27,7 @@ from mri_vqvae.artifacts.checkpoint import (
     save_checkpoint,
 )
 from mri_vqvae.core.errors import CheckpointError
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.support.paths import REPO
 
 
 class TinyConfig(BaseModel):

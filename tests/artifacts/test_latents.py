@@ -20,7 +20,7 @@ import torch
 from click.testing import CliRunner
 
 from mri_vqvae.artifacts import latents as latents_mod
-from mri_vqvae.artifacts.checkpoint import load_checkpoint, save_checkpoint
+from mri_vqvae.artifacts.checkpoint import load_checkpoint
 from mri_vqvae.artifacts.latents import (
     LatentDataset,
     LatentsError,
@@ -34,54 +34,12 @@ from mri_vqvae.artifacts.latents import (
 )
 from mri_vqvae.config import VQVAEConfig, load_config
 from mri_vqvae.core.outputs import OutputError
-from mri_vqvae.data.manifest import Case, Manifest, load_manifest, sha256_file, write_manifest
+from mri_vqvae.data.manifest import load_manifest, sha256_file
 from mri_vqvae.data.transforms import build_transforms
 from mri_vqvae.models.autoencoders.vqvae import VQVAE
 from pipelines.cli import cli, main
-from tests.conftest import make_head, write_nifti
-
-SPLITS = {"a": "train", "b": "train", "c": "train", "v": "val", "t": "test"}
-
-
-def write_cases(root: Path, splits: dict[str, str], name: str = "m.json",
-                bad: tuple[str, ...] = ()) -> Path:
-    """A manifest of synthetic heads (cases in `bad` hold garbage bytes) under `root`."""
-    cases = []
-    for i, (case_id, split) in enumerate(splits.items()):
-        path = root / f"{case_id}.nii.gz"
-        if case_id in bad:
-            path.write_bytes(b"this is not a NIfTI file" * 20)
-        elif not path.exists():
-            write_nifti(path, make_head(seed=i))
-        cases.append(Case(case_id=case_id, subject_id=f"sub-{case_id}", source_id="synthetic",
-                          path=path.name, sha256=sha256_file(path), bytes=path.stat().st_size,
-                          modality="T1w", shape=(24, 28, 20), spacing=(1.5, 1.5, 1.5),
-                          split=split))
-    write_manifest(Manifest(name="tiny", cases=tuple(cases), data_root=root), root / name)
-    return root / name
-
-
-def save_vqvae_run(run_dir: Path, seed: int = 0, vqvae: VQVAEConfig | None = None,
-                   manifest: Path | None = None) -> Path:
-    """An untrained VQ-VAE saved as a train-vqvae run would: ``run_dir/checkpoints/best``.
-
-    With `manifest`, one training-mode forward pass over its volumes runs the codebook's k-means
-    initialisation, so the codes spread over the data (no optimizer step).
-    """
-    cfg = load_config("smoke")
-    torch.manual_seed(seed)
-    model = VQVAE(vqvae or cfg.vqvae)
-    if manifest is not None:
-        m = load_manifest(manifest)
-        chain = build_transforms(cfg.data)
-        volumes = [chain({"image": str(m.data_root / c.path)})["image"].as_tensor()
-                   for c in m.cases]
-        with torch.no_grad():
-            model.train()(torch.stack(volumes).float())
-        model.eval()
-    save_checkpoint(run_dir / "checkpoints" / "best", model, "vqvae", model.config,
-                    {"experiment": cfg.model_dump(mode="json")}, step=0)
-    return run_dir
+from tests.support.runs import HEAD_SPLITS as SPLITS
+from tests.support.runs import save_vqvae_run, write_cases
 
 
 @pytest.fixture(scope="module")

@@ -36,8 +36,8 @@ from mri_vqvae.training.loop import (
     rank_keys,
     steps_per_epoch,
 )
+from tests.support.paths import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 TOLERANCE = 1e-5  # max abs difference DDP vs one process (see the module docstring)
 
 
@@ -183,7 +183,7 @@ def _sets(overrides: list[str]) -> list[str]:
 @pytest.fixture(scope="module")
 def manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """7 train heads (batches of 4: the epoch's last batch of 3 splits 2 + 1) and 1 val."""
-    from tests.training.test_training import _write_manifest
+    from tests.support.runs import write_head_manifest as _write_manifest
 
     root = tmp_path_factory.mktemp("heads")
     return _write_manifest(root, {**{f"c{i}": "train" for i in range(7)}, "v": "val"})
@@ -283,7 +283,7 @@ def test_ddp_resume_after_a_kill_is_bit_identical(
 @pytest.fixture(scope="module")
 def vqvae_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A tiny VQ-VAE run and a manifest of 6 cases (4 train, 1 val, 1 test)."""
-    from tests.artifacts.test_latents import save_vqvae_run, write_cases
+    from tests.support.runs import save_vqvae_run, write_cases
 
     splits = {"a": "train", "b": "train", "c": "train", "d": "train", "v": "val", "t": "test"}
     cases = write_cases(tmp_path_factory.mktemp("cases"), splits)
@@ -358,7 +358,7 @@ def test_ddp_prior_with_dropout_keeps_ranks_identical_and_resumes_exactly(
 @pytest.fixture(scope="module")
 def eval_world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A tiny VQ-VAE run and a manifest of 5 test cases (shares of 3 and 2) and 2 train."""
-    from tests.evaluation.test_evaluate import make_manifest, make_vqvae_run
+    from tests.support.runs import make_manifest, make_vqvae_run
 
     root = tmp_path_factory.mktemp("eval_world")
     splits = {**{f"a{i}": "test" for i in range(5)}, "b0": "train", "b1": "train"}
@@ -476,7 +476,7 @@ def test_ddp_evaluate_with_a_prior_shards_both_passes(
 ) -> None:
     """Held-out and training bits/latent and the nearest training scans match one process."""
     from mri_vqvae.data.manifest import load_manifest
-    from tests.evaluation.test_evaluate import make_prior_run
+    from tests.support.runs import make_prior_run
 
     digest = load_manifest(eval_world["manifest"]).digest
     prior = make_prior_run(tmp_path / "runs", eval_world["vqvae"], digest)

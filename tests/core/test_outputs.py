@@ -26,20 +26,11 @@ from mri_vqvae.core.outputs import (
     remove_stale_temps,
 )
 from mri_vqvae.tasks.cases import run_batch
+from tests.support.checks import fail_opens_under
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def fail_opens_under(monkeypatch: pytest.MonkeyPatch, folder: Path, code: int) -> None:
-    """`os.open` of a new file inside `folder` raises OSError(`code`), as a full/RO disk would."""
-    real = os.open
-
-    def fake(path: Any, flags: int, *args: Any, **kw: Any) -> int:
-        if flags & os.O_CREAT and Path(os.fsdecode(path)).is_relative_to(folder):
-            raise OSError(code, os.strerror(code), os.fsdecode(path))
-        return real(path, flags, *args, **kw)
-
-    monkeypatch.setattr(os, "open", fake)
 
 
 def test_ensure_writable_makes_the_folder_and_leaves_no_probe(tmp_path: Path) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import socket
 import threading
 from collections import Counter
@@ -35,10 +34,9 @@ from mri_vqvae.data.manifest import (
     write_manifest,
 )
 from pipelines.cli import cli
-from tests.conftest import make_head, write_nifti
+from tests.support.paths import MIRROR
+from tests.support.volumes import make_head, write_nifti
 
-REPO = Path(__file__).resolve().parents[2]
-MIRROR = Path(os.environ.get(ks.MIRROR_ENV) or REPO.parent / "shared/mri/open_ms_longitudinal")
 CFG = load_config("smoke")
 needs_mirror = pytest.mark.skipif(not (MIRROR / "SHA256SUMS").is_file(),
                                   reason=f"no open_ms mirror at {MIRROR} (set {ks.MIRROR_ENV})")

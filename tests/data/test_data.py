@@ -10,7 +10,7 @@ from mri_vqvae.config import load_config
 from mri_vqvae.data.datasets import case_items, make_dataset
 from mri_vqvae.data.manifest import Case, Manifest, sha256_file
 from mri_vqvae.data.transforms import build_transforms
-from tests.conftest import make_head, write_nifti
+from tests.support.volumes import make_head, write_nifti
 
 
 def _manifest(root: Path) -> Manifest:

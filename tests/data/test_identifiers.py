@@ -10,8 +10,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from tests.conftest import make_head
-from tests.data.test_io import write_series
+from tests.support.dicom import write_series
+from tests.support.volumes import make_head
 
 SECRETS = (b"Doe", b"Jane", b"SECRET-ID-42", b"John", b"Smith", b"MRN-777")
 

@@ -28,8 +28,8 @@ from mri_vqvae.core.errors import ConfigError, InvalidImageError
 from mri_vqvae.data.io import DEFAULT_MIN_SIZE, inspect_image, read_volume
 from mri_vqvae.data.readers.common import resampled_shape
 from mri_vqvae.data.transforms import IMAGE, RAS_LABELS, LoadCased, build_transforms
-from tests.conftest import make_head, write_nifti
-from tests.data.test_io import int_volume, oblique_affine, write_series
+from tests.support.dicom import write_series
+from tests.support.volumes import int_volume, make_head, oblique_affine, write_nifti
 
 
 def item_of(path: Path, verified: bool) -> dict:

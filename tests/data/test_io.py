@@ -28,8 +28,8 @@ from hypothesis import strategies as st
 from monai.transforms import EnsureChannelFirstd, LoadImaged, Orientationd, Spacingd
 from nibabel.testing import data_path as NIB_DATA
 from pydicom.data import get_testdata_file
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
 
 from mri_vqvae.core.errors import InvalidImageError
 from mri_vqvae.data.io import (
@@ -40,7 +40,15 @@ from mri_vqvae.data.io import (
     inspect_image,
     read_volume,
 )
-from tests.conftest import make_head, write_nifti
+from tests.support.dicom import (
+    FLIP,
+    base_dataset,
+    ds_str,
+    positions,
+    slice_geometry,
+    write_series,
+)
+from tests.support.volumes import int_volume, make_head, oblique_affine, write_nifti
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -48,23 +56,12 @@ with warnings.catch_warnings():
 
 ANATOMICAL = Path(NIB_DATA) / "anatomical.nii"
 NICOM_DATA = Path(dicomwrappers.__file__).parent / "tests" / "data"
-MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4"
 ENHANCED_MR = "1.2.840.10008.5.1.4.1.1.4.1"
-FLIP = np.diag([-1.0, -1.0, 1.0, 1.0])  # RAS <-> LPS
 
 
 # --- helpers -------------------------------------------------------------------------------------
 
 
-def oblique_affine(spacing: Sequence[float] = (1.2, 0.9, 2.0)) -> np.ndarray:
-    """An orthogonal but oblique (4, 4) RAS affine: rotations about z then x, mm spacing."""
-    a, b = np.deg2rad(20.0), np.deg2rad(10.0)
-    rz = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
-    rx = np.array([[1, 0, 0], [0, np.cos(b), -np.sin(b)], [0, np.sin(b), np.cos(b)]])
-    aff = np.eye(4)
-    aff[:3, :3] = rx @ rz @ np.diag(spacing)
-    aff[:3, 3] = (-30.0, 12.5, 40.0)
-    return aff
 
 
 def canonical(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -78,68 +75,14 @@ def column_norms(affine: np.ndarray) -> tuple[float, ...]:
     return tuple(np.linalg.norm(affine[:3, :3], axis=0))
 
 
-def ds_str(values: Sequence[float]) -> list[str]:
-    """DICOM DS strings (at most 16 characters each)."""
-    return [f"{float(v):.8g}" for v in values]
 
 
-def base_dataset(sop_class: str, series_uid: str) -> Dataset:
-    """A minimal MR dataset with file meta, 16-bit signed greyscale and a patient name."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, meta.MediaStorageSOPInstanceUID
-    ds.Modality, ds.PatientName, ds.PatientID = "MR", "Doe^Jane", "SECRET-ID-42"
-    ds.SeriesInstanceUID = series_uid
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-    return ds
 
 
-def slice_geometry(affine: np.ndarray) -> tuple[list[str], list[str], np.ndarray]:
-    """(ImageOrientationPatient, PixelSpacing, (Z, 3) slice positions) for a RAS affine."""
-    lps = FLIP @ affine
-    sx, sy = np.linalg.norm(lps[:3, 0]), np.linalg.norm(lps[:3, 1])
-    iop = ds_str(np.r_[lps[:3, 0] / sx, lps[:3, 1] / sy])
-    return iop, ds_str([sy, sx]), lps[:3, 3]
 
 
-def positions(affine: np.ndarray, n: int) -> np.ndarray:
-    """(n, 3) LPS positions of slices k = 0..n-1."""
-    lps = FLIP @ affine
-    return np.array([lps[:3, 3] + k * lps[:3, 2] for k in range(n)])
 
 
-def write_series(
-    folder: Path,
-    data: np.ndarray,
-    affine: np.ndarray,
-    seed: int = 0,
-    pos: np.ndarray | None = None,
-    series_uid: str | None = None,
-    prefix: str = "IM",
-) -> list[Path]:
-    """One classic MR slice file per z of integer `data` (X, Y, Z), under shuffled file names."""
-    folder.mkdir(parents=True, exist_ok=True)
-    iop, spacing, _ = slice_geometry(affine)
-    pos = positions(affine, data.shape[2]) if pos is None else pos
-    uid = series_uid or generate_uid()
-    names = np.random.default_rng(seed).permutation(len(pos))
-    paths = []
-    for k, p in enumerate(pos):
-        ds = base_dataset(MR_IMAGE, uid)
-        ds.ImageOrientationPatient, ds.PixelSpacing = iop, spacing
-        ds.ImagePositionPatient = ds_str(p)
-        ds.Rows, ds.Columns = data.shape[1], data.shape[0]
-        ds.PixelData = np.ascontiguousarray(
-            data[:, :, min(k, data.shape[2] - 1)].T, "<i2"
-        ).tobytes()
-        paths.append(folder / f"{prefix}{names[k]:04d}")
-        ds.save_as(paths[-1], enforce_file_format=True)
-    return paths
 
 
 def write_multiframe(
@@ -169,9 +112,6 @@ def write_multiframe(
     return path
 
 
-def int_volume(shape: tuple[int, int, int] = (12, 10, 6), seed: int = 0) -> np.ndarray:
-    """A small int16 volume with distinct values (so any axis mix-up shows)."""
-    return np.random.default_rng(seed).integers(-500, 3000, shape).astype(np.int16)
 
 
 def assert_invalid(path: Path, match: str, **kwargs: float) -> InvalidImageError:

@@ -19,8 +19,8 @@ from mri_vqvae.data import kit as kit_mod
 from mri_vqvae.data import kit_sources
 from mri_vqvae.data.manifest import load_manifest, verify_manifest
 from pipelines.cli import cli
-from tests.data.test_cohort import MIRROR
-from tests.tasks.test_preprocess import assert_sitk_agrees
+from tests.support.checks import assert_sitk_agrees
+from tests.support.paths import MIRROR
 
 pytestmark = pytest.mark.kit
 CFG = load_config("smoke")

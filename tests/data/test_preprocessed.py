@@ -13,7 +13,7 @@ from mri_vqvae.data.manifest import Case, Manifest, sha256_file
 from mri_vqvae.data.preprocessed import PreprocessedStore, with_store
 from mri_vqvae.data.transforms import IMAGE, build_transforms
 from mri_vqvae.tasks.preprocess import preprocess_manifest
-from tests.conftest import make_head, write_nifti
+from tests.support.volumes import make_head, write_nifti
 
 
 @pytest.fixture

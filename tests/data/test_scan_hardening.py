@@ -8,10 +8,8 @@ import os
 import threading
 from pathlib import Path
 
-import numpy as np
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+from pydicom.uid import generate_uid
 
 from mri_vqvae.core.errors import InvalidImageError, ManifestError
 from mri_vqvae.data.manifest import (
@@ -25,39 +23,8 @@ from mri_vqvae.data.manifest import (
 )
 from mri_vqvae.data.readers import dicom
 from mri_vqvae.data.readers.common import spacing_of
-from tests.conftest import make_head, write_nifti
-
-SLICES = 4
-ROWS, COLS = 5, 6
-
-
-def write_slices(folder: Path, uid: str, names: list[str] | None = None, number: int = 1,
-                 preamble: bool = True, step: float = 2.0) -> list[Path]:
-    """A classic MR series of SLICES files (rows x cols = ROWS x COLS) in `folder`."""
-    folder.mkdir(parents=True, exist_ok=True)
-    names = names or [generate_uid() for _ in range(SLICES)]  # UID-named: "1.2.826.0..."
-    paths = []
-    for k, name in enumerate(names):
-        ds = Dataset()
-        ds.SOPClassUID, ds.SOPInstanceUID = MRImageStorage, generate_uid()
-        ds.Modality, ds.SeriesInstanceUID, ds.SeriesNumber = "MR", uid, number
-        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-        ds.ImagePositionPatient = [0, 0, k * step]
-        ds.PixelSpacing, ds.Rows, ds.Columns = [1, 1], ROWS, COLS
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-        ds.PixelData = (np.arange(ROWS * COLS, dtype="<u2") + k).tobytes()
-        path = folder / name
-        if preamble:
-            ds.file_meta = FileMetaDataset()
-            ds.file_meta.MediaStorageSOPClassUID = MRImageStorage
-            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-            ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-            ds.save_as(path, enforce_file_format=True)
-        else:  # a raw dataset: no preamble, no "DICM"
-            ds.save_as(path, implicit_vr=True, little_endian=True)
-        paths.append(path)
-    return paths
+from tests.support.dicom import COLS, ROWS, SLICES, write_slices
+from tests.support.volumes import make_head, write_nifti
 
 
 def describe(path: Path, series_uid: str | None = None) -> dict:

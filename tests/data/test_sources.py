@@ -26,7 +26,7 @@ from mri_vqvae.data.sources import (
     sha256_sources,
     source_files,
 )
-from tests.data.test_scan_hardening import write_slices
+from tests.support.dicom import write_slices
 
 MHD = "ObjectType = Image\nNDims = 3\nDimSize = 2 2 2\nElementType = MET_UCHAR\n"
 

@@ -12,7 +12,7 @@ import torch
 from mri_vqvae.config import AugmentConfig, DataConfig, load_config
 from mri_vqvae.core.errors import InvalidImageError
 from mri_vqvae.data.transforms import augmentation_steps, build_transforms
-from tests.conftest import make_head, write_nifti
+from tests.support.volumes import make_head, write_nifti
 
 SMOKE = load_config("smoke")
 

@@ -33,8 +33,8 @@ from mri_vqvae.data.manifest import Case, Manifest
 from mri_vqvae.data.sources import sha256_sources
 from mri_vqvae.data.transforms import IMAGE, LoadCased, build_transforms, preprocessing_steps
 from mri_vqvae.tasks.preprocess import preprocess_manifest
-from tests.conftest import make_head, write_nifti
-from tests.data.test_io import int_volume, oblique_affine, write_series
+from tests.support.dicom import write_series
+from tests.support.volumes import int_volume, make_head, oblique_affine, write_nifti
 
 SMOKE = load_config("smoke")
 

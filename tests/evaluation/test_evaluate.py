@@ -19,10 +19,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from mri_vqvae.artifacts.checkpoint import WEIGHTS, save_checkpoint
-from mri_vqvae.config import load_config
 from mri_vqvae.core.errors import EvaluationError
-from mri_vqvae.data.manifest import Case, Manifest, sha256_file, write_manifest
 from mri_vqvae.evaluation.evaluate import EvaluateSettings, evaluate_runs, quality_of
 from mri_vqvae.evaluation.heldout import check_held_out
 from mri_vqvae.evaluation.metrics import (
@@ -42,82 +39,19 @@ from mri_vqvae.evaluation.sample_metrics import (
 )
 from mri_vqvae.evaluation.statistics import bootstrap_ci, summarise
 from mri_vqvae.models.autoencoders.vqvae import VQVAE
-from mri_vqvae.models.priors.pixelcnn.model import GatedPixelCNN3D
 from pipelines.cli import cli
-from tests.conftest import make_head, write_nifti
-from tests.evaluation.test_report import rendered_image_widths
-
-CFG = load_config("smoke")
-SPLITS = {"tr0": "train", "tr1": "train", "tr2": "train", "va0": "val", "te0": "test",
-          "te1": "test", "te2": "test"}
-
+from tests.support.browser import rendered_image_widths
+from tests.support.runs import CFG, make_manifest, make_prior_run, make_vqvae_run
+from tests.support.runs import EVAL_SPLITS as SPLITS
+from tests.support.volumes import make_head
 
 # --- fixtures: a manifest, a VQ-VAE run and a prior run ------------------------------------------
 
 
-def make_manifest(root: Path, splits: dict[str, str] = SPLITS, subjects: dict[str, str] | None
-                  = None, bad: tuple[str, ...] = ()) -> tuple[Manifest, Path]:
-    """Tiny heads (one per case, subject = case unless `subjects` says otherwise), written out.
-
-    Cases named in `bad` hold a constant volume (preprocessing refuses it).
-    """
-    data = root / "data"
-    data.mkdir(parents=True, exist_ok=True)
-    cases = []
-    for i, (cid, split) in enumerate(sorted(splits.items())):
-        vol = np.ones((9, 9, 9), np.float32) if cid in bad else make_head(seed=10 + i)
-        path = write_nifti(data / f"{cid}.nii.gz", vol)
-        cases.append(Case(case_id=cid, subject_id=(subjects or {}).get(cid, f"s{cid}"),
-                          source_id="syn", path=path.name, sha256=sha256_file(path),
-                          bytes=path.stat().st_size, modality="T1w", shape=vol.shape,
-                          spacing=(1.5, 1.5, 1.5), split=split))
-    manifest = Manifest(name="tiny", cases=tuple(cases), data_root=data)
-    path = root / "manifest.json"
-    if subjects is None:
-        write_manifest(manifest, path)
-    return manifest, path
 
 
-def make_vqvae_run(root: Path, digest: str | None, seed: int = 0, run_json: bool = True) -> Path:
-    """runs/vqvae/<run>/ with checkpoints/best, run.json and a few metrics.jsonl records."""
-    torch.manual_seed(seed)
-    run = root / "vqvae" / "20250101T000000Z-smoke-s0"
-    extra = {"experiment": CFG.model_dump(mode="json")}
-    if digest is not None:
-        extra["manifest_digest"] = digest
-    save_checkpoint(run / "checkpoints" / "best", VQVAE(CFG.vqvae).eval(), "vqvae", CFG.vqvae,
-                    extra=extra, step=6)
-    if run_json:
-        (run / "run.json").write_text(json.dumps({"manifest_digest": digest, "status": "done"}))
-    records = [{"step": s, "epoch": 0, "split": "train", "loss": 1.0 / s, "psnr": 10.0 + s}
-               for s in range(1, 7)] + [{"step": 6, "epoch": 0, "split": "val", "psnr": 14.0}]
-    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    return run
 
 
-def make_prior_run(root: Path, vq_run: Path, digest: str) -> Path:
-    """runs/prior/<run>/ over the VQ-VAE's 4x4x4 grids, recording its weights' sha256."""
-    torch.manual_seed(1)
-    vq_folder = vq_run / "checkpoints" / "best"
-    latents = root / "latents" / vq_run.name
-    latents.mkdir(parents=True)
-    (latents / "index.json").write_text(json.dumps({"cases": []}))
-    extra = {
-        "latents_dir": str(latents.resolve()),
-        "vqvae_checkpoint": str(vq_folder.resolve()),
-        "vqvae_sha256": sha256_file(vq_folder / WEIGHTS),
-        "manifest_digest": digest,
-        "latent_shape": [4, 4, 4],
-        "codebook_size": CFG.vqvae.codebook_size,
-        "data": CFG.data.model_dump(mode="json"),
-    }
-    run = root / "prior" / "20250101T000000Z-smoke-prior-s0"
-    save_checkpoint(run / "checkpoints" / "best", GatedPixelCNN3D(CFG.prior), "prior", CFG.prior,
-                    extra=extra, step=6)
-    (run / "metrics.jsonl").write_text("".join(
-        json.dumps({"step": s, "epoch": 0, "split": "train", "loss": 4.0 - s / 10,
-                    "bits_per_latent": 5.0 - s / 10}) + "\n" for s in range(1, 7)))
-    return run
 
 
 @pytest.fixture(scope="module")

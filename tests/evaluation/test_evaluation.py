@@ -16,7 +16,7 @@ from mri_vqvae.data.transforms import build_transforms
 from mri_vqvae.evaluation.evaluate import evaluate_reconstruction
 from mri_vqvae.evaluation.metrics import psnr, ssim
 from mri_vqvae.models.autoencoders.vqvae import VQVAE
-from tests.conftest import make_head, write_nifti
+from tests.support.volumes import make_head, write_nifti
 
 CFG = load_config("smoke")
 

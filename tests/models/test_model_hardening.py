@@ -472,8 +472,8 @@ def test_nonfinite_errors_are_user_errors() -> None:
 
 def test_likelihood_map_refuses_nonfinite_prior_bits(tmp_path: Path) -> None:
     from mri_vqvae.tasks.sample import likelihood_map
-    from tests.conftest import make_head
-    from tests.conftest import write_nifti as write_raw
+    from tests.support.volumes import make_head
+    from tests.support.volumes import write_nifti as write_raw
 
     scan = write_raw(tmp_path / "scan.nii.gz", make_head(seed=1))
     vqvae, _ = _model("vqvae")

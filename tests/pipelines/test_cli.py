@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from pipelines.cli import cli
-from tests.conftest import write_nifti
+from tests.support.volumes import write_nifti
 
 SUBCOMMANDS = ["demo", "data", "manifest", "preprocess", "sample", "likelihood", "encode",
                "train-prior", "reconstruct", "evaluate"]

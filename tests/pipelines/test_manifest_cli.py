@@ -17,7 +17,7 @@ from mri_vqvae.core.errors import DownloadError, ManifestError
 from mri_vqvae.data.manifest import load_manifest
 from pipelines import manifest_cmd
 from pipelines.cli import cli
-from tests.conftest import make_head, write_nifti
+from tests.support.volumes import make_head, write_nifti
 
 
 def nib_describe(path: Path) -> dict:

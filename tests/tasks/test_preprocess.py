@@ -13,7 +13,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-import SimpleITK as sitk
 from click.testing import CliRunner
 
 from mri_vqvae.config import load_config
@@ -21,8 +20,8 @@ from mri_vqvae.core.outputs import OutputError, output_lock
 from mri_vqvae.data.manifest import Manifest, load_manifest, sha256_file, write_manifest
 from mri_vqvae.tasks.preprocess import KILL_ENV, preprocess_manifest
 from pipelines.cli import cli
-from tests.conftest import make_head, write_nifti
-from tests.core.test_outputs import fail_opens_under
+from tests.support.checks import assert_sitk_agrees, fail_opens_under
+from tests.support.volumes import make_head, write_nifti
 
 
 def _manifest(root: Path, names: list[str]) -> Path:
@@ -76,15 +75,6 @@ def test_preprocess_writes_ras_nifti_montage_index(mixed_root: Path, tmp_path: P
     assert "flat" in (out / "failures.csv").read_text()
 
 
-def assert_sitk_agrees(path: Path, affine: np.ndarray) -> None:
-    """SimpleITK's LPS geometry, converted to RAS, equals nibabel's affine."""
-    img = sitk.ReadImage(str(path))
-    direction = np.array(img.GetDirection()).reshape(3, 3)
-    lps = np.eye(4)
-    lps[:3, :3] = direction * np.array(img.GetSpacing())
-    lps[:3, 3] = img.GetOrigin()
-    ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
-    np.testing.assert_allclose(ras, affine, atol=1e-4)
 
 
 def test_cli_preprocess_reports_and_strict_exits(mixed_root: Path, tmp_path: Path) -> None:

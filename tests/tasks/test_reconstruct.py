@@ -20,7 +20,7 @@ from mri_vqvae.core.outputs import OutputError
 from mri_vqvae.data.manifest import load_manifest, sha256_file
 from mri_vqvae.tasks.reconstruct import KILL_ENV, ReconstructError, reconstruct_manifest
 from pipelines.cli import cli
-from tests.evaluation.test_evaluate import CFG, make_manifest, make_vqvae_run
+from tests.support.runs import CFG, make_manifest, make_vqvae_run
 
 CASES = {"a0": "test", "a1": "test", "a2": "test", "a3": "test", "b0": "train"}
 

@@ -39,7 +39,7 @@ from mri_vqvae.tasks.sample import (
     write_likelihood,
 )
 from pipelines.cli import cli
-from tests.conftest import make_head, write_nifti
+from tests.support.volumes import make_head, write_nifti
 
 DATA = DataConfig(spacing=(3.0, 2.5, 2.0), spatial_size=(16, 20, 12))
 VQ = VQVAEConfig(levels=2, channels=(4, 8), num_res_channels=(4, 8), num_res_layers=1,

@@ -30,9 +30,10 @@ from mri_vqvae.data.manifest import load_manifest
 from mri_vqvae.models.priors.pixelcnn.model import GatedPixelCNN3D
 from mri_vqvae.training.loop import KILL_ENV, TrainingError, train_prior
 from pipelines.cli import cli, main
-from tests.artifacts.test_latents import SPLITS, save_vqvae_run, write_cases
+from tests.support.paths import REPO
+from tests.support.runs import HEAD_SPLITS as SPLITS
+from tests.support.runs import save_vqvae_run, write_cases
 
-REPO = Path(__file__).resolve().parents[2]
 MAX_STEPS = 7
 OVERRIDES = [f"train_prior.max_steps={MAX_STEPS}", "train_prior.batch_size=1",
              "train_prior.checkpoint_every=2", "prior.dropout=0.2"]

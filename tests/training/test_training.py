@@ -22,7 +22,6 @@ from mri_vqvae.artifacts.checkpoint import load_checkpoint, load_resume_state
 from mri_vqvae.artifacts.runs import read_metrics
 from mri_vqvae.config import ExperimentConfig, load_config
 from mri_vqvae.core.errors import ConfigError
-from mri_vqvae.data.manifest import Case, Manifest, sha256_file, write_manifest
 from mri_vqvae.data.transforms import augment_only
 from mri_vqvae.inference import reconstruct
 from mri_vqvae.models.autoencoders.vqvae import VQVAE, SpatialShapeError
@@ -35,9 +34,9 @@ from mri_vqvae.training.loop import (
     train_vqvae,
 )
 from pipelines.cli import cli
-from tests.conftest import make_head, write_nifti
+from tests.support.paths import REPO
+from tests.support.runs import write_head_manifest as _write_manifest
 
-REPO = Path(__file__).resolve().parents[2]
 MAX_STEPS = 7
 OVERRIDES = [f"train_vqvae.max_steps={MAX_STEPS}", "train_vqvae.batch_size=1",
              "train_vqvae.checkpoint_every=2"]
@@ -48,18 +47,6 @@ VAL_KEYS = {"step", "epoch", "split", "time", "loss", "recon_loss", "commitment_
             "ssim", "perplexity", "codes_used", "num_cases"}
 
 
-def _write_manifest(root: Path, splits: dict[str, str], name: str = "m.json") -> Path:
-    cases = []
-    for i, (case_id, split) in enumerate(splits.items()):
-        path = root / f"{case_id}.nii.gz"
-        if not path.exists():
-            write_nifti(path, make_head(seed=i))
-        cases.append(Case(case_id=case_id, subject_id=case_id, source_id="synthetic",
-                          path=path.name, sha256=sha256_file(path), bytes=path.stat().st_size,
-                          modality="T1w", shape=(24, 28, 20), spacing=(1.5, 1.5, 1.5),
-                          split=split))
-    write_manifest(Manifest(name="tiny", cases=tuple(cases), data_root=root), root / name)
-    return root / name
 
 
 @pytest.fixture(scope="module")
