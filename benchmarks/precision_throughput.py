@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mri_vqvae.config import load_config  # noqa: E402
 from mri_vqvae.core.precision import cpu_bf16_support, cpu_flags, resolve_precision  # noqa: E402
-from mri_vqvae.models.autoencoders.vqvae import VQVAE  # noqa: E402
+from mri_vqvae.models.autoencoders.vqvae.model import VQVAE  # noqa: E402
 from mri_vqvae.models.priors.pixelcnn.model import GatedPixelCNN3D  # noqa: E402
 
 
@@ -46,7 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def _vqvae_step(config) -> Callable[[bool], None]:
     torch.manual_seed(0)
-    model = VQVAE(config.vqvae)
+    model = VQVAE(config.autoencoder)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.rand(config.train_vqvae.batch_size, 1, *config.data.spatial_size)
 
@@ -65,7 +65,7 @@ def _prior_step(config) -> Callable[[bool], None]:
     torch.manual_seed(0)
     model = GatedPixelCNN3D(config.prior)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    grid = tuple(s // 2**config.vqvae.levels for s in config.data.spatial_size)
+    grid = tuple(s // 2**config.autoencoder.levels for s in config.data.spatial_size)
     x = torch.randint(0, config.prior.codebook_size, (config.train_prior.batch_size, *grid))
 
     def step(bf16: bool) -> None:

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from mri_vqvae.config import PriorConfig
+from mri_vqvae.models.priors.pixelcnn.config import PixelCNNConfig
 from mri_vqvae.models.priors.pixelcnn.model import GatedPixelCNN3D
 from mri_vqvae.models.priors.pixelcnn.sampling import StepState, naive_logits_at, sample_categorical
 
@@ -172,7 +172,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    cfg = PriorConfig()
+    cfg = PixelCNNConfig()
     model = GatedPixelCNN3D(cfg).eval()
     params = sum(p.numel() for p in model.parameters())
     rows = [bench_prior(model, g, b, args.quick) for g in (8, 16) for b in (1, 8)]

@@ -42,9 +42,9 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mri_vqvae.config import VQVAEConfig  # noqa: E402
-from mri_vqvae.models.autoencoders.quantizer import code_statistics, nearest_code  # noqa: E402
-from mri_vqvae.models.autoencoders.vqvae import VQVAE  # noqa: E402
+from mri_vqvae.models.autoencoders.vqvae.config import VQVAEConfig  # noqa: E402
+from mri_vqvae.models.autoencoders.vqvae.model import VQVAE  # noqa: E402
+from mri_vqvae.models.autoencoders.vqvae.quantizer import code_statistics, nearest_code  # noqa: E402
 
 MODELS = ("ours", "ours_k33", "monai")
 

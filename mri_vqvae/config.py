@@ -2,7 +2,9 @@
 
 Every model forbids unknown keys. `load_config` reads YAML plus ``key=value`` overrides and turns
 any validation failure into a `ConfigError` that names the key and suggests the closest valid one.
-Stdlib, pydantic and PyYAML only: importing this module never imports torch.
+The model sections (``autoencoder:``, ``prior:``) are chosen by their ``kind`` field among the
+config classes of `mri_vqvae.models.registry`. Stdlib, pydantic and PyYAML only: importing this
+module never imports torch.
 """
 
 from __future__ import annotations
@@ -11,12 +13,11 @@ import difflib
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Union
 
 import yaml
 from pydantic import (
     BaseModel,
-    ConfigDict,
     Field,
     ValidationError,
     field_validator,
@@ -24,16 +25,14 @@ from pydantic import (
 )
 
 from mri_vqvae.core.errors import ConfigError
+from mri_vqvae.core.strict import StrictModel
+from mri_vqvae.models import registry
 
 Triple = tuple[float, float, float]
 IntTriple = tuple[int, int, int]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class DataConfig(_Strict):
+class DataConfig(StrictModel):
     """How volumes are loaded and normalised (see `mri_vqvae.data.transforms`)."""
 
     spacing: Triple = Field((2.5, 2.5, 2.5), description="target voxel size in mm, RAS order")
@@ -77,35 +76,35 @@ class DataConfig(_Strict):
         return v
 
 
-class AffineAugment(_Strict):
+class AffineAugment(StrictModel):
     prob: float = Field(0.5, ge=0, le=1)
     rotate_deg: float = Field(8.0, ge=0, description="max rotation about each axis")
     scale: float = Field(0.08, ge=0, description="max relative zoom per axis")
     translate_vox: float = Field(3.0, ge=0, description="max shift per axis in voxels")
 
 
-class ElasticAugment(_Strict):
+class ElasticAugment(StrictModel):
     prob: float = Field(0.2, ge=0, le=1)
     sigma: tuple[float, float] = (5.0, 7.0)
     magnitude: tuple[float, float] = (20.0, 60.0)
 
 
-class BiasFieldAugment(_Strict):
+class BiasFieldAugment(StrictModel):
     prob: float = Field(0.3, ge=0, le=1)
     coeff: float = Field(0.3, ge=0, description="max polynomial coefficient of the log bias field")
 
 
-class ContrastAugment(_Strict):
+class ContrastAugment(StrictModel):
     prob: float = Field(0.3, ge=0, le=1)
     gamma: tuple[float, float] = (0.7, 1.5)
 
 
-class NoiseAugment(_Strict):
+class NoiseAugment(StrictModel):
     prob: float = Field(0.2, ge=0, le=1)
     std: float = Field(0.02, ge=0, description="Gaussian noise std on the [0, 1] intensity scale")
 
 
-class AugmentConfig(_Strict):
+class AugmentConfig(StrictModel):
     """Named random steps added to the training chain, applied in this order."""
 
     enabled: bool = True
@@ -116,144 +115,7 @@ class AugmentConfig(_Strict):
     noise: NoiseAugment = NoiseAugment()
 
 
-class VQVAEConfig(_Strict):
-    """The 3D VQ-VAE (`mri_vqvae.models.autoencoders.vqvae.VQVAE`) and its EMA codebook
-    (`mri_vqvae.models.autoencoders.quantizer`).
-
-    The latent grid is ``data.spatial_size // 2**levels`` per axis, so every axis of
-    ``data.spatial_size`` must be a multiple of ``2**levels``.
-    """
-
-    levels: int = Field(
-        3, ge=2, le=3, description="stride-2 downsamplings: 2 -> 4x, 3 -> 8x smaller per axis"
-    )
-    channels: tuple[int, ...] = Field(
-        (32, 64, 128),
-        validate_default=True,
-        description="feature channels of each level, finest first (one per level)",
-    )
-    num_res_layers: int = Field(2, ge=0, description="residual units after each downsampling")
-    num_res_channels: tuple[int, ...] = Field(
-        (32, 64, 128),
-        validate_default=True,
-        description="hidden channels inside the residual units of each level",
-    )
-    residual_kernels: tuple[int, int] = Field(
-        (3, 1),
-        description="kernel sizes of the two convolutions of a residual unit; (3, 1) is the "
-        "original VQ-VAE unit and measured faster, (3, 3) is MONAI's",
-    )
-    activation: str = Field("relu", description="relu | leaky_relu | silu | gelu")
-    norm: str = Field("none", description="none | group (GroupNorm with 8 groups)")
-    upsample: str = Field(
-        "transpose", description="transpose (4^3 transposed conv) | nearest (upsample + 3^3 conv)"
-    )
-    codebook_size: int = Field(512, ge=2, description="number of codes K")
-    embedding_dim: int = Field(64, ge=1, description="length D of each code vector")
-    commitment_cost: float = Field(0.25, ge=0, description="weight of ||z_e - sg(z_q)||^2")
-    ema_decay: float = Field(
-        0.99, ge=0, lt=1, description="EMA decay of code counts and sums (0: batch means)"
-    )
-    ema_epsilon: float = Field(1e-5, gt=0, description="Laplace smoothing of the EMA counts")
-    dead_code_threshold: float = Field(
-        0.03,
-        ge=0,
-        description="a code is dead when, over the last revival_interval steps, it was used "
-        "fewer than this fraction of the average code's uses; 0 disables revival",
-    )
-    revival_interval: int = Field(
-        50, ge=1, description="training steps between dead-code checks (the usage window)"
-    )
-    kmeans_init: bool = Field(
-        True, description="initialise the codebook by k-means on the first training batch"
-    )
-    kmeans_iters: int = Field(10, ge=1, description="Lloyd iterations of the k-means init")
-    gradient_checkpointing: bool = Field(
-        False, description="recompute each level's activations in backward (less memory)"
-    )
-    channels_last: bool = Field(
-        True, description="run convolutions in channels_last_3d (measured faster on CPU)"
-    )
-
-    @field_validator("channels", "num_res_channels")
-    @classmethod
-    def _match_levels(cls, v: tuple[int, ...], info: Any) -> tuple[int, ...]:
-        levels = info.data.get("levels")
-        if levels is not None and len(v) != levels:
-            raise ValueError(
-                f"needs one entry per level: levels={levels} but got {len(v)} entries {v}; "
-                f"give {levels} values or change vqvae.levels"
-            )
-        if min(v, default=1) <= 0:
-            raise ValueError(f"channel counts must be positive, got {v}")
-        return v
-
-    @field_validator("residual_kernels")
-    @classmethod
-    def _odd_kernels(cls, v: tuple[int, int]) -> tuple[int, int]:
-        if any(k <= 0 or k % 2 == 0 for k in v):
-            raise ValueError(f"residual kernels must be positive odd sizes, got {v}")
-        return v
-
-    @field_validator("activation", "norm", "upsample")
-    @classmethod
-    def _known_choice(cls, v: str, info: Any) -> str:
-        choices = {
-            "activation": ("relu", "leaky_relu", "silu", "gelu"),
-            "norm": ("none", "group"),
-            "upsample": ("transpose", "nearest"),
-        }[info.field_name]
-        if v not in choices:
-            raise ValueError(f"{info.field_name} must be one of {choices}, got {v!r}")
-        widths = info.data.get("channels", ()) + info.data.get("num_res_channels", ())
-        if v == "group" and any(c % 8 for c in widths):
-            raise ValueError(
-                f"norm='group' uses 8 groups: every channel count must be a multiple of 8, "
-                f"got {widths}"
-            )
-        return v
-
-
-class PriorConfig(_Strict):
-    """The 3D gated PixelCNN prior over VQ-VAE code grids
-    (`mri_vqvae.models.priors.pixelcnn.model.GatedPixelCNN3D`).
-
-    Each stack reaches ``num_layers * (kernel_size // 2)`` latents back along its axis, so the
-    defaults cover a 16^3 latent grid with half its extent as context per axis.
-    """
-
-    codebook_size: int = Field(
-        512, ge=2, description="number of codes K; must equal vqvae.codebook_size"
-    )
-    embedding_dim: int = Field(32, ge=1, description="width of the learned input-code embedding")
-    hidden_channels: int = Field(64, ge=1, description="channels C of each causal stack")
-    num_layers: int = Field(8, ge=1, description="gated layers; the first uses mask A")
-    kernel_size: int = Field(3, ge=3, description="odd size k of the causal convolution window")
-    head_channels: int = Field(128, ge=1, description="hidden width of the 1x1 output head")
-    num_classes: int = Field(
-        0, ge=0, description="0 = unconditional; else a learned class embedding in every layer"
-    )
-    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the width-stack gate output")
-    temperature: float = Field(1.0, ge=0, description="default sampling temperature (0 = argmax)")
-    top_k: int | None = Field(None, ge=1, description="default top-k cut for sampling; null = none")
-
-    @field_validator("kernel_size")
-    @classmethod
-    def _odd_kernel(cls, v: int) -> int:
-        if v % 2 == 0:
-            raise ValueError(f"kernel_size must be odd (the window is centred), got {v}")
-        return v
-
-    @field_validator("top_k")
-    @classmethod
-    def _top_k_in_codebook(cls, v: int | None, info: Any) -> int | None:
-        size = info.data.get("codebook_size")
-        if v is not None and size is not None and v > size:
-            raise ValueError(f"top_k={v} exceeds codebook_size={size}; use at most {size}")
-        return v
-
-
-class TrainConfig(_Strict):
+class TrainConfig(StrictModel):
     """One training run (`mri_vqvae.training.loop`): ``train_vqvae`` and ``train_prior`` sections.
 
     Progress is counted in optimizer steps (one batch each): the run stops after ``max_steps``.
@@ -331,7 +193,7 @@ COHORT_MODALITIES = ("T1w", "T2w", "FLAIR")
 """Contrasts of the kit's real-patient cohort, in canonical order."""
 
 
-class KitConfig(_Strict):
+class KitConfig(StrictModel):
     """The offline real-MRI kit (`mri-vqvae data kit`)."""
 
     pseudo_subjects: int = Field(
@@ -363,29 +225,73 @@ class KitConfig(_Strict):
         return tuple(m for m in COHORT_MODALITIES if m in v)
 
 
-class ExperimentConfig(_Strict):
-    """One experiment: everything a run needs besides the manifest."""
+AutoencoderSection = Annotated[
+    Union[registry.config_classes("autoencoder")],  # noqa: UP007 (a runtime tuple of classes)
+    Field(discriminator="kind"),
+]
+PriorSection = Annotated[
+    Union[registry.config_classes("prior")],  # noqa: UP007
+    Field(discriminator="kind"),
+]
+_DEFAULT_KINDS = {"autoencoder": "vqvae", "prior": "pixelcnn"}
+
+
+def _legacy_sections(data: dict[str, Any]) -> dict[str, Any]:
+    """Configs written before model kinds: ``vqvae:`` is the autoencoder; kinds default."""
+    data = dict(data)
+    if "vqvae" in data:
+        legacy = data.pop("vqvae")
+        if not isinstance(legacy, dict):
+            raise ValueError(f"vqvae must be a section (mapping), got {legacy!r}")
+        data["autoencoder"] = {**dict(data.get("autoencoder") or {}), **legacy}  # --set vqvae.x wins
+    for section, kind in _DEFAULT_KINDS.items():
+        value = data.get(section)
+        if value is None:
+            data[section] = {"kind": kind}
+        elif isinstance(value, dict) and "kind" not in value:
+            data[section] = {"kind": kind, **value}
+    return data
+
+
+def _fill_codebook(data: dict[str, Any]) -> dict[str, Any]:
+    """The prior models the autoencoder's codes: its codebook_size is the autoencoder's."""
+    auto, prior = data.get("autoencoder"), data.get("prior")
+    if not isinstance(auto, dict) or not isinstance(prior, dict):
+        return data
+    size = auto.get("codebook_size", 512)
+    given = prior.get("codebook_size")
+    if given is not None and given != size:
+        raise ValueError(
+            f"prior.codebook_size={given} differs from autoencoder.codebook_size={size}: the "
+            "prior models the autoencoder's codes; leave prior.codebook_size out (it is filled "
+            "in) or set both to the same value"
+        )
+    data["prior"] = {**prior, "codebook_size": size}
+    return data
+
+
+class ExperimentConfig(StrictModel):
+    """One experiment: everything a run needs besides the manifest.
+
+    ``vqvae:`` (configs written before model kinds) is read as ``autoencoder:`` with kind vqvae.
+    """
 
     name: str = "default"
     seed: int = 0
     data: DataConfig = DataConfig()
     augment: AugmentConfig = AugmentConfig()
     kit: KitConfig = KitConfig()
-    vqvae: VQVAEConfig = VQVAEConfig()
-    prior: PriorConfig = PriorConfig()
+    autoencoder: AutoencoderSection = Field(default_factory=lambda: registry.KINDS["vqvae"].config())
+    prior: PriorSection = Field(default_factory=lambda: registry.KINDS["pixelcnn"].config())
     train_vqvae: TrainConfig = TrainConfig()
     train_prior: TrainConfig = TrainConfig()
 
-    @model_validator(mode="after")
-    def _same_codebook(self) -> ExperimentConfig:
-        if self.prior.codebook_size != self.vqvae.codebook_size:
-            raise ValueError(
-                f"prior.codebook_size={self.prior.codebook_size} differs from "
-                f"vqvae.codebook_size={self.vqvae.codebook_size}: the prior models the VQ-VAE's "
-                f"codes, so both must be equal; set both to the same value, e.g. "
-                f"--set prior.codebook_size={self.vqvae.codebook_size}"
-            )
-        return self
+    @model_validator(mode="before")
+    @classmethod
+    def _sections(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            data = _fill_codebook(_legacy_sections(data))
+        return data
 
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -402,12 +308,19 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def _member_models(annotation: Any) -> list[type[BaseModel]]:
+    """The pydantic models an annotation allows (itself, or the members of a union)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    members = getattr(annotation, "__args__", ())
+    return [m for a in members for m in _member_models(a)]
+
+
 def _valid_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
     keys = []
     for name, field in model.model_fields.items():
         keys.append(prefix + name)
-        ann = field.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
+        for ann in _member_models(field.annotation):
             keys.extend(_valid_keys(ann, prefix + name + "."))
     return keys
 
@@ -415,8 +328,15 @@ def _valid_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
 def _explain(err: ValidationError, source: str) -> str:
     lines = [f"invalid configuration in {source}:"]
     valid = _valid_keys(ExperimentConfig)
+    tags = set(registry.KINDS)
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"])
+        loc, kind = list(e["loc"]), None
+        if len(loc) > 1 and loc[0] in ("autoencoder", "prior") and loc[1] in tags:
+            kind = loc.pop(1)  # the union member pydantic tried: the section names it already
+        key = ".".join(str(p) for p in loc)
+        if e["type"] == "extra_forbidden" and kind is not None and key in valid:
+            lines.append(f"  {key} is not a setting of {loc[0]} kind {kind!r}; remove it")
+            continue
         if not key:  # a check across sections (model_validator): the message says it all
             lines.append(f"  {str(e['msg']).removeprefix('Value error, ')}")
         elif e["type"] == "extra_forbidden":
@@ -426,6 +346,14 @@ def _explain(err: ValidationError, source: str) -> str:
         else:
             lines.append(f"  {key}: {e['msg']} (received {e.get('input')!r})")
     return "\n".join(lines)
+
+
+def _keep_settings_of_kind(tree: dict[str, Any], section: str) -> None:
+    """After ``--set prior.kind=...``: drop the file's settings the new kind does not have."""
+    node = tree.get(section)
+    kind = registry.KINDS.get(node.get("kind")) if isinstance(node, dict) else None
+    if kind is not None and kind.role == section:
+        tree[section] = {k: v for k, v in node.items() if k in kind.config.model_fields}
 
 
 def resolve_config_path(name_or_path: str | Path) -> Path:
@@ -461,6 +389,8 @@ def load_config(
             raise ConfigError(f"override {item!r} must look like key.sub=value")
         key, raw = item.split("=", 1)
         _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+        if key.strip() in ("autoencoder.kind", "prior.kind"):
+            _keep_settings_of_kind(tree, key.strip().split(".")[0])
     try:
         return ExperimentConfig.model_validate(tree)
     except ValidationError as exc:

@@ -8,7 +8,7 @@ import torch
 from monai.inferers import sliding_window_inference
 from torch import Tensor
 
-from mri_vqvae.models.autoencoders.vqvae import VQVAE
+from mri_vqvae.models.autoencoders.vqvae.model import VQVAE
 
 
 @torch.no_grad()

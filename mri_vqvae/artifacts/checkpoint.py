@@ -54,6 +54,7 @@ from mri_vqvae.core.atomic import atomic_path, atomic_write_text, make_temp_dir
 from mri_vqvae.core.errors import CheckpointError
 from mri_vqvae.core.finite import describe_nonfinite
 from mri_vqvae.data.manifest import sha256_file
+from mri_vqvae.models.registry import KINDS, LEGACY_KINDS, ModelKind
 
 log = logging.getLogger(__name__)
 
@@ -89,39 +90,13 @@ class LoadedCheckpoint:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-# --- default builders (lazy: the model modules import only when a checkpoint needs them) --------
+# --- registered kinds (mri_vqvae.models.registry; model code imports only when built) ---------
 
 
-def _build_vqvae(config: dict[str, Any]) -> nn.Module:
-    from mri_vqvae.config import VQVAEConfig
-    from mri_vqvae.models.autoencoders.vqvae import VQVAE
-
-    return VQVAE(VQVAEConfig.model_validate(config))
-
-
-def _build_prior(config: dict[str, Any]) -> nn.Module:
-    from mri_vqvae.config import PriorConfig
-    from mri_vqvae.models.priors.pixelcnn.model import GatedPixelCNN3D
-
-    return GatedPixelCNN3D(PriorConfig.model_validate(config))
-
-
-DEFAULT_BUILDERS: Mapping[str, Builder] = {"vqvae": _build_vqvae, "prior": _build_prior}
-
-
-def _sizer(kind: str) -> tuple[type[BaseModel], Callable[[Any], int]] | None:
-    """(config model, values-in-state_dict function) of a default kind, else None."""
-    if kind == "vqvae":
-        from mri_vqvae.config import VQVAEConfig
-        from mri_vqvae.models.autoencoders.vqvae import state_numel
-
-        return VQVAEConfig, state_numel
-    if kind == "prior":
-        from mri_vqvae.config import PriorConfig
-        from mri_vqvae.models.priors.pixelcnn.model import state_numel as prior_numel
-
-        return PriorConfig, prior_numel
-    return None
+def _registered(kind: str) -> ModelKind | None:
+    """The registry's entry for a checkpoint kind (legacy names included), else None."""
+    name = LEGACY_KINDS.get(kind, kind)
+    return KINDS.get(name)
 
 
 # --- small helpers -------------------------------------------------------------------------------
@@ -643,11 +618,11 @@ def _validated_config(
 
 def _check_size(folder: Path, kind: str, meta: dict[str, Any], weights: Path) -> None:
     """Refuse, before anything is allocated, a config whose model is absurdly large."""
-    sizer = _sizer(kind)
-    if sizer is None:
+    registered = _registered(kind)
+    if registered is None:
         return
-    cls, numel = sizer
-    cfg = _validated_config(folder, kind, meta, cls)
+    numel = registered.state_numel()
+    cfg = _validated_config(folder, kind, meta, registered.config)
     wanted, cap, held = numel(cfg), max_parameters(), _file_numel(weights)
     where = f"{folder / CONFIG}: its {kind} config describes a model of {wanted:,} values"
     held_text = "" if held is None else f" {WEIGHTS} holds {held:,} values."
@@ -709,7 +684,8 @@ def load_checkpoint(
 ) -> LoadedCheckpoint:
     """Rebuild the model stored in `folder` from its files alone (no YAML), in eval mode.
 
-    `builders` maps kind -> callable(config dict) -> nn.Module and extends `DEFAULT_BUILDERS`.
+    Kinds come from `mri_vqvae.models.registry` (checkpoints of older versions included);
+    `builders` maps other kinds -> callable(config dict) -> nn.Module (models outside the tool).
     Raises `CheckpointError` for an incomplete folder, a malformed config.json, a checksum
     mismatch, a config above `max_parameters()` (checked before building), weights that do not
     fit the rebuilt model (missing / unexpected keys, wrong shapes) or hold NaN / ±Inf.
@@ -717,17 +693,21 @@ def load_checkpoint(
     folder = resolve_checkpoint(folder)
     meta = _read_meta(folder)
     weights = _verify(folder, meta, WEIGHTS)
-    table = {**DEFAULT_BUILDERS, **(builders or {})}
     kind = meta["kind"]
-    if kind not in table:
+    registered = _registered(kind)
+    extra_builders = dict(builders or {})
+    if registered is None and kind not in extra_builders:
         raise CheckpointError(
-            f"{folder / CONFIG}: unknown model kind {kind!r}; known kinds {sorted(table)} "
-            "(pass builders={kind: callable} to load other models)"
+            f"{folder / CONFIG}: unknown model kind {kind!r}; known kinds "
+            f"{sorted({**KINDS, **extra_builders})} (pass builders={{kind: callable}} to load "
+            "other models)"
         )
-    if table[kind] is DEFAULT_BUILDERS.get(kind):
-        _check_size(folder, kind, meta, weights)
     try:
-        model = table[kind](dict(meta["config"]))
+        if kind in extra_builders:
+            model = extra_builders[kind](dict(meta["config"]))
+        else:
+            _check_size(folder, kind, meta, weights)
+            model = registered.build(registered.config.model_validate(meta["config"]))
     except ValidationError as exc:
         raise CheckpointError(
             f"{folder / CONFIG}: the stored {kind} config does not validate with this mri-vqvae "

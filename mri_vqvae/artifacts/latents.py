@@ -49,7 +49,7 @@ from mri_vqvae.data.datasets import case_items, plain_volume
 from mri_vqvae.data.manifest import Manifest, sha256_file
 from mri_vqvae.data.preprocessed import with_store
 from mri_vqvae.data.transforms import IMAGE, build_transforms
-from mri_vqvae.models.autoencoders.vqvae import VQVAE
+from mri_vqvae.models.autoencoders.vqvae.model import VQVAE
 from mri_vqvae.tasks.cases import Failure, innermost_error, run_batch, write_failures
 
 log = logging.getLogger(__name__)

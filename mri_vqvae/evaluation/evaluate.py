@@ -73,7 +73,7 @@ from mri_vqvae.tasks.cases import Failure, run_batch, write_failures
 
 if TYPE_CHECKING:
     from mri_vqvae.artifacts.latents import VQVAESource
-    from mri_vqvae.models.autoencoders.vqvae import VQVAE
+    from mri_vqvae.models.autoencoders.vqvae.model import VQVAE
     from mri_vqvae.models.priors.pixelcnn.model import GatedPixelCNN3D
     from mri_vqvae.tasks.sample import PriorRun
 
@@ -367,7 +367,7 @@ def _held_out_pass(model: VQVAE, data: DataConfig, items: list[dict[str, Any]],
             held.features.append(F.adaptive_avg_pool3d(z_e.float(), FEATURE_GRID)
                                  .flatten(1)[0].cpu().numpy())
             if prior is not None:
-                held.bits.append(float(prior.nll(q.indices)))
+                held.bits.append(float(prior.grid_bits(q.indices)[0]))
             if len(held.views) < s.report_cases:
                 held.views.append((quality.case_id, prepared.volume,
                                    recon[0, 0].clamp(0, 1).cpu().numpy()))
@@ -401,7 +401,7 @@ def _train_pass(model: VQVAE, prior: GatedPixelCNN3D, data: DataConfig,
                 failures.append(Failure(item["case_id"], item["image"], str(prepared.error)))
                 continue
             x = torch.from_numpy(prepared.volume)[None, None].to(device)
-            bits.append(float(prior.nll(model.encode_indices(x))))
+            bits.extend(prior.grid_bits(model.encode_indices(x)).tolist())
             nearest.update(str(item["case_id"]), prepared.volume)
     return bits, failures
 

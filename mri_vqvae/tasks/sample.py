@@ -18,7 +18,7 @@ each (`sample_sidecar`), and one montage. No training-scan identifier is written
 sidecars name only checkpoints, hashes and settings, and NIfTI headers are built fresh.
 
 CPU threads: the cached sampler runs many tiny per-voxel kernels, where extra OpenMP threads only
-add synchronisation. Measured on the shared 2-core box (default PriorConfig, 8x10x8 grid): batch 1
+add synchronisation. Measured on the shared 2-core box (default PixelCNNConfig, 8x10x8 grid): batch 1
 0.22 s with 1 thread vs 26 s with 2; batch 8 0.47 s vs 2.6 s; decoding 2 default-VQ-VAE volumes
 0.17 s vs 0.49 s. So sampling and decoding on CPU run with ``threads=1`` by default (restored
 afterwards); pass a larger number on a quiet many-core machine.
@@ -67,7 +67,7 @@ from mri_vqvae.data.kit_sources import run_citations
 from mri_vqvae.data.manifest import sha256_file
 from mri_vqvae.data.writers import affine_spacing, write_nifti
 from mri_vqvae.evaluation.report import orthogonal_montage
-from mri_vqvae.models.autoencoders.vqvae import VQVAE
+from mri_vqvae.models.autoencoders.vqvae.model import VQVAE
 from mri_vqvae.models.priors.pixelcnn.model import GatedPixelCNN3D
 
 log = logging.getLogger(__name__)
@@ -543,7 +543,7 @@ def likelihood_map(run: PriorRun, input_path: str | Path) -> LikelihoodResult:
         indices = run.vqvae.encode_indices(x)  # (1, d, h, w)
     except NonFiniteError as exc:
         raise NonFiniteError(f"{input_path} (VQ-VAE {run.paths.vqvae_checkpoint}): {exc}") from None
-    bits = run.prior.nll(indices, per_position=True)[0].float().cpu().numpy()
+    bits = run.prior.bits(indices)[0].float().cpu().numpy()
     problem = describe_nonfinite(bits)
     if problem is not None:
         raise NonFiniteError(

@@ -30,7 +30,7 @@ contiguous share of the step's keys (`shard_bounds`), so the ranks together see 
 single-process batch; ``batch_size`` must divide by the world size. A share's loss is weighted
 by ``share * world / batch`` so that DDP's gradient average is the gradient of the whole batch's
 mean loss, even for the smaller last batch of an epoch. The EMA codebook is kept identical on
-every rank by the quantizer (`mri_vqvae.models.autoencoders.quantizer`). Logged train terms are
+every rank by the quantizer (`mri_vqvae.models.autoencoders.vqvae.quantizer`). Logged train terms are
 those of the whole
 batch. Only rank 0 writes (run folder, metrics, checkpoints, previews, likelihood.json) and
 validates; the others wait for its validation result (a broadcast) and, after each
@@ -107,8 +107,8 @@ from mri_vqvae.data.preprocessed import with_store
 from mri_vqvae.data.transforms import IMAGE, augment_only, build_transforms
 from mri_vqvae.evaluation.metrics import mean_of, psnr, ssim
 from mri_vqvae.evaluation.report import orthogonal_montage
-from mri_vqvae.models.autoencoders.quantizer import usage
-from mri_vqvae.models.autoencoders.vqvae import VQVAE
+from mri_vqvae.models.autoencoders.vqvae.model import VQVAE
+from mri_vqvae.models.autoencoders.vqvae.quantizer import usage
 from mri_vqvae.models.priors.pixelcnn.model import GatedPixelCNN3D
 from mri_vqvae.training.progress import StepClock, StopControl, slow_step_message
 
@@ -593,7 +593,7 @@ class _Session:
 
     @property
     def model_config(self) -> BaseModel:
-        return getattr(self.config, self.stage)
+        return self.config.autoencoder if self.stage == "vqvae" else self.config.prior
 
     @property
     def n_train(self) -> int:
@@ -889,7 +889,7 @@ def _build_session(
     world = distributed.world_size()
     check_world_size(len(train_items), tc.batch_size, world, "train_vqvae")
     seed_everything(config.seed)
-    model = VQVAE(config.vqvae)
+    model = VQVAE(config.autoencoder)
     model.latent_shape(config.data.spatial_size)  # SpatialShapeError: names the fix
     model.to(device)
     optimizer = _adamw(model, tc)

@@ -96,15 +96,16 @@ def test_round_trip_is_bit_identical(tmp_path: Path) -> None:
 
 
 def test_real_models_round_trip(tmp_path: Path) -> None:
-    pytest.importorskip("mri_vqvae.models.autoencoders.vqvae")
+    pytest.importorskip("mri_vqvae.models.autoencoders.vqvae.model")
     pytest.importorskip("mri_vqvae.models.priors.pixelcnn.model")
-    from mri_vqvae.config import PriorConfig, VQVAEConfig
-    from mri_vqvae.models.autoencoders.vqvae import VQVAE
+    from mri_vqvae.models.autoencoders.vqvae.config import VQVAEConfig
+    from mri_vqvae.models.autoencoders.vqvae.model import VQVAE
+    from mri_vqvae.models.priors.pixelcnn.config import PixelCNNConfig
     from mri_vqvae.models.priors.pixelcnn.model import GatedPixelCNN3D
 
     vcfg = VQVAEConfig(levels=2, channels=(8, 8), num_res_channels=(8, 8), codebook_size=16,
                        embedding_dim=4)
-    pcfg = PriorConfig(codebook_size=16, embedding_dim=4, hidden_channels=8, num_layers=2,
+    pcfg = PixelCNNConfig(codebook_size=16, embedding_dim=4, hidden_channels=8, num_layers=2,
                        head_channels=8)
     for kind, model, cfg in [("vqvae", VQVAE(vcfg), vcfg), ("prior", GatedPixelCNN3D(pcfg), pcfg)]:
         loaded = load_checkpoint(save_checkpoint(tmp_path / kind, model, kind, cfg))
@@ -207,7 +208,7 @@ def test_missing_and_unexpected_keys(tmp_path: Path) -> None:
     wider = {"tiny": lambda d: Tiny(TinyConfig(width=6))}
     with pytest.raises(CheckpointError, match="does not fit the model"):
         load_checkpoint(folder, builders=wider)
-    with pytest.raises(CheckpointError, match=r"unknown model kind 'tiny'.*\['prior', 'vqvae'\]"):
+    with pytest.raises(CheckpointError, match=r"unknown model kind 'tiny'.*\['pixelcnn', 'unigram', 'vqvae'\]"):
         load_checkpoint(folder)
 
 

@@ -32,11 +32,12 @@ from mri_vqvae.artifacts.latents import (
     unigram_bits,
     unigram_probabilities,
 )
-from mri_vqvae.config import VQVAEConfig, load_config
+from mri_vqvae.config import load_config
 from mri_vqvae.core.outputs import OutputError
 from mri_vqvae.data.manifest import load_manifest, sha256_file
 from mri_vqvae.data.transforms import build_transforms
-from mri_vqvae.models.autoencoders.vqvae import VQVAE
+from mri_vqvae.models.autoencoders.vqvae.config import VQVAEConfig
+from mri_vqvae.models.autoencoders.vqvae.model import VQVAE
 from pipelines.cli import cli, main
 from tests.support.runs import HEAD_SPLITS as SPLITS
 from tests.support.runs import save_vqvae_run, write_cases

@@ -132,7 +132,7 @@ def _quantizer_batches() -> torch.Tensor:
 
 
 def _run_quantizer(batches: torch.Tensor, start: int, stop: int) -> dict[str, Any]:
-    from mri_vqvae.models.autoencoders.quantizer import EMAQuantizer
+    from mri_vqvae.models.autoencoders.vqvae.quantizer import EMAQuantizer
 
     torch.manual_seed(0)
     q = EMAQuantizer(16, 4, dead_code_threshold=0.5, revival_interval=4, kmeans_iters=3).train()

@@ -38,7 +38,7 @@ from mri_vqvae.evaluation.sample_metrics import (
     pooled_features,
 )
 from mri_vqvae.evaluation.statistics import bootstrap_ci, summarise
-from mri_vqvae.models.autoencoders.vqvae import VQVAE
+from mri_vqvae.models.autoencoders.vqvae.model import VQVAE
 from pipelines.cli import cli
 from tests.support.browser import rendered_image_widths
 from tests.support.runs import CFG, make_manifest, make_prior_run, make_vqvae_run
@@ -174,9 +174,9 @@ def test_mmd_is_zero_for_the_same_set_and_grows_with_a_shift() -> None:
 
 
 def test_pooled_features_shape() -> None:
-    model = VQVAE(CFG.vqvae).eval()
+    model = VQVAE(CFG.autoencoder).eval()
     feats = pooled_features(model, torch.rand(3, 1, 16, 16, 16))
-    assert feats.shape == (3, CFG.vqvae.embedding_dim * 8)
+    assert feats.shape == (3, CFG.autoencoder.embedding_dim * 8)
 
 
 def test_memorisation_flags_an_exact_copy_of_a_training_scan() -> None:
@@ -256,7 +256,7 @@ def test_metrics_json_and_per_case_csv(evaluated: Path, world: dict[str, Path]) 
         assert block["n"] == 2 and block["ci"][0] <= block["mean"] <= block["ci"][1], key
     assert rec["ms_ssim_settings"] == {"kernel_size": 3, "sigma": 1.5, "scales": 3,
                                        "weights": list(ms_ssim_settings((16,) * 3).weights)}
-    assert 0 < rec["codebook"]["codes_used"] <= CFG.vqvae.codebook_size
+    assert 0 < rec["codebook"]["codes_used"] <= CFG.autoencoder.codebook_size
     lik = metrics["likelihood"]
     assert lik["held_out"]["n"] == 2 and lik["train"]["n"] == 3
     assert lik["generalisation_gap"] == pytest.approx(

@@ -15,7 +15,7 @@ from mri_vqvae.data.manifest import Case, Manifest, sha256_file
 from mri_vqvae.data.transforms import build_transforms
 from mri_vqvae.evaluation.evaluate import evaluate_reconstruction
 from mri_vqvae.evaluation.metrics import psnr, ssim
-from mri_vqvae.models.autoencoders.vqvae import VQVAE
+from mri_vqvae.models.autoencoders.vqvae.model import VQVAE
 from tests.support.volumes import make_head, write_nifti
 
 CFG = load_config("smoke")
@@ -24,9 +24,9 @@ CFG = load_config("smoke")
 @pytest.fixture
 def checkpoint(tmp_path: Path) -> Path:
     torch.manual_seed(0)
-    model = VQVAE(CFG.vqvae).eval()
+    model = VQVAE(CFG.autoencoder).eval()
     folder = tmp_path / "ckpt"
-    save_checkpoint(folder, model, "vqvae", CFG.vqvae,
+    save_checkpoint(folder, model, "vqvae", CFG.autoencoder,
                     extra={"experiment": CFG.model_dump(mode="json")})
     return folder
 
@@ -60,15 +60,15 @@ def test_metrics_match_direct_computation(checkpoint: Path, tmp_path: Path) -> N
         assert case.psnr == pytest.approx(float(psnr(out.reconstruction, x)[0]), rel=1e-6)
         assert case.ssim == pytest.approx(float(ssim(out.reconstruction, x)[0]), rel=1e-6)
         codes.update(out.indices.unique().tolist())
-    assert report.codes_used == len(codes) <= CFG.vqvae.codebook_size
+    assert report.codes_used == len(codes) <= CFG.autoencoder.codebook_size
     summary = report.summary()
     assert summary["mean_psnr"] == pytest.approx(np.mean([c.psnr for c in report.cases]))
-    assert summary["codebook_usage"] == pytest.approx(len(codes) / CFG.vqvae.codebook_size)
+    assert summary["codebook_usage"] == pytest.approx(len(codes) / CFG.autoencoder.codebook_size)
     assert torch.equal(codebook, model.quantizer.codebook), "evaluation must not move the codebook"
 
 
 def test_checkpoint_without_experiment_is_refused(tmp_path: Path) -> None:
     folder = tmp_path / "bare"
-    save_checkpoint(folder, VQVAE(CFG.vqvae), "vqvae", CFG.vqvae)
+    save_checkpoint(folder, VQVAE(CFG.autoencoder), "vqvae", CFG.autoencoder)
     with pytest.raises(CheckpointError, match="no experiment config"):
         evaluate_reconstruction(folder, _manifest(tmp_path / "data"), "test")

@@ -30,14 +30,17 @@ from mri_vqvae.artifacts.checkpoint import (
     max_parameters,
     save_checkpoint,
 )
-from mri_vqvae.config import DataConfig, ExperimentConfig, PriorConfig, VQVAEConfig, load_config
+from mri_vqvae.config import DataConfig, ExperimentConfig, load_config
 from mri_vqvae.core.errors import CheckpointError, MriVqvaeError
 from mri_vqvae.core.finite import NonFiniteError, describe_nonfinite
 from mri_vqvae.data.manifest import sha256_file
 from mri_vqvae.data.writers import write_nifti
-from mri_vqvae.models.autoencoders.vqvae import VQVAE
-from mri_vqvae.models.autoencoders.vqvae import state_numel as vqvae_numel
-from mri_vqvae.models.priors.pixelcnn.model import GatedPixelCNN3D, PriorInputError
+from mri_vqvae.models.autoencoders.vqvae.config import VQVAEConfig
+from mri_vqvae.models.autoencoders.vqvae.model import VQVAE
+from mri_vqvae.models.autoencoders.vqvae.model import state_numel as vqvae_numel
+from mri_vqvae.models.priors.base import PriorInputError
+from mri_vqvae.models.priors.pixelcnn.config import PixelCNNConfig
+from mri_vqvae.models.priors.pixelcnn.model import GatedPixelCNN3D
 from mri_vqvae.models.priors.pixelcnn.model import state_numel as prior_numel
 from mri_vqvae.models.priors.pixelcnn.sampling import sample_categorical
 from mri_vqvae.tasks.sample import PriorRun, PriorRunPaths, SampleSettings, sample_volumes
@@ -48,7 +51,7 @@ SMOKE: ExperimentConfig = load_config("smoke")
 def _model(kind: str, seed: int = 0) -> tuple[torch.nn.Module, Any]:
     torch.manual_seed(seed)
     if kind == "vqvae":
-        return VQVAE(SMOKE.vqvae).eval(), SMOKE.vqvae
+        return VQVAE(SMOKE.autoencoder).eval(), SMOKE.autoencoder
     return GatedPixelCNN3D(SMOKE.prior).eval(), SMOKE.prior
 
 
@@ -227,7 +230,7 @@ JSON = st.recursive(
 )
 FIELDS = ["format", "format_version", "kind", "config", "extra", "step", "versions", "files",
           "num_tensors", "created_utc"]
-CONFIG_FIELDS = sorted(PriorConfig.model_fields)
+CONFIG_FIELDS = sorted(PixelCNNConfig.model_fields)
 
 
 _FUZZ: dict[str, Any] = {}  # one saved checkpoint, reused by every example
@@ -355,7 +358,7 @@ def test_vqvae_size_formula_is_exact(
 def test_prior_size_formula_is_exact(
     codes: int, emb: int, hidden: int, layers: int, kernel: int, head: int, classes: int
 ) -> None:
-    cfg = PriorConfig(codebook_size=codes, embedding_dim=emb, hidden_channels=hidden,
+    cfg = PixelCNNConfig(codebook_size=codes, embedding_dim=emb, hidden_channels=hidden,
                       num_layers=layers, kernel_size=kernel, head_channels=head,
                       num_classes=classes)
     model = GatedPixelCNN3D(cfg)
@@ -443,7 +446,7 @@ def test_sample_categorical_refuses_nonfinite_logits_and_overflowing_temperature
 def _run(tmp_path: Path, prior: GatedPixelCNN3D, vqvae: VQVAE) -> PriorRun:
     data = DataConfig(spacing=SMOKE.data.spacing, spatial_size=SMOKE.data.spatial_size)
     paths = PriorRunPaths(tmp_path / "run", tmp_path / "run/checkpoints/best", tmp_path / "vq")
-    extra = {"manifest_digest": "0" * 64, "codebook_size": SMOKE.vqvae.codebook_size}
+    extra = {"manifest_digest": "0" * 64, "codebook_size": SMOKE.autoencoder.codebook_size}
     return PriorRun(prior, vqvae, extra, paths, {"prior": "p", "vqvae": "v"}, data, (4, 4, 4))
 
 

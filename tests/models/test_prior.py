@@ -8,9 +8,11 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from mri_vqvae.config import PriorConfig, load_config
+from mri_vqvae.config import load_config
 from mri_vqvae.core.errors import MriVqvaeError
-from mri_vqvae.models.priors.pixelcnn.model import GatedPixelCNN3D, PriorInputError, causal_mask
+from mri_vqvae.models.priors.base import PriorInputError
+from mri_vqvae.models.priors.pixelcnn.config import PixelCNNConfig
+from mri_vqvae.models.priors.pixelcnn.model import GatedPixelCNN3D, causal_mask
 from mri_vqvae.models.priors.pixelcnn.sampling import sample_categorical, teacher_forced_logits
 
 K = 16
@@ -19,7 +21,7 @@ K = 16
 def tiny(num_layers: int = 3, num_classes: int = 0, kernel_size: int = 3) -> GatedPixelCNN3D:
     """A seeded CPU-tiny prior (K=16, 8 channels)."""
     torch.manual_seed(1234)
-    cfg = PriorConfig(
+    cfg = PixelCNNConfig(
         codebook_size=K,
         embedding_dim=6,
         hidden_channels=8,
@@ -116,7 +118,7 @@ def test_training_step_keeps_causality() -> None:
     model = tiny(num_layers=2).double().train()
     idx = torch.randint(0, K, (2, 3, 3, 3))
     torch.optim.SGD(model.parameters(), lr=1.0).zero_grad()
-    model.nll(idx).backward()
+    model.loss(idx).backward()
     with torch.no_grad():
         for p in model.parameters():
             if p.grad is not None:
@@ -143,8 +145,9 @@ def test_nll_of_uniform_logits_is_log2_k() -> None:
         model.head_out.weight.zero_()
         model.head_out.bias.zero_()
     idx = torch.randint(0, K, (2, 3, 4, 2))
-    assert math.isclose(model.nll(idx).item(), math.log2(K), rel_tol=1e-6)
-    per = model.nll(idx, per_position=True)
+    assert torch.allclose(model.grid_bits(idx), torch.full((2,), math.log2(K)), rtol=1e-6)
+    assert math.isclose(model.loss(idx).item(), math.log(K), rel_tol=1e-6)
+    per = model.bits(idx)
     assert per.shape == (2, 3, 4, 2)
     assert torch.allclose(per, torch.full_like(per, math.log2(K)))
 
@@ -278,8 +281,8 @@ def test_prior_config_defaults_and_validation() -> None:
     cfg = load_config(overrides=["prior.num_layers=2", "prior.num_classes=4"]).prior
     assert (cfg.num_layers, cfg.num_classes, cfg.codebook_size) == (2, 4, 512)
     with pytest.raises(ValidationError, match="odd"):
-        PriorConfig(kernel_size=4)
+        PixelCNNConfig(kernel_size=4)
     with pytest.raises(ValidationError, match="top_k"):
-        PriorConfig(codebook_size=8, top_k=9)
+        PixelCNNConfig(codebook_size=8, top_k=9)
     model = tiny(kernel_size=5)
     assert model.layers[0].depth.weight.shape[2:] == (3, 5, 5)

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from mri_vqvae.models.autoencoders.quantizer import EMAQuantizer, kmeans, nearest_code
+from mri_vqvae.models.autoencoders.vqvae.quantizer import EMAQuantizer, kmeans, nearest_code
 
 
 def _quantizer(k: int = 16, d: int = 4, **kw: object) -> EMAQuantizer:

@@ -6,9 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mri_vqvae.config import VQVAEConfig, load_config
+from mri_vqvae.config import load_config
 from mri_vqvae.core.errors import ConfigError, MriVqvaeError
-from mri_vqvae.models.autoencoders.vqvae import VQVAE, CodeIndexError, SpatialShapeError
+from mri_vqvae.models.autoencoders.vqvae.config import VQVAEConfig
+from mri_vqvae.models.autoencoders.vqvae.model import VQVAE, CodeIndexError, SpatialShapeError
 
 
 def _config(levels: int = 2, **kw: object) -> VQVAEConfig:
@@ -153,5 +154,5 @@ def test_config_levels_must_match_channels() -> None:
         load_config(None, ["vqvae.levels=2"])
     cfg = load_config(
         None, ["vqvae.levels=2", "vqvae.channels=[8,16]"] + ["vqvae.num_res_channels=[8,16]"]
-    ).vqvae
+    ).autoencoder
     assert cfg.levels == 2 and cfg.channels == (8, 16)

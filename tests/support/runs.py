@@ -9,10 +9,11 @@ import numpy as np
 import torch
 
 from mri_vqvae.artifacts.checkpoint import WEIGHTS, save_checkpoint
-from mri_vqvae.config import VQVAEConfig, load_config
+from mri_vqvae.config import load_config
 from mri_vqvae.data.manifest import Case, Manifest, load_manifest, sha256_file, write_manifest
 from mri_vqvae.data.transforms import build_transforms
-from mri_vqvae.models.autoencoders.vqvae import VQVAE
+from mri_vqvae.models.autoencoders.vqvae.config import VQVAEConfig
+from mri_vqvae.models.autoencoders.vqvae.model import VQVAE
 from mri_vqvae.models.priors.pixelcnn.model import GatedPixelCNN3D
 from tests.support.volumes import make_head, write_nifti
 
@@ -53,7 +54,7 @@ def make_vqvae_run(root: Path, digest: str | None, seed: int = 0, run_json: bool
     extra = {"experiment": CFG.model_dump(mode="json")}
     if digest is not None:
         extra["manifest_digest"] = digest
-    save_checkpoint(run / "checkpoints" / "best", VQVAE(CFG.vqvae).eval(), "vqvae", CFG.vqvae,
+    save_checkpoint(run / "checkpoints" / "best", VQVAE(CFG.autoencoder).eval(), "vqvae", CFG.autoencoder,
                     extra=extra, step=6)
     if run_json:
         (run / "run.json").write_text(json.dumps({"manifest_digest": digest, "status": "done"}))
@@ -76,7 +77,7 @@ def make_prior_run(root: Path, vq_run: Path, digest: str) -> Path:
         "vqvae_sha256": sha256_file(vq_folder / WEIGHTS),
         "manifest_digest": digest,
         "latent_shape": [4, 4, 4],
-        "codebook_size": CFG.vqvae.codebook_size,
+        "codebook_size": CFG.autoencoder.codebook_size,
         "data": CFG.data.model_dump(mode="json"),
     }
     run = root / "prior" / "20250101T000000Z-smoke-prior-s0"
@@ -118,7 +119,7 @@ def save_vqvae_run(run_dir: Path, seed: int = 0, vqvae: VQVAEConfig | None = Non
     """
     cfg = load_config("smoke")
     torch.manual_seed(seed)
-    model = VQVAE(vqvae or cfg.vqvae)
+    model = VQVAE(vqvae or cfg.autoencoder)
     if manifest is not None:
         m = load_manifest(manifest)
         chain = build_transforms(cfg.data)

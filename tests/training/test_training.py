@@ -24,7 +24,7 @@ from mri_vqvae.config import ExperimentConfig, load_config
 from mri_vqvae.core.errors import ConfigError
 from mri_vqvae.data.transforms import augment_only
 from mri_vqvae.inference import reconstruct
-from mri_vqvae.models.autoencoders.vqvae import VQVAE, SpatialShapeError
+from mri_vqvae.models.autoencoders.vqvae.model import VQVAE, SpatialShapeError
 from mri_vqvae.training.loop import (
     KILL_ENV,
     AugmentedDataset,
@@ -116,7 +116,7 @@ def test_smoke_run_writes_the_whole_run_folder(reference: Path) -> None:
 def test_checkpoints_rebuild_the_model_without_yaml(reference: Path) -> None:
     cfg = _config()
     last = load_checkpoint(reference / "checkpoints" / "last")
-    assert isinstance(last.model, VQVAE) and last.model.config == cfg.vqvae
+    assert isinstance(last.model, VQVAE) and last.model.config == cfg.autoencoder
     assert last.step == MAX_STEPS and last.extra["experiment"]["name"] == "smoke"
     state = load_resume_state(reference / "checkpoints" / "last")  # weights_only load
     assert (state["step"], state["epoch"], state["sampler_position"]) == (7, 2, 1)
@@ -319,7 +319,7 @@ def test_augmentation_is_replayable_and_order_independent() -> None:
 
 def test_sliding_window_reconstruct() -> None:
     torch.manual_seed(0)
-    model = VQVAE(load_config("smoke").vqvae).eval()
+    model = VQVAE(load_config("smoke").autoencoder).eval()
     codebook = model.quantizer.codebook.clone()
     x = torch.rand(1, 1, 16, 16, 16)
     whole = reconstruct(model, x, roi_size=(16, 16, 16))

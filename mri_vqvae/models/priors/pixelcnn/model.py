@@ -24,20 +24,17 @@ Sampling (naive and cached) lives in `mri_vqvae.models.priors.pixelcnn.sampling`
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mri_vqvae.config import PriorConfig
-from mri_vqvae.core.errors import MriVqvaeError
+from mri_vqvae.models.priors.base import PriorInputError, check_indices, check_labels
+from mri_vqvae.models.priors.pixelcnn.config import PixelCNNConfig
 
 STACKS = ("depth", "height", "width")
 MASK_TYPES = ("A", "B")
-
-
-class PriorInputError(MriVqvaeError, ValueError):
-    """Indices, labels or sampling arguments a prior cannot accept (says what and how to fix)."""
 
 
 def gate(x: Tensor, dim: int = 1) -> Tensor:
@@ -197,12 +194,12 @@ class GatedPixelCNN3D(nn.Module):
     """Autoregressive prior p(indices) = prod_p p(i_p | i_<p) over (B, d, h, w) code grids.
 
     ``forward`` gives logits (B, K, d, h, w); the logits at p depend only on codes before p in
-    raster order over (d, h, w). ``nll`` gives bits per latent; ``sample`` draws new grids.
+    raster order over (d, h, w). ``bits`` gives exact bits per position; ``sample`` draws grids.
     """
 
-    def __init__(self, config: PriorConfig | None = None) -> None:
+    def __init__(self, config: PixelCNNConfig | None = None) -> None:
         super().__init__()
-        cfg = config if config is not None else PriorConfig()
+        cfg = config if config is not None else PixelCNNConfig()
         self.config = cfg
         self.codebook_size = cfg.codebook_size
         self.num_classes = cfg.num_classes
@@ -225,58 +222,11 @@ class GatedPixelCNN3D(nn.Module):
 
     def check_indices(self, indices: Tensor) -> Tensor:
         """Validate a code grid and return it as int64 (B, d, h, w); raise `PriorInputError`."""
-        if not isinstance(indices, Tensor):
-            raise PriorInputError(
-                f"indices must be a torch.Tensor (B, d, h, w), received {type(indices).__name__}"
-            )
-        dtype = indices.dtype
-        if dtype.is_floating_point or dtype.is_complex or dtype == torch.bool:
-            raise PriorInputError(
-                f"indices must be an integer tensor, received dtype {indices.dtype}; pass the "
-                "VQ-VAE's encode_indices output (or .long() it)"
-            )
-        if indices.ndim != 4 or min(indices.shape) < 1:
-            raise PriorInputError(
-                f"indices must have shape (B, d, h, w) with every size >= 1, received shape "
-                f"{tuple(indices.shape)}; add a batch axis with indices[None] for one grid"
-            )
-        lo, hi = int(indices.min()), int(indices.max())
-        if lo < 0 or hi >= self.codebook_size:
-            raise PriorInputError(
-                f"indices must lie in [0, {self.codebook_size}) (prior.codebook_size), received "
-                f"values in [{lo}, {hi}]; set prior.codebook_size to the VQ-VAE's codebook_size"
-            )
-        return indices.long()
+        return check_indices(indices, self.codebook_size)
 
     def check_labels(self, labels: Tensor | None, batch: int) -> Tensor | None:
         """Validate class labels (B,) against ``num_classes``; return int64 labels or None."""
-        if self.num_classes == 0:
-            if labels is not None:
-                raise PriorInputError(
-                    "labels were given but this prior is unconditional (num_classes=0); drop the "
-                    "labels or train a prior with prior.num_classes > 0"
-                )
-            return None
-        if labels is None:
-            raise PriorInputError(
-                f"this prior is class-conditional (num_classes={self.num_classes}): pass labels, "
-                f"an integer tensor of shape ({batch},)"
-            )
-        if not isinstance(labels, Tensor) or labels.dtype.is_floating_point or labels.ndim != 1:
-            raise PriorInputError(
-                f"labels must be an integer tensor of shape ({batch},), received "
-                f"{getattr(labels, 'dtype', type(labels).__name__)} "
-                f"{tuple(getattr(labels, 'shape', ()))}"
-            )
-        if labels.shape[0] != batch:
-            raise PriorInputError(f"labels has {labels.shape[0]} entries for a batch of {batch}")
-        lo, hi = int(labels.min()), int(labels.max())
-        if lo < 0 or hi >= self.num_classes:
-            raise PriorInputError(
-                f"labels must lie in [0, {self.num_classes}) (prior.num_classes), received "
-                f"[{lo}, {hi}]"
-            )
-        return labels.long()
+        return check_labels(labels, batch, self.num_classes)
 
     # ---- likelihood ---------------------------------------------------------------------------
 
@@ -301,46 +251,54 @@ class GatedPixelCNN3D(nn.Module):
         x = self.embedding(indices).permute(0, 4, 1, 2, 3)
         return self.forward_embedded(x, labels)
 
-    def nll(
-        self, indices: Tensor, labels: Tensor | None = None, per_position: bool = False
-    ) -> Tensor:
-        """Negative log-likelihood in bits per latent.
+    # ---- the Prior protocol (mri_vqvae.models.priors.base) ------------------------------------
 
-        Returns the mean over all positions (scalar) or, with ``per_position``, the (B, d, h, w)
-        map of ``-log2 p(i_p | i_<p)`` (a likelihood map for anomaly views).
-        """
+    likelihood = "exact"
+    sample_options = ("temperature", "top_k", "method", "greedy")
+
+    def prepare(self, train: Tensor, labels: Tensor | None) -> None:
+        """Nothing to set up from data: the network learns everything by gradient."""
+
+    def loss(self, indices: Tensor, labels: Tensor | None = None) -> Tensor:
+        """Mean cross-entropy in nats per latent (scalar): the exact NLL of the grids."""
         logits = self(indices, labels)
-        bits = F.cross_entropy(logits, indices.long(), reduction="none") / math.log(2.0)
-        return bits if per_position else bits.mean()
+        return F.cross_entropy(logits.float(), indices.long())
 
-    # ---- sampling -----------------------------------------------------------------------------
+    def bits(self, indices: Tensor, labels: Tensor | None = None) -> Tensor:
+        """``-log2 p(i_p | i_<p)`` at every position: (B, d, h, w) float."""
+        logits = self(indices, labels)
+        return F.cross_entropy(logits.float(), indices.long(), reduction="none") / math.log(2.0)
+
+    def grid_bits(self, indices: Tensor, labels: Tensor | None = None) -> Tensor:
+        """Exact bits per latent of each grid: (B, d, h, w) -> (B,)."""
+        return self.bits(indices, labels).flatten(1).mean(1)
 
     @torch.no_grad()
     def sample(
         self,
-        shape: tuple[int, int, int, int],
+        shape: Sequence[int],
         generator: torch.Generator,
+        labels: Tensor | None = None,
+        *,
         temperature: float = 1.0,
         top_k: int | None = None,
-        labels: Tensor | None = None,
         method: str = "fast",
         greedy: bool = False,
     ) -> Tensor:
         """Draw code grids (B, d, h, w) int64 for ``shape = (B, d, h, w)`` in raster order.
 
         One uniform per batch row and position comes from ``generator`` (inverse-CDF draw, see
-        `mri_vqvae.models.priors.pixelcnn.sampling.sample_categorical`). ``method="fast"`` caches
-        stack activations;
-        ``"naive"`` recomputes everything each position depends on, from scratch, per position.
-        Both return identical indices for the same seed. ``temperature=0`` or ``greedy`` takes
-        the argmax (an ablation, not a sampler). NaN/±Inf logits raise
-        `mri_vqvae.core.finite.NonFiniteError` instead of drawing garbage codes.
+        `mri_vqvae.models.priors.pixelcnn.sampling.sample_categorical`). ``method="fast"``
+        caches stack activations; ``"naive"`` recomputes everything each position depends on,
+        from scratch, per position. Both return identical indices for the same seed.
+        ``temperature=0`` or ``greedy`` takes the argmax (an ablation, not a sampler). NaN/±Inf
+        logits raise `mri_vqvae.core.finite.NonFiniteError` instead of drawing garbage codes.
         """
         from mri_vqvae.models.priors.pixelcnn.sampling import sample_grid
 
         return sample_grid(
             self,
-            shape,
+            tuple(shape),
             generator,
             temperature=temperature,
             top_k=top_k,
@@ -353,7 +311,7 @@ class GatedPixelCNN3D(nn.Module):
 # --- size without building -----------------------------------------------------------------------
 
 
-def _layer_numel(in_channels: int, cfg: PriorConfig) -> int:
+def _layer_numel(in_channels: int, cfg: PixelCNNConfig) -> int:
     """Values of one `GatedLayer3D` (weights, biases, mask buffers, class embedding)."""
     two, k, c = 2 * cfg.hidden_channels, cfg.kernel_size, cfg.kernel_size // 2
     boxes = ((c + 1) * k * k, (c + 1) * k, c + 1)  # depth, height, width stacks
@@ -363,7 +321,7 @@ def _layer_numel(in_channels: int, cfg: PriorConfig) -> int:
     return stacks + links + cond
 
 
-def state_numel(cfg: PriorConfig) -> int:
+def state_numel(cfg: PixelCNNConfig) -> int:
     """Values (parameters + buffers) in the state_dict of ``GatedPixelCNN3D(cfg)``, not built."""
     total = cfg.codebook_size * cfg.embedding_dim + _layer_numel(cfg.embedding_dim, cfg)
     total += (cfg.num_layers - 1) * _layer_numel(cfg.hidden_channels, cfg)  # closed form: O(1)

@@ -26,10 +26,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from mri_vqvae.config import VQVAEConfig
 from mri_vqvae.core.errors import MriVqvaeError
 from mri_vqvae.core.finite import NonFiniteError, describe_nonfinite
-from mri_vqvae.models.autoencoders.quantizer import EMAQuantizer, QuantizerOutput
+from mri_vqvae.models.autoencoders.vqvae.config import VQVAEConfig
+from mri_vqvae.models.autoencoders.vqvae.quantizer import EMAQuantizer, QuantizerOutput
 
 
 class SpatialShapeError(MriVqvaeError, ValueError):
