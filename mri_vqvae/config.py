@@ -243,7 +243,8 @@ def _legacy_sections(data: dict[str, Any]) -> dict[str, Any]:
         legacy = data.pop("vqvae")
         if not isinstance(legacy, dict):
             raise ValueError(f"vqvae must be a section (mapping), got {legacy!r}")
-        data["autoencoder"] = {**dict(data.get("autoencoder") or {}), **legacy}  # --set vqvae.x wins
+        # an override --set vqvae.x wins over the file's autoencoder: section
+        data["autoencoder"] = {**dict(data.get("autoencoder") or {}), **legacy}
     for section, kind in _DEFAULT_KINDS.items():
         value = data.get(section)
         if value is None:
@@ -281,7 +282,9 @@ class ExperimentConfig(StrictModel):
     data: DataConfig = DataConfig()
     augment: AugmentConfig = AugmentConfig()
     kit: KitConfig = KitConfig()
-    autoencoder: AutoencoderSection = Field(default_factory=lambda: registry.KINDS["vqvae"].config())
+    autoencoder: AutoencoderSection = Field(
+        default_factory=lambda: registry.KINDS["vqvae"].config()
+    )
     prior: PriorSection = Field(default_factory=lambda: registry.KINDS["pixelcnn"].config())
     train_vqvae: TrainConfig = TrainConfig()
     train_prior: TrainConfig = TrainConfig()

@@ -18,8 +18,8 @@ each (`sample_sidecar`), and one montage. No training-scan identifier is written
 sidecars name only checkpoints, hashes and settings, and NIfTI headers are built fresh.
 
 CPU threads: the cached sampler runs many tiny per-voxel kernels, where extra OpenMP threads only
-add synchronisation. Measured on the shared 2-core box (default PixelCNNConfig, 8x10x8 grid): batch 1
-0.22 s with 1 thread vs 26 s with 2; batch 8 0.47 s vs 2.6 s; decoding 2 default-VQ-VAE volumes
+add synchronisation. Measured on the shared 2-core box (default PixelCNNConfig, 8x10x8 grid): batch
+1 0.22 s with 1 thread vs 26 s with 2; batch 8 0.47 s vs 2.6 s; decoding 2 default-VQ-VAE volumes
 0.17 s vs 0.49 s. So sampling and decoding on CPU run with ``threads=1`` by default (restored
 afterwards); pass a larger number on a quiet many-core machine.
 

@@ -29,19 +29,18 @@ DistributedDataParallel and ``batch_size`` is the global batch: each rank trains
 contiguous share of the step's keys (`shard_bounds`), so the ranks together see exactly the
 single-process batch; ``batch_size`` must divide by the world size. A share's loss is weighted
 by ``share * world / batch`` so that DDP's gradient average is the gradient of the whole batch's
-mean loss, even for the smaller last batch of an epoch. The EMA codebook is kept identical on
-every rank by the quantizer (`mri_vqvae.models.autoencoders.vqvae.quantizer`). Logged train terms are
-those of the whole
-batch. Only rank 0 writes (run folder, metrics, checkpoints, previews, likelihood.json) and
-validates; the others wait for its validation result (a broadcast) and, after each
-checkpoints/last save, at a barrier. Random states: the VQ-VAE step draws only from the global
-RNG (k-means initialisation, code revival), which stays identical on every rank (same seed,
-same draws), so rank 0's saved states are restored on every rank at a resume (the CUDA state
-of rank 0's GPU onto each rank's GPU). The prior's dropout needs different draws per rank: under
-DDP each step's forward/backward runs on a forked RNG seeded from ``(seed, step, rank)``, which a
-resume reproduces without saving any per-rank state. A DDP run matches a single-process run with
-the same global batch up to floating-point reduction order (tested), not bit for bit; a
-single-process run and its resume stay bit-identical on CPU.
+mean loss, even for the smaller last batch of an epoch. The EMA codebook is kept identical on every
+rank by the quantizer (`mri_vqvae.models.autoencoders.vqvae.quantizer`). Logged train terms are
+those of the whole batch. Only rank 0 writes (run folder, metrics, checkpoints, previews,
+likelihood.json) and validates; the others wait for its validation result (a broadcast) and, after
+each checkpoints/last save, at a barrier. Random states: the VQ-VAE step draws only from the global
+RNG (k-means initialisation, code revival), which stays identical on every rank (same seed, same
+draws), so rank 0's saved states are restored on every rank at a resume (the CUDA state of rank 0's
+GPU onto each rank's GPU). The prior's dropout needs different draws per rank: under DDP each
+step's forward/backward runs on a forked RNG seeded from ``(seed, step, rank)``, which a resume
+reproduces without saving any per-rank state. A DDP run matches a single-process run with the same
+global batch up to floating-point reduction order (tested), not bit for bit; a single-process run
+and its resume stay bit-identical on CPU.
 
 Run folders (`mri_vqvae.artifacts.runs`): config.yaml, run.json, metrics.jsonl, tb/, previews/,
 checkpoints/{last,best}/. VQ-VAE runs add manifest.json and previews/step_XXXXXXX.png; best is

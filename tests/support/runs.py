@@ -54,7 +54,8 @@ def make_vqvae_run(root: Path, digest: str | None, seed: int = 0, run_json: bool
     extra = {"experiment": CFG.model_dump(mode="json")}
     if digest is not None:
         extra["manifest_digest"] = digest
-    save_checkpoint(run / "checkpoints" / "best", VQVAE(CFG.autoencoder).eval(), "vqvae", CFG.autoencoder,
+    model = VQVAE(CFG.autoencoder).eval()
+    save_checkpoint(run / "checkpoints" / "best", model, "vqvae", CFG.autoencoder,
                     extra=extra, step=6)
     if run_json:
         (run / "run.json").write_text(json.dumps({"manifest_digest": digest, "status": "done"}))
