@@ -10,6 +10,7 @@ from typing import Any
 import click
 
 from mri_vqvae.config import ExperimentConfig, load_config
+from mri_vqvae.core.device import DEVICES
 from mri_vqvae.tasks.cases import Failure, failures_table
 
 
@@ -25,6 +26,15 @@ def preprocessed_option(func: Callable[..., Any]) -> Callable[..., Any]:
         help="A `mri-vqvae preprocess` output folder of the same data config: cases found "
         "there (sidecar, source sha256 and NIfTI sha256 verified) are read instead of "
         "preprocessing the raw files again; others are preprocessed as usual.",
+    )(func)
+
+
+def device_option(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Add ``--device auto|cpu|cuda`` (resolved by `mri_vqvae.core.device.resolve_device`)."""
+    return click.option(
+        "--device", type=click.Choice(DEVICES), default="auto", show_default=True,
+        help="Where the models run: auto is cuda when a GPU is visible, else cpu; under "
+        "torchrun each process takes its own GPU.",
     )(func)
 
 

@@ -11,6 +11,7 @@ import json
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -32,13 +33,15 @@ from pipelines.common import config_options, default_cache_dir, report_failures,
 def demo(out_dir: str, kit_dir: str | None, quick: bool, num_samples: int,
          config_name: str | None, overrides: tuple[str, ...]) -> None:
     """Run the whole chain on the embedded default data and print where the report is."""
-    from mri_vqvae.artifacts.latents import encode_manifest
+    from mri_vqvae.artifacts.loading import open_prior_run
     from mri_vqvae.data.kit import build_kit
     from mri_vqvae.data.manifest import load_manifest, verify_manifest
     from mri_vqvae.evaluation.evaluate import EvaluateSettings, evaluate_runs
+    from mri_vqvae.tasks.encode import encode_manifest
     from mri_vqvae.tasks.preprocess import preprocess_manifest
-    from mri_vqvae.tasks.sample import SampleSettings, load_prior_run, sample_volumes
-    from mri_vqvae.training.loop import train_prior, train_vqvae
+    from mri_vqvae.tasks.sample import SampleSettings, sample_volumes
+    from mri_vqvae.training.autoencoder_stage import train_vqvae
+    from mri_vqvae.training.prior_stage import train_prior
 
     if num_samples == 1:
         raise click.BadParameter("0 (no samples) or at least 2 (diversity needs pairs)",
@@ -82,7 +85,7 @@ def demo(out_dir: str, kit_dir: str | None, quick: bool, num_samples: int,
     step(f"sample {num_samples} synthetic volume(s)")
     if num_samples > 0:
         samples = sample_volumes(
-            load_prior_run(prior.run_dir), SampleSettings(num_samples, seed=config.seed),
+            open_prior_run(prior.run_dir), SampleSettings(num_samples, seed=config.seed),
             run_dir / "samples",
         )
         click.echo(f"      montage: {samples.montage.resolve()}")
@@ -97,6 +100,7 @@ def demo(out_dir: str, kit_dir: str | None, quick: bool, num_samples: int,
         manifest_path=manifest_path,
     )
     click.echo(f"      metrics: {result.metrics_path.resolve()}")
+    _results(result.metrics)
     _summary([vq.run_dir, prior.run_dir], step)
     click.echo(f"demo finished: everything is under {run_dir.resolve()}")
     click.echo(f"report: {result.report_path.resolve()}")
@@ -117,6 +121,19 @@ def _sources(manifest: Manifest, kit_root: Path) -> None:
         reasons.setdefault(row["source_id"], row["reason"])
     for source, reason in sorted(reasons.items()):
         click.echo(f"      SKIPPED {source}: {reason}", err=True)
+
+
+def _results(metrics: dict[str, Any]) -> None:
+    """The headline numbers of metrics.json: held-out PSNR and SSIM, prior and unigram bits."""
+    rec = metrics["reconstruction"]["metrics"]
+    click.echo(f"      held-out PSNR {_number(rec['psnr']['mean'], '.2f', ' dB')}, SSIM "
+               f"{_number(rec['ssim']['mean'], '.4f')}")
+    lik = metrics["likelihood"]
+    if lik:
+        click.echo(f"      prior {_number(lik['held_out']['mean'], '.4f')} bits/latent "
+                   f"({lik['bits_are']}), unigram baseline "
+                   f"{_number(lik['unigram_bits']['held_out']['mean'], '.4f')}, uniform "
+                   f"{_number(lik['uniform_bits'], '.4f')}")
 
 
 def _number(value: float | None, spec: str, unit: str = "") -> str:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from pipelines.common import preprocessed_option, report_failures
+from pipelines.common import device_option, preprocessed_option, report_failures
 
 
 @click.command("encode")
@@ -23,8 +23,7 @@ from pipelines.common import preprocessed_option, report_failures
 @click.option("--strict", is_flag=True, help="Stop at the first bad case and exit non-zero.")
 @click.option("--data-root", default=None, type=click.Path(file_okay=False),
               help="Override the manifest's data root.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
-              show_default=True, help="Where the VQ-VAE runs.")
+@device_option
 @preprocessed_option
 def encode(vqvae_run: str, manifest_path: str, out_dir: str, split: str | None, strict: bool,
            data_root: str | None, device: str, preprocessed: str | None) -> None:
@@ -32,9 +31,9 @@ def encode(vqvae_run: str, manifest_path: str, out_dir: str, split: str | None, 
 
     Under torchrun the cases are shared among the processes; rank 0 writes index.json.
     """
-    from mri_vqvae.artifacts.latents import encode_manifest
     from mri_vqvae.core import distributed
     from mri_vqvae.data.manifest import load_manifest
+    from mri_vqvae.tasks.encode import encode_manifest
 
     manifest = load_manifest(manifest_path, data_root=data_root, check_files=False)
     with distributed.process_group(device):  # under torchrun: each rank encodes a share

@@ -6,16 +6,16 @@ import sys
 
 import click
 
-from pipelines.common import preprocessed_option, report_failures
-from pipelines.sample import DEVICES, pick_device
+from pipelines.common import device_option, preprocessed_option, report_failures
 
 
 @click.command("evaluate")
 @click.option("--vqvae", "vqvae_run", required=True, type=click.Path(exists=True),
               help="VQ-VAE run folder runs/vqvae/<run>/ (checkpoints/best, else last).")
 @click.option("--prior", "prior_run", default=None, type=click.Path(exists=True),
-              help="Prior run folder: adds bits/latent (held-out vs train), samples, MMD, "
-                   "diversity, memorisation and likelihood maps.")
+              help="Prior run folder (any prior kind): adds bits/latent (held-out vs train, "
+                   "beside the unigram baseline), samples, MMD, diversity, memorisation and "
+                   "likelihood maps.")
 @click.option("--manifest", "manifest_path", required=True, type=click.Path(dir_okay=False),
               help="The manifest the runs were trained on (its digest is checked).")
 @click.option("--data-root", default=None, type=click.Path(file_okay=False),
@@ -38,7 +38,7 @@ from pipelines.sample import DEVICES, pick_device
 @click.option("--num-workers", default=0, show_default=True, type=click.IntRange(min=0),
               help="Worker processes that preprocess cases ahead of the model.")
 @click.option("--strict", is_flag=True, help="Stop at the first bad held-out case.")
-@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
+@device_option
 @preprocessed_option
 def evaluate(vqvae_run: str, prior_run: str | None, manifest_path: str, data_root: str | None,
              split: str, out_dir: str | None, runs_root: str, num_samples: int, seed: int,
@@ -52,7 +52,8 @@ def evaluate(vqvae_run: str, prior_run: str | None, manifest_path: str, data_roo
     from mri_vqvae.data.manifest import load_manifest
     from mri_vqvae.evaluation.evaluate import EvaluateSettings, evaluate_runs
     from mri_vqvae.evaluation.heldout import refuse_split
-    from mri_vqvae.evaluation.report import stat_text
+    from mri_vqvae.evaluation.report.evaluation_report import stat_text
+    from mri_vqvae.metrics.image import METRICS
 
     refuse_split(split)  # before anything is loaded
     manifest = load_manifest(manifest_path, data_root=data_root, check_files=False)
@@ -62,14 +63,19 @@ def evaluate(vqvae_run: str, prior_run: str | None, manifest_path: str, data_roo
                                 preprocessed=preprocessed)
     with distributed.process_group(device):  # under torchrun: each rank does a share of cases
         result = evaluate_runs(vqvae_run, manifest, out_dir, prior_run=prior_run,
-                               settings=settings, device=pick_device(device),
+                               settings=settings, device=device,
                                manifest_path=manifest_path, runs_root=runs_root)
         main = distributed.is_main()
     if not main:
         return
     rec = result.metrics["reconstruction"]
     click.echo(f"{rec['num_cases']} held-out case(s): " + ", ".join(
-        f"{k} {stat_text(rec['metrics'][k])}" for k in ("psnr", "ssim", "ms_ssim")))
+        f"{k} {stat_text(rec['metrics'][k])}" for k in METRICS))
+    lik = result.metrics["likelihood"]
+    if lik:
+        click.echo(f"prior bits/latent ({lik['bits_are']}): held-out "
+                   f"{stat_text(lik['held_out'])}; unigram baseline "
+                   f"{stat_text(lik['unigram_bits']['held_out'])}")
     click.echo(f"wrote {result.metrics_path.resolve()} (+ per_case.csv, report.html)")
     report_failures(result.failures, False, "case(s)")
 

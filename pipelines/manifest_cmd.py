@@ -8,10 +8,9 @@ from typing import Any
 
 import click
 
+from mri_vqvae.data.case import SPLITS
 from mri_vqvae.tasks.cases import Failure
 from pipelines.common import report_failures
-
-SPLIT_NAMES = ("train", "val", "test")
 
 
 def _fractions(ctx: click.Context, param: click.Parameter, value: str | None) -> dict | None:
@@ -25,7 +24,7 @@ def _fractions(ctx: click.Context, param: click.Parameter, value: str | None) ->
     if len(numbers) != 3 or min(numbers) < 0 or abs(sum(numbers) - 1) > 1e-6:
         raise click.BadParameter(f"expected 3 numbers >= 0 summing to 1 (train,val,test), "
                                  f"like 0.8,0.1,0.1; got {value!r}")
-    return dict(zip(SPLIT_NAMES, numbers, strict=True))
+    return dict(zip(SPLITS, numbers, strict=True))
 
 
 def _fixed(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> dict[str, str]:
@@ -33,7 +32,7 @@ def _fixed(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -
     fixed = {}
     for item in value:
         subject, _, split = item.rpartition("=")
-        if not subject or split not in SPLIT_NAMES:
+        if not subject or split not in SPLITS:
             raise click.BadParameter(f"expected SUBJECT=train|val|test, got {item!r}")
         fixed[subject] = split
     return fixed
@@ -48,7 +47,7 @@ def _describer() -> Callable[[Path], Any]:
 
 def _counts(manifest: Any) -> str:
     counts = manifest.split_counts()
-    return ", ".join(f"{k} {counts[k]}" for k in (*SPLIT_NAMES, "none") if k in counts)
+    return ", ".join(f"{k} {counts[k]}" for k in (*SPLITS, "none") if k in counts)
 
 
 def _table(rows: list[tuple[str, str, str]]) -> str:
@@ -89,14 +88,10 @@ def build(root: str, source_id: str, out_path: str, name: str | None, seed: int,
     Subjects already split in an existing --out keep their split unless --force.
     """
     from mri_vqvae.core.errors import ManifestError
-    from mri_vqvae.data.manifest import (
-        Manifest,
-        assign_splits,
-        load_catalog,
-        load_manifest,
-        scan_folder,
-        write_manifest,
-    )
+    from mri_vqvae.data.catalog import load_catalog
+    from mri_vqvae.data.manifest import Manifest, load_manifest, write_manifest
+    from mri_vqvae.data.scan import scan_folder
+    from mri_vqvae.data.splits import assign_splits
 
     if catalog and source_id not in load_catalog(catalog):
         raise click.BadParameter(f"{source_id!r} is not in {catalog}", param_hint="--source-id")
@@ -132,7 +127,8 @@ def build(root: str, source_id: str, out_path: str, name: str | None, seed: int,
 def verify(manifest_path: str, data_root: str | None, catalog: str | None, quick: bool) -> None:
     """Check files, sizes, checksums and subject-disjoint splits; exit 1 naming each bad case."""
     from mri_vqvae.core.errors import ManifestError
-    from mri_vqvae.data.manifest import load_catalog, load_manifest, verify_manifest
+    from mri_vqvae.data.catalog import load_catalog
+    from mri_vqvae.data.manifest import load_manifest, verify_manifest
 
     sources = load_catalog(catalog) if catalog else None
     try:
@@ -161,7 +157,8 @@ def verify(manifest_path: str, data_root: str | None, catalog: str | None, quick
 def split_cmd(manifest_path: str, seed: int | None, fractions: dict[str, float] | None,
               fixed: dict[str, str], force: bool) -> None:
     """Assign train/val/test by subject and rewrite the manifest in place."""
-    from mri_vqvae.data.manifest import load_manifest, split_manifest, write_manifest
+    from mri_vqvae.data.manifest import load_manifest, write_manifest
+    from mri_vqvae.data.splits import split_manifest
 
     loaded = load_manifest(manifest_path, check_files=False)
     result = split_manifest(loaded, fractions, seed, fixed, force=force)
@@ -176,7 +173,8 @@ def split_cmd(manifest_path: str, seed: int | None, fractions: dict[str, float] 
 @click.option("--name", required=True, help="Name of the merged manifest.")
 def merge(inputs: tuple[str, ...], out_path: str, name: str) -> None:
     """Collate several manifests into one, keeping each case's source and provenance."""
-    from mri_vqvae.data.manifest import load_manifest, merge_manifests, write_manifest
+    from mri_vqvae.data.manifest import load_manifest, write_manifest
+    from mri_vqvae.data.merge import merge_manifests
 
     merged = merge_manifests([load_manifest(p) for p in inputs], name)
     digest = write_manifest(merged, out_path)

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import click
 
-from pipelines.common import preprocessed_option, report_failures
-from pipelines.sample import DEVICES, pick_device
+from pipelines.common import device_option, preprocessed_option, report_failures
 
 
 @click.command("reconstruct")
@@ -28,7 +27,7 @@ from pipelines.sample import DEVICES, pick_device
 @click.option("--strict", is_flag=True, help="Stop at the first bad case and exit non-zero.")
 @click.option("--num-workers", default=0, show_default=True, type=click.IntRange(min=0),
               help="Worker processes that preprocess cases ahead of the model.")
-@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
+@device_option
 @click.option("--threads", default=0, show_default=True, type=click.IntRange(min=0),
               help="torch CPU threads; 0 keeps torch's default.")
 @preprocessed_option
@@ -47,7 +46,7 @@ def reconstruct(vqvae_run: str, manifest_path: str, data_root: str | None, split
     with distributed.process_group(device):  # under torchrun: each rank does a share
         result = reconstruct_manifest(vqvae_run, manifest, out_dir, split=split,
                                       native_space=native_space, strict=strict,
-                                      num_workers=num_workers, device=pick_device(device),
+                                      num_workers=num_workers, device=device,
                                       threads=threads or None, preprocessed=preprocessed)
         main = distributed.is_main()
     if not main:

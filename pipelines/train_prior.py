@@ -1,4 +1,4 @@
-"""`mri-vqvae train-prior`: train the 3D gated PixelCNN on latent grids (also ``python -m``)."""
+"""`mri-vqvae train-prior`: train the configured prior on latent grids (also ``python -m``)."""
 
 from __future__ import annotations
 
@@ -43,22 +43,22 @@ def train_prior(latents_dir: str | None, resume_dir: str | None, runs_root: str,
     batch and only rank 0 writes or prints.
     """
     from mri_vqvae.core import distributed
-    from mri_vqvae.training import loop as training
+    from mri_vqvae.training import prior_stage
 
     if resume_dir is None and latents_dir is None:
         raise click.BadParameter("give the latents folder made by `mri-vqvae encode`",
                                  param_hint="--latents")
     config = resolve_run_config(resume_dir, config_name, overrides)
     with distributed.process_group(config.train_prior.device):
-        result = training.train_prior(config, latents_dir, runs_root=runs_root,
-                                      resume=resume_dir, argv=sys.argv)
+        result = prior_stage.train_prior(config, latents_dir, runs_root=runs_root,
+                                         resume=resume_dir, argv=sys.argv)
         main = distributed.is_main()
     if not main:
         return
     click.echo(f"run written to {result.run_dir.resolve()} (step {result.step}, "
                f"{result.stop_reason}; best val {_bits(result.best_metric)} bits/latent)")
     if result.likelihood is not None:
-        click.echo(f"bits per latent ({result.run_dir / training.LIKELIHOOD}):")
+        click.echo(f"bits per latent ({result.run_dir / prior_stage.LIKELIHOOD}):")
         click.echo(likelihood_table(result.likelihood))
     if result.stop_reason != "max_steps":
         click.echo(f"continue with: mri-vqvae train-prior --resume {result.run_dir}")

@@ -31,15 +31,15 @@ def train_vqvae(manifest_path: str | None, data_root: str | None, resume_dir: st
     batch and only rank 0 writes or prints.
     """
     from mri_vqvae.core import distributed
-    from mri_vqvae.training import loop as training
+    from mri_vqvae.training import autoencoder_stage
 
     if manifest_path is None and resume_dir is None:
         raise click.UsageError("give --manifest M.json (or --resume RUN_DIR)")
     config = resolve_run_config(resume_dir, config_name, overrides)
     with distributed.process_group(config.train_vqvae.device):
-        result = training.train_vqvae(config, manifest_path, runs_root=runs_root,
-                                      resume=resume_dir, data_root=data_root, argv=sys.argv,
-                                      preprocessed=preprocessed)
+        result = autoencoder_stage.train_vqvae(
+            config, manifest_path, runs_root=runs_root, resume=resume_dir, data_root=data_root,
+            argv=sys.argv, preprocessed=preprocessed)
         main = distributed.is_main()
     if not main:
         return

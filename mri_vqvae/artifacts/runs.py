@@ -1,4 +1,4 @@
-"""Run directories and provenance: where a training run writes, and what it records.
+"""Run folders: where a training run writes, and the life cycle of what it records.
 
 ::
 
@@ -20,36 +20,36 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import logging
-import math
 import os
-import platform
-import random
 import re
 import shutil
-import subprocess
 import sys
 from collections.abc import Sequence
-from importlib import metadata
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
-import numpy as np
 import torch
 
 from mri_vqvae.config import ExperimentConfig, config_digest, dump_config
 from mri_vqvae.core.atomic import atomic_path, atomic_write_text
 from mri_vqvae.core.errors import MriVqvaeError
+from mri_vqvae.core.jsonio import json_ready
 from mri_vqvae.core.outputs import ensure_writable, output_error
+from mri_vqvae.core.provenance import (
+    describe_device,
+    git_state,
+    package_versions,
+    utc_iso,
+    utc_stamp,
+)
 
 log = logging.getLogger(__name__)
 
 RUN_JSON = "run.json"
 METRICS = "metrics.jsonl"
 STATUSES = ("running", "completed", "failed", "interrupted")
-VERSIONED = ("torch", "monai", "numpy", "nibabel", "safetensors", "pydantic")
 _NAME_RE = re.compile(r"[^A-Za-z0-9._-]+")
-_PACKAGE_DIR = Path(__file__).resolve().parents[1]
 
 
 class RunDirError(MriVqvaeError):
@@ -57,19 +57,6 @@ class RunDirError(MriVqvaeError):
 
 
 # --- small helpers -------------------------------------------------------------------------------
-
-
-def utc_stamp(now: _dt.datetime | None = None) -> str:
-    """``YYYYmmddTHHMMSSZ`` in UTC (a naive `now` counts as UTC)."""
-    now = now or _dt.datetime.now(_dt.timezone.utc)
-    if now.tzinfo is not None:
-        now = now.astimezone(_dt.timezone.utc)
-    return now.strftime("%Y%m%dT%H%M%SZ")
-
-
-def utc_iso() -> str:
-    """Now in UTC as ``YYYY-mm-ddTHH:MM:SSZ`` (the timestamps in JSON files)."""
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def new_run_dir(
@@ -101,84 +88,6 @@ def unique_dir(parent: str | Path, base: str) -> Path:
             raise output_error(parent, exc) from None
         return path
     raise RunDirError(f"could not create a new folder under {parent}: too many named {base}")
-
-
-def git_state(path: str | Path | None = None, git: str = "git") -> dict[str, Any]:
-    """``{"commit": sha | None, "dirty": bool | None}`` of the repository holding `path`.
-
-    Defaults to the package's own folder. None when git is absent or `path` is not in a repo.
-    """
-    cwd = Path(path) if path is not None else _PACKAGE_DIR
-    exe = shutil.which(git)
-    if exe is None or not cwd.is_dir():
-        return {"commit": None, "dirty": None}
-
-    def run(*args: str) -> str | None:
-        try:
-            done = subprocess.run(
-                [exe, *args], cwd=cwd, capture_output=True, text=True, timeout=10, check=False
-            )
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return done.stdout if done.returncode == 0 else None
-
-    commit = run("rev-parse", "HEAD")
-    if commit is None:
-        return {"commit": None, "dirty": None}
-    status = run("status", "--porcelain", "--untracked-files=no")
-    return {"commit": commit.strip(), "dirty": None if status is None else bool(status.strip())}
-
-
-def package_versions(packages: Sequence[str] = VERSIONED) -> dict[str, str | None]:
-    """Installed versions (None when absent) of `packages`, plus python and mri-vqvae."""
-    from mri_vqvae import __version__
-
-    out: dict[str, str | None] = {"python": platform.python_version(), "mri_vqvae": __version__}
-    for name in packages:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = None
-    return out
-
-
-def describe_device(device: str | torch.device | None = None) -> str:
-    """A readable device name such as ``cuda:0 (NVIDIA H100 80GB HBM3)`` or ``cpu``."""
-    if device is None:
-        device = "cuda:0" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    if dev.type == "cuda" and torch.cuda.is_available():
-        index = dev.index if dev.index is not None else torch.cuda.current_device()
-        return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
-    return str(dev)
-
-
-def seed_everything(seed: int, deterministic: bool = True, strict: bool = False) -> None:
-    """Seed python `random`, numpy's global RNG and torch (all devices).
-
-    `deterministic` picks deterministic cuDNN kernels and turns autotuning off (cheap);
-    `strict` also calls ``torch.use_deterministic_algorithms(True, warn_only=True)``.
-    """
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    if deterministic:
-        torch.backends.cudnn.deterministic = True
-        torch.backends.cudnn.benchmark = False
-    if strict:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
-
-
-def _plain_number(value: Any) -> Any:
-    """A JSON-ready value: tensors / numpy scalars become numbers, NaN and inf become null."""
-    if isinstance(value, torch.Tensor):
-        value = value.detach().cpu().item() if value.numel() == 1 else value.tolist()
-    elif isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 def _metrics_path(path: str | Path) -> Path:
@@ -229,12 +138,13 @@ def truncate_metrics(path: str | Path, step: int) -> int:
     return dropped
 
 
-def _manifest_digest(path: Path) -> str | None:
-    """The ``digest`` a manifest records, or the content digest of its JSON document."""
+def manifest_digest(path: str | Path) -> str | None:
+    """The ``digest`` a manifest file records, else the content digest of its JSON document;
+    None when it is not a readable JSON object."""
     from mri_vqvae.data.manifest import content_digest
 
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
     if not isinstance(doc, dict):
@@ -326,7 +236,7 @@ class RunRecorder:
             )
         if self.config is not None:
             atomic_write_text(self.run_dir / "config.yaml", dump_config(self.config))
-        manifest_digest = self._copy_manifest()
+        data_digest = self._copy_manifest()
         self.info = {
             "stage": self.run_dir.parent.name,
             "run": self.run_dir.name,
@@ -338,7 +248,7 @@ class RunRecorder:
             "versions": package_versions(),
             "device": describe_device(self.device),
             "manifest_path": None if self.manifest is None else str(Path(self.manifest).resolve()),
-            "manifest_digest": manifest_digest,
+            "manifest_digest": data_digest,
             "started_utc": utc_iso(),
             "ended_utc": None,
             "status": "running",
@@ -359,8 +269,8 @@ class RunRecorder:
         digest = None if self.config is None else config_digest(self.config)
         if digest is not None and digest != self.info.get("config_digest"):
             log.warning("resuming %s with a different config than it started with", self.run_dir)
-        manifest_digest = None if self.manifest is None else _manifest_digest(self.manifest)
-        if manifest_digest is not None and manifest_digest != self.info.get("manifest_digest"):
+        data_digest = None if self.manifest is None else manifest_digest(self.manifest)
+        if data_digest is not None and data_digest != self.info.get("manifest_digest"):
             log.warning("resuming %s with a different manifest than it started with", self.run_dir)
         self.info.setdefault("resumed_from", []).append(
             {
@@ -372,7 +282,7 @@ class RunRecorder:
                 "git": git_state(),
                 "device": describe_device(self.device),
                 "config_digest": digest,
-                "manifest_digest": manifest_digest,
+                "manifest_digest": data_digest,
                 "dropped_metric_lines": dropped,
             }
         )
@@ -385,7 +295,7 @@ class RunRecorder:
             raise RunDirError(f"manifest {self.manifest} does not exist; pass the manifest used")
         with atomic_path(self.run_dir / "manifest.json") as tmp:
             shutil.copyfile(self.manifest, tmp)
-        return _manifest_digest(self.manifest)
+        return manifest_digest(self.manifest)
 
     def _write_info(self) -> None:
         atomic_write_text(self.run_json, json.dumps(self.info, indent=2, default=str) + "\n")
@@ -438,7 +348,7 @@ class RunRecorder:
         """Append one record to metrics.jsonl (flushed and fsynced) and to TensorBoard."""
         if not self.enabled:
             return
-        clean = {k: _plain_number(v) for k, v in values.items()}
+        clean = json_ready(values)
         record = {"step": int(step), "epoch": int(epoch), "split": split, "time": utc_iso()}
         record.update(clean)
         if self._metrics_fh is None:

@@ -9,7 +9,8 @@ is started and every helper answers as the one and only process: rank 0 of a wor
 single-process code paths stay exactly as they are.
 
 The helpers (`rank`, `world_size`, `is_main`, `barrier`, `all_gather_object`, `broadcast_object`,
-`shard`) read the live process group, so library code needs no handle passed around.
+`shard`, `merge_shards`) read the live process group, so library code needs no handle passed
+around.
 ``MRI_VQVAE_DIST_TIMEOUT_MINUTES`` (default 60) bounds how long a collective waits, e.g. the
 other ranks while rank 0 validates.
 """
@@ -143,23 +144,13 @@ def process_group(device: str = "auto") -> Iterator[bool]:
 
 
 def local_device(device: str) -> torch.device:
-    """``auto | cpu | cuda`` -> this rank's device: ``cuda:LOCAL_RANK`` under a CUDA group."""
+    """``auto | cpu | cuda`` -> this rank's device: ``cuda:LOCAL_RANK`` under a CUDA group.
+
+    No checks: `mri_vqvae.core.device.resolve_device` is the one public reading of a name.
+    """
     if _wants_cuda(device):
         return torch.device("cuda", local_rank()) if is_distributed() else torch.device("cuda")
     return torch.device("cpu")
-
-
-def resolve_device(name: str | torch.device) -> torch.device:
-    """``auto | cpu | cuda`` (or a torch device) -> the device this process computes on.
-
-    Under torchrun ``auto``/``cuda`` mean this rank's ``cuda:LOCAL_RANK`` (or cpu); alone,
-    ``auto`` is cuda when a GPU is visible, else cpu.
-    """
-    if is_distributed() and str(name) in ("auto", "cuda"):
-        return local_device(str(name))
-    if str(name) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def barrier() -> None:
@@ -203,3 +194,24 @@ def shard(items: Sequence[T], part: int | None = None, parts: int | None = None)
     parts = world_size() if parts is None else parts
     start, stop = shard_bounds(len(items), part, parts)
     return list(items[start:stop])
+
+
+def merge_shards(local: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Every rank's `local` results merged field by field in rank order (one process: `local`).
+
+    `local` is this rank's tuple of partial results of the same structure on every rank: a
+    list field is concatenated over ranks (with contiguous `shard` runs: back in item order),
+    a dict field is updated rank after rank (later ranks win a shared key), any other field
+    takes the first rank's value that is not None (e.g. the reason a strict run stopped).
+    """
+    parts = all_gather_object(tuple(local))
+    merged: list[Any] = []
+    for n, first in enumerate(parts[0]):
+        values = [part[n] for part in parts]
+        if isinstance(first, list):
+            merged.append([v for value in values for v in value])
+        elif isinstance(first, dict):
+            merged.append({k: v for value in values for k, v in value.items()})
+        else:
+            merged.append(next((v for v in values if v is not None), None))
+    return tuple(merged)

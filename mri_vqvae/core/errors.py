@@ -37,3 +37,18 @@ class DownloadError(MriVqvaeError):
 
 class EvaluationError(MriVqvaeError, ValueError):
     """An evaluation request that would not measure held-out data (says what and how to fix)."""
+
+
+def innermost_error(exc: BaseException) -> BaseException:
+    """The project's own error inside wrappers (MONAI wraps a reader's error in RuntimeError),
+    else the deepest ``__cause__``."""
+    while exc.__cause__ is not None and not isinstance(exc, MriVqvaeError):
+        exc = exc.__cause__
+    return exc
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line naming `innermost_error(exc)`: its message, with its type unless it is ours."""
+    inner = innermost_error(exc)
+    text = str(inner) if isinstance(inner, MriVqvaeError) else f"{type(inner).__name__}: {inner}"
+    return text.replace("\n", " ")

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from mri_vqvae import __version__
 from mri_vqvae.core.atomic import atomic_write_text
 from mri_vqvae.core.errors import DownloadError
-from mri_vqvae.data.manifest import sha256_file
+from mri_vqvae.core.provenance import sha256_file
 
 log = logging.getLogger(__name__)
 

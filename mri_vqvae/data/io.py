@@ -1,6 +1,7 @@
 """Reading MRI volumes in the formats radiology research uses, validated before they are trusted.
 
-Formats (`detect_format` names):
+Formats (`detect_format` names; which file suffixes mean which: `mri_vqvae.data.formats`, the
+list the manifest scan uses too):
 
 - ``"nifti"``: .nii / .nii.gz (nibabel; NIfTI-1 and NIfTI-2)
 - ``"dicom_series"``: a folder of classic 2D DICOM slices of one series
@@ -14,6 +15,8 @@ wrong with a file (missing, unknown type, truncated, too large, too small, too l
 resampled, 2D/4D/5D, zero/negative/NaN voxel size, NaN/Inf, values beyond float32, constant,
 sheared, broken DICOM series) raises `InvalidImageError`; so does any exception a library raises
 on malformed input. Only geometry goes into MONAI metadata, never header free text.
+`MriReader.volume` is the one implementation of reading and checking a volume: `read_volume`
+and MONAI's ``LoadImage`` (through `MriReader.get_data`) both call it.
 
 Verified reads (a manifest case: ``root`` and ``sha256`` given to `read_volume` / `MriReader`):
 `mri_vqvae.data.sources.read_verified` first refuses any source file that resolves (links followed)
@@ -41,6 +44,7 @@ from monai.utils import MetaKeys, SpaceKeys
 
 from mri_vqvae.config import DataConfig
 from mri_vqvae.core.errors import InvalidImageError
+from mri_vqvae.data import formats, sources
 from mri_vqvae.data.readers import dicom, itk, nifti
 from mri_vqvae.data.readers.common import (
     Header,
@@ -65,10 +69,6 @@ __all__ = [
 DEFAULT_MAX_VOXELS: int = DataConfig.model_fields["max_voxels"].default
 DEFAULT_MAX_SHEAR: float = DataConfig.model_fields["max_shear"].default
 DEFAULT_MIN_SIZE: int = DataConfig.model_fields["min_size"].default  # what pipelines pass
-
-_NIFTI_SUFFIXES = (".nii", ".nii.gz")
-_ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
-_DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
 
 Probe = Callable[[Path, int], Header]
 Load = Callable[[Path, Header], np.ndarray]
@@ -107,19 +107,19 @@ def _require_exists(path: Path) -> None:
 def detect_format(path: str | Path) -> str:
     """Name of the reader for `path` (see `FORMATS`); reads at most one DICOM header.
 
-    A folder is a DICOM series. DICOM files are recognised by their "DICM" preamble, whatever
-    their name (scanners often write names without extension), or by a .dcm/.dicom/.ima suffix.
+    A folder is a DICOM series. Suffixes are those of `mri_vqvae.data.formats`; DICOM files are
+    also recognised by their "DICM" preamble, whatever their name (scanners often write names
+    without extension).
     """
     p = Path(path)
     _require_exists(p)
     if p.is_dir():
         return "dicom_series"
-    name = p.name.lower()
-    if name.endswith(_NIFTI_SUFFIXES):
+    if formats.is_nifti(p.name):
         return "nifti"
-    if name.endswith(_ITK_SUFFIXES):
+    if formats.is_itk(p.name):
         return "itk"
-    if name.endswith(_DICOM_SUFFIXES) or _has_dicom_magic(p):
+    if formats.has_dicom_suffix(p.name) or _has_dicom_magic(p):
         return dicom.classify(p)
     raise InvalidImageError(
         p,
@@ -175,75 +175,6 @@ def inspect_image(
     return ImageInfo(fmt, header.shape, spacing_of(header.affine))
 
 
-def _verified_blob(
-    path: Path, root: str | Path | None, sha256: str | None, series_uid: str | None
-) -> bytes | None:
-    """Check confinement (and the digest when `sha256` is given); the NIfTI bytes read, if any."""
-    if sha256 is None and root is None:
-        return None
-    from mri_vqvae.data import sources  # imported here: manifests and readers stay independent
-
-    _require_exists(path)
-    if sha256 is None:
-        sources.check_confined(path, Path(root), series_uid)
-        return None
-    if root is None:
-        raise ValueError(f"{path}: a sha256 to verify needs the data root the case must stay in")
-    blobs = sources.read_verified(path, Path(root), sha256, series_uid)
-    if path.is_file() and path.name.lower().endswith(_NIFTI_SUFFIXES) and len(blobs) == 1:
-        return next(iter(blobs.values()))
-    return None  # DICOM / ITK: verified, then parsed from their paths (see the module docstring)
-
-
-def _read(
-    path: Path,
-    limits: _Limits,
-    root: str | Path | None = None,
-    sha256: str | None = None,
-    series_uid: str | None = None,
-) -> tuple[str, np.ndarray, np.ndarray]:
-    blob = _verified_blob(path, root, sha256, series_uid)
-    fmt, header = _probe(path, limits, series_uid, blob)
-    del blob  # the header holds what the NIfTI loader needs
-    load = _HANDLERS[fmt][1]
-    assert load is not None, f"{fmt} has no loader but its probe accepted {path}"
-    with guard(path, f"{fmt} voxel data"):
-        data = load(path, header)
-    assert data.shape == header.shape and data.dtype == np.float32, (data.shape, header.shape)
-    check_values(path, data)
-    # the header's shape, checked after the voxels so a small blank or broken export is named
-    # for what it is (constant, NaN ...); a small volume costs nothing to read
-    check_min_size(path, header.shape, limits.min_size)
-    return fmt, data, np.array(header.affine, dtype=np.float64)
-
-
-def read_volume(
-    path: str | Path,
-    max_voxels: int = DEFAULT_MAX_VOXELS,
-    max_shear: float = DEFAULT_MAX_SHEAR,
-    *,
-    min_size: int = 1,
-    spacing: Sequence[float] | None = None,
-    root: str | Path | None = None,
-    sha256: str | None = None,
-    series_uid: str | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Read and validate one volume: ((X, Y, Z) float32 voxels, (4, 4) voxel -> RAS affine).
-
-    Header limits, checked before any voxel is read: `max_voxels`, `max_shear` and, with `spacing`
-    (the target voxel size in mm, RAS order), the size after resampling must stay within
-    `max_voxels`. `min_size` (the default 1 accepts any 3D volume; pipelines pass
-    ``data.min_size``) bounds the header's shape from below, checked after the voxel checks so a
-    small blank or broken export is named for what it is.
-    With `root` every source file must resolve inside it; with `root` and `sha256` (a manifest
-    case) the content is verified too (see the module docstring). `series_uid` picks one series
-    of a DICOM folder holding several.
-    """
-    limits = _Limits(int(max_voxels), float(max_shear), int(min_size), _triple(spacing))
-    _, data, affine = _read(Path(path), limits, root, sha256, series_uid)
-    return data, affine
-
-
 def _triple(spacing: Sequence[float] | None) -> tuple[float, float, float] | None:
     if spacing is None:
         return None
@@ -270,7 +201,8 @@ def geometry_meta(path: str | Path, fmt: str, affine: np.ndarray, shape: Sequenc
 
 
 class MriReader(ImageReader):
-    """MONAI reader over `read_volume`: ``LoadImaged("image", reader=MriReader(...))``.
+    """The one reader of volumes: `volume` reads and validates one; `read_volume` calls it, and
+    so does MONAI: ``LoadImaged("image", reader=MriReader(...))``.
 
     `read` only records the paths; all reading and validation happen in `get_data`. This is on
     purpose: `LoadImage` catches exceptions from `read` and silently retries with its default
@@ -303,13 +235,43 @@ class MriReader(ImageReader):
         self.sha256 = sha256
         self.series_uid = series_uid
 
+    def _verified_blob(self, path: Path) -> bytes | None:
+        """Check confinement (and the digest when sha256 is set); the NIfTI bytes read, if any."""
+        if self.sha256 is None and self.root is None:
+            return None
+        _require_exists(path)
+        if self.sha256 is None:
+            sources.check_confined(path, Path(self.root), self.series_uid)
+            return None
+        if self.root is None:
+            raise ValueError(f"{path}: a sha256 to verify needs the data root the case must "
+                             "stay in")
+        blobs = sources.read_verified(path, Path(self.root), self.sha256, self.series_uid)
+        if path.is_file() and formats.is_nifti(path.name) and len(blobs) == 1:
+            return next(iter(blobs.values()))
+        return None  # DICOM / ITK: verified, then parsed from their paths (see the module doc)
+
+    def volume(self, path: str | Path) -> tuple[str, np.ndarray, np.ndarray]:
+        """Read and validate one volume: (format, (X, Y, Z) float32, (4, 4) voxel -> RAS)."""
+        path = Path(path)
+        blob = self._verified_blob(path)
+        fmt, header = _probe(path, self.limits, self.series_uid, blob)
+        del blob  # the header holds what the NIfTI loader needs
+        load = _HANDLERS[fmt][1]
+        assert load is not None, f"{fmt} has no loader but its probe accepted {path}"
+        with guard(path, f"{fmt} voxel data"):
+            data = load(path, header)
+        assert data.shape == header.shape and data.dtype == np.float32, (data.shape, header.shape)
+        check_values(path, data)
+        # the header's shape, checked after the voxels so a small blank or broken export is named
+        # for what it is (constant, NaN ...); a small volume costs nothing to read
+        check_min_size(path, header.shape, self.limits.min_size)
+        return fmt, data, np.array(header.affine, dtype=np.float64)
+
     def verify_suffix(self, filename: Sequence[str | Path] | str | Path) -> bool:
         """True when every name is a folder or ends in a suffix this reader knows."""
         names = [filename] if isinstance(filename, (str, Path)) else list(filename)
-        known = _NIFTI_SUFFIXES + _ITK_SUFFIXES + _DICOM_SUFFIXES
-        return bool(names) and all(
-            Path(n).is_dir() or str(n).lower().endswith(known) for n in names
-        )
+        return bool(names) and all(Path(n).is_dir() or formats.known_suffix(str(n)) for n in names)
 
     def read(self, data: Sequence[str | Path] | str | Path, **kwargs: Any) -> list[Path]:
         """The paths to read later in `get_data` (no I/O here, see the class docstring)."""
@@ -319,14 +281,13 @@ class MriReader(ImageReader):
     def get_data(self, img: Any) -> tuple[np.ndarray, dict]:
         """Read and validate: ((X, Y, Z) or (C, X, Y, Z) float32, geometry-only meta dict)."""
         paths = [img] if isinstance(img, (str, Path)) else list(img)
-        case = (self.root, self.sha256, self.series_uid)
-        if len(paths) > 1 and any(v is not None for v in case):
+        if len(paths) > 1 and any(v is not None for v in (self.root, self.sha256, self.series_uid)):
             raise InvalidImageError(
                 paths[0],
                 f"a case to verify holds one image, got {len(paths)} paths",
                 "list each channel as its own manifest case, or read them without root/sha256",
             )
-        volumes = [_read(Path(p), self.limits, *case) for p in paths]
+        volumes = [self.volume(p) for p in paths]
         fmt, data, affine = volumes[0]
         meta = geometry_meta(paths[0], fmt, affine, data.shape)
         if len(volumes) == 1:
@@ -340,3 +301,31 @@ class MriReader(ImageReader):
                 )
         meta[MetaKeys.ORIGINAL_CHANNEL_DIM.value] = 0
         return np.stack([v for _, v, _ in volumes]), meta
+
+
+def read_volume(
+    path: str | Path,
+    max_voxels: int = DEFAULT_MAX_VOXELS,
+    max_shear: float = DEFAULT_MAX_SHEAR,
+    *,
+    min_size: int = 1,
+    spacing: Sequence[float] | None = None,
+    root: str | Path | None = None,
+    sha256: str | None = None,
+    series_uid: str | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Read and validate one volume: ((X, Y, Z) float32 voxels, (4, 4) voxel -> RAS affine).
+
+    Header limits, checked before any voxel is read: `max_voxels`, `max_shear` and, with `spacing`
+    (the target voxel size in mm, RAS order), the size after resampling must stay within
+    `max_voxels`. `min_size` (the default 1 accepts any 3D volume; pipelines pass
+    ``data.min_size``) bounds the header's shape from below, checked after the voxel checks so a
+    small blank or broken export is named for what it is.
+    With `root` every source file must resolve inside it; with `root` and `sha256` (a manifest
+    case) the content is verified too (see the module docstring). `series_uid` picks one series
+    of a DICOM folder holding several. ``MriReader(...).volume(path)`` without the format.
+    """
+    reader = MriReader(max_voxels, max_shear, min_size=min_size, spacing=spacing, root=root,
+                       sha256=sha256, series_uid=series_uid)
+    _, data, affine = reader.volume(path)
+    return data, affine

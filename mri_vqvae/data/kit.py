@@ -34,6 +34,8 @@ from tqdm.auto import tqdm
 from mri_vqvae.config import AugmentConfig, KitConfig, config_digest
 from mri_vqvae.core.atomic import atomic_path, atomic_write_text
 from mri_vqvae.core.errors import DownloadError
+from mri_vqvae.core.provenance import sha256_file
+from mri_vqvae.data.case import Case
 from mri_vqvae.data.download import fetch
 from mri_vqvae.data.io import inspect_image
 from mri_vqvae.data.kit_sources import (
@@ -43,8 +45,7 @@ from mri_vqvae.data.kit_sources import (
     resolve_mirror,
     source_citations,
 )
-from mri_vqvae.data.kit_sources import citations as citations  # re-exported for reports
-from mri_vqvae.data.manifest import Case, Manifest, sha256_file, write_manifest
+from mri_vqvae.data.manifest import Manifest, write_manifest
 from mri_vqvae.data.transforms import pseudo_subject_chain
 from mri_vqvae.data.writers import write_nifti
 

@@ -32,8 +32,11 @@ from typing import Any
 from mri_vqvae.config import COHORT_MODALITIES
 from mri_vqvae.core.atomic import atomic_path
 from mri_vqvae.core.errors import DownloadError
+from mri_vqvae.core.provenance import sha256_file
+from mri_vqvae.data.catalog import load_catalog
 from mri_vqvae.data.download import fetch
-from mri_vqvae.data.manifest import Manifest, load_catalog, modality_from_name, sha256_file
+from mri_vqvae.data.manifest import Manifest
+from mri_vqvae.data.scan import modality_from_name
 
 log = logging.getLogger(__name__)
 

@@ -24,10 +24,8 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from mri_vqvae.core.errors import ManifestError
+from mri_vqvae.data import formats
 
-IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
-DICOM_SUFFIXES = (".dcm", ".ima")
-HEADER_SUFFIXES = (".mhd", ".nhdr", ".mha", ".nrrd")  # may name detached data files
 MAX_HEADER_BYTES = 1 << 20
 MAX_DATA_FILES = 100_000
 VERIFY_FIX = (
@@ -44,12 +42,6 @@ _KINDS = {stat.S_IFIFO: "fifo", stat.S_IFSOCK: "socket", stat.S_IFCHR: "characte
 
 
 # --- file kinds -----------------------------------------------------------------------------
-
-
-def image_suffix(name: str) -> str | None:
-    """The image suffix `name` ends with (lower-cased, e.g. ``.nii.gz``), or None."""
-    lower = name.lower()
-    return next((s for s in IMAGE_SUFFIXES if lower.endswith(s)), None)
 
 
 def irregular_kind(path: Path) -> str | None:
@@ -120,7 +112,7 @@ def is_dicom(path: Path) -> bool:
         head = _head(path, 132)
     except ManifestError:
         return False
-    if head[128:132] == b"DICM" or path.suffix.lower() in DICOM_SUFFIXES:
+    if head[128:132] == b"DICM" or formats.has_dicom_suffix(path.name):
         return True
     if not _bare(path.name) or head[:2] not in _RAW_DICOM_STARTS:
         return False
@@ -179,7 +171,7 @@ def _dicom_tags(path: str, inode: int, size: int, mtime_ns: int) -> DicomTags | 
 def _folder_files(folder: Path) -> list[Path]:
     """Direct, non-hidden, regular files of `folder` that are not image files, by name."""
     return sorted(p for p in folder.iterdir() if not p.name.startswith(".")
-                  and not image_suffix(p.name) and irregular_kind(p) is None)
+                  and not formats.image_suffix(p.name) and irregular_kind(p) is None)
 
 
 def _header_lines(path: Path) -> list[str]:
@@ -243,10 +235,10 @@ def _nrrd_data(path: Path) -> list[str] | None:
 
 def _header_files(path: Path) -> list[Path]:
     """[header, data files...] of a MetaImage / NRRD header (just [header] for inline data)."""
-    suffix = path.suffix.lower()
-    names = _metaimage_data(path) if suffix in (".mhd", ".mha") else _nrrd_data(path)
-    if names is None and suffix in (".mhd", ".nhdr"):
-        field = "ElementDataFile" if suffix == ".mhd" else "data file"
+    metaimage = formats.is_metaimage(path.name)
+    names = _metaimage_data(path) if metaimage else _nrrd_data(path)
+    if names is None and formats.is_detached(path.name):
+        field = "ElementDataFile" if metaimage else "data file"
         raise ManifestError(f"{path}: detached header without a {field!r} field, so its data "
                             "is unknown; add the field or convert the image to one file")
     return [path, *(path.parent / n for n in names or [])]
@@ -267,7 +259,7 @@ def source_files(path: Path, series_uid: str | None = None) -> list[Path]:
             return files
         return [f for f in files if (t := dicom_tags(f)) is not None
                 and t.series_uid == series_uid and not t.volume]
-    if path.name.lower().endswith(HEADER_SUFFIXES) and irregular_kind(path) is None:
+    if formats.is_itk(path.name) and irregular_kind(path) is None:
         return _header_files(path)
     return [path]
 
@@ -369,7 +361,7 @@ def referenced_data(headers: Iterable[Path]) -> set[Path]:
     """Data files (normalised paths) named by the image `headers` (unreadable ones skipped)."""
     out: set[Path] = set()
     for f in headers:
-        if f.name.lower().endswith(HEADER_SUFFIXES) and irregular_kind(f) is None:
+        if formats.is_itk(f.name) and irregular_kind(f) is None:
             try:
                 out.update(Path(os.path.normpath(d)) for d in _header_files(f)[1:])
             except ManifestError:

@@ -1,4 +1,9 @@
-"""Batch processing over many cases: a bad case is recorded and skipped unless `strict`."""
+"""Work over many manifest cases: preparing them (optionally in worker processes), applying a
+step to each, and recording a bad case instead of stopping unless `strict`.
+
+Items are the dicts of `mri_vqvae.data.datasets.case_items`; a prepared case holds its volume
+(D, H, W) float32 on the preprocessed grid and its (4, 4) RAS affine.
+"""
 
 from __future__ import annotations
 
@@ -6,16 +11,21 @@ import csv
 import io
 import logging
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from mri_vqvae.config import DataConfig
 from mri_vqvae.core.atomic import atomic_write_text
-from mri_vqvae.core.errors import MriVqvaeError
+from mri_vqvae.core.errors import MriVqvaeError, describe_error, innermost_error
 from mri_vqvae.core.outputs import output_cause, output_error
+from mri_vqvae.data.preprocessed import with_store
+from mri_vqvae.data.transforms import build_transforms
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -28,6 +38,11 @@ class Failure:
     case_id: str
     path: str
     reason: str
+
+
+def progress(total: int, desc: str, enabled: bool = True) -> tqdm:
+    """A tqdm bar over cases with ETA on a terminal (off otherwise)."""
+    return tqdm(total=total, desc=desc, unit="case", disable=not enabled or not sys.stderr.isatty())
 
 
 def run_batch(
@@ -57,22 +72,65 @@ def run_batch(
                 raise output_error(out_dir, cause) from exc
             if strict:
                 raise innermost_error(exc) from None
-            reason = _describe(innermost_error(exc))
+            reason = describe_error(exc)
             log.warning("skipping %s: %s", item.get("case_id"), reason)
             failures.append(Failure(str(item.get("case_id")), str(item.get("image")), reason))
     return results, failures
 
 
-def innermost_error(exc: BaseException) -> BaseException:
-    """The project's own error inside a MONAI wrapper (or the deepest cause)."""
-    while exc.__cause__ is not None and not isinstance(exc, MriVqvaeError):
-        exc = exc.__cause__
-    return exc
+# --- preparing cases (optionally in worker processes) --------------------------------------------
 
 
-def _describe(exc: BaseException) -> str:
-    text = str(exc) if isinstance(exc, MriVqvaeError) else f"{type(exc).__name__}: {exc}"
-    return text.replace("\n", " ")
+@dataclass(frozen=True)
+class Prepared:
+    """One case after the deterministic chain: volume (D, H, W) float32, affine (4, 4) RAS.
+
+    ``error`` holds the reason (and volume/affine are None) when preprocessing failed.
+    """
+
+    item: dict[str, Any]
+    volume: np.ndarray | None
+    affine: np.ndarray | None
+    error: str | None = None
+
+
+class _PreparedCases(Dataset):
+    """``ds[i]`` -> `Prepared` of ``items[i]``; errors are caught and described (picklable)."""
+
+    def __init__(self, items: Sequence[dict[str, Any]], data: DataConfig,
+                 preprocessed: str | Path | None = None) -> None:
+        self.items = list(items)
+        self.chain = with_store(build_transforms(data), preprocessed, data)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> Prepared:
+        item = self.items[i]
+        try:
+            image = self.chain(dict(item))["image"]
+        except Exception as exc:  # any unreadable case is reported, never fatal in a worker
+            return Prepared(item, None, None, describe_error(exc))
+        volume = np.asarray(image[0].detach().cpu(), dtype=np.float32)
+        return Prepared(item, volume, np.asarray(image.affine, dtype=np.float64))
+
+
+def _first(batch: list[Prepared]) -> Prepared:
+    return batch[0]
+
+
+def iter_prepared(items: Sequence[dict[str, Any]], data: DataConfig, num_workers: int = 0,
+                  preprocessed: str | Path | None = None) -> Iterator[Prepared]:
+    """Preprocess `items` in order with `num_workers` worker processes (0: in this process);
+    verified volumes of a `preprocessed` folder are read instead where it has them."""
+    if not items:
+        return iter(())
+    loader = DataLoader(_PreparedCases(items, data, preprocessed), batch_size=1, shuffle=False,
+                        num_workers=num_workers, collate_fn=_first)
+    return iter(loader)
+
+
+# --- reporting failures --------------------------------------------------------------------------
 
 
 def write_failures(path: str | Path, failures: list[Failure]) -> None:

@@ -28,7 +28,7 @@ import logging
 import os
 import signal
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -37,33 +37,18 @@ from monai.transforms import Compose
 
 from mri_vqvae.config import ExperimentConfig, config_digest
 from mri_vqvae.core.atomic import atomic_write_text
+from mri_vqvae.core.figures import orthogonal_montage
 from mri_vqvae.core.outputs import output_lock, remove_stale_temps
 from mri_vqvae.data.datasets import case_items
-from mri_vqvae.data.manifest import Manifest, sha256_file
+from mri_vqvae.data.manifest import Manifest
+from mri_vqvae.data.preprocessed import PreprocessedCase, finished_case, write_sidecar
 from mri_vqvae.data.transforms import build_transforms
 from mri_vqvae.data.writers import affine_spacing, write_nifti
-from mri_vqvae.evaluation.report import orthogonal_montage
 from mri_vqvae.tasks.cases import Failure, run_batch, write_failures
 
 log = logging.getLogger(__name__)
 
-SIDECAR_FORMAT = "mri-vqvae-preprocessed-case"
-SIDECAR_VERSION = 1
 KILL_ENV = "MRI_VQVAE_TEST_KILL_AFTER_CASE"
-
-@dataclass(frozen=True)
-class PreprocessedCase:
-    """One written case; paths are relative to the output folder."""
-
-    case_id: str
-    subject_id: str
-    split: str
-    image: str
-    montage: str
-    shape: tuple[int, int, int]
-    spacing: tuple[float, float, float]
-    affine: list[list[float]]
-    source_sha256: str
 
 
 def preprocess_case(item: dict[str, Any], chain: Compose, out_dir: Path) -> PreprocessedCase:
@@ -88,62 +73,6 @@ def preprocess_case(item: dict[str, Any], chain: Compose, out_dir: Path) -> Prep
         affine=affine.tolist(),
         source_sha256=item["sha256"],
     )
-
-
-def sidecar_path(out_dir: Path, case_id: str) -> Path:
-    """Where the sidecar that marks `case_id` finished lives."""
-    return out_dir / "cases" / f"{case_id}.json"
-
-
-def write_sidecar(out_dir: Path, case: PreprocessedCase, digest: str, session: str) -> None:
-    """Mark `case` finished: its fields, the config digest and the sha256 of its outputs."""
-    doc = {
-        "format": SIDECAR_FORMAT,
-        "format_version": SIDECAR_VERSION,
-        **asdict(case),
-        "config_digest": digest,
-        "image_sha256": sha256_file(out_dir / case.image),
-        "montage_sha256": sha256_file(out_dir / case.montage),
-        "session": session,
-    }
-    atomic_write_text(sidecar_path(out_dir, case.case_id), json.dumps(doc, indent=2) + "\n")
-
-
-def finished_case(out_dir: Path, item: dict[str, Any], digest: str) -> PreprocessedCase | None:
-    """The case recorded by `item`'s sidecar when it matches and its outputs verify, else None."""
-    path = sidecar_path(out_dir, item["case_id"])
-    if not path.is_file():
-        return None
-    case_id = item["case_id"]
-    image, montage = f"images/{case_id}.nii.gz", f"montages/{case_id}.png"
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-        same = (
-            doc.get("format_version") == SIDECAR_VERSION
-            and doc.get("config_digest") == digest
-            and doc.get("source_sha256") == item["sha256"]
-            and (doc.get("case_id"), doc.get("subject_id"), doc.get("split"))
-            == (case_id, item["subject_id"], item["split"])
-            and (doc.get("image"), doc.get("montage")) == (image, montage)
-        )
-        if not same:
-            log.info("%s: another source file or config; the case is redone", path)
-            return None
-        if (sha256_file(out_dir / image) != doc.get("image_sha256")
-                or sha256_file(out_dir / montage) != doc.get("montage_sha256")):
-            log.warning("%s: its NIfTI or montage changed; the case is redone", path)
-            return None
-        return PreprocessedCase(
-            case_id=case_id, subject_id=item["subject_id"], split=item["split"], image=image,
-            montage=montage, shape=tuple(int(v) for v in doc["shape"]),  # type: ignore[arg-type]
-            spacing=tuple(float(v) for v in doc["spacing"]),  # type: ignore[arg-type]
-            affine=[[float(v) for v in row] for row in doc["affine"]],
-            source_sha256=item["sha256"],
-        )
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError, KeyError,
-            TypeError, ValueError) as exc:
-        log.warning("%s is unreadable or incomplete (%s); the case is redone", path, exc)
-        return None
 
 
 def _kill_after() -> int | None:

@@ -5,9 +5,9 @@ On disk (``--out DIR``)::
     reconstruct.json          what made the folder: VQ-VAE checkpoint, weights sha256, data, grid
     images/<case_id>.nii.gz   the reconstruction, clamped to [0, 1] (the preprocessed scale)
     cases/<case_id>.json      the case's sidecar, written last: metrics, sha256 of its image
-    metrics.csv               case_id, psnr, ssim, nmse, psnr_foreground, codes_used (an empty
-                              cell: not finite, e.g. the PSNR of an exact reconstruction; the
-                              JSON files hold null there)
+    metrics.csv               case_id, the metrics of `CASE_METRICS` (whole volume, then
+                              foreground), codes_used (an empty cell: not finite, e.g. the PSNR
+                              of an exact reconstruction; the JSON files hold null there)
     index.json                every finished case of the selection, with its sidecar's content
     failures.csv              case_id, path, reason
 
@@ -26,7 +26,7 @@ Resume works the same (a rerun may use another number of processes).
 
 Grids: by default the reconstruction lies on the preprocessed grid (RAS, ``data.spacing``,
 ``data.spatial_size``). With `native_space` it is resampled onto the input file's own grid and
-affine with `mri_vqvae.tasks.sample.resample_to_grid` (MONAI ``ResampleToMatch``, bilinear here,
+affine with `mri_vqvae.tasks.likelihood.resample_to_grid` (MONAI ``ResampleToMatch``, bilinear here,
 zeros outside what the preprocessing crop kept), the helper `mri-vqvae likelihood --native` uses;
 intensities stay on the [0, 1] scale. Metrics are always measured on the preprocessed grid.
 
@@ -55,7 +55,9 @@ import torch
 
 from mri_vqvae.core import distributed
 from mri_vqvae.core.atomic import atomic_write_text
-from mri_vqvae.core.errors import MriVqvaeError
+from mri_vqvae.core.device import resolve_device
+from mri_vqvae.core.errors import MriVqvaeError, describe_error
+from mri_vqvae.core.jsonio import json_ready
 from mri_vqvae.core.outputs import (
     OutputError,
     ensure_writable,
@@ -64,20 +66,15 @@ from mri_vqvae.core.outputs import (
     output_lock,
     remove_stale_temps,
 )
-from mri_vqvae.data.manifest import Manifest, sha256_file
+from mri_vqvae.core.provenance import sha256_file
+from mri_vqvae.data.manifest import Manifest
 from mri_vqvae.data.writers import write_nifti
-from mri_vqvae.evaluation.evaluate import (
-    Prepared,
-    describe_error,
-    iter_prepared,
-    json_ready,
-    progress,
-    quality_of,
-)
-from mri_vqvae.tasks.cases import Failure, write_failures
+from mri_vqvae.metrics.image import CASE_METRICS
+from mri_vqvae.metrics.quality import quality_of
+from mri_vqvae.tasks.cases import Failure, Prepared, iter_prepared, progress, write_failures
 
 if TYPE_CHECKING:
-    from mri_vqvae.artifacts.latents import VQVAESource
+    from mri_vqvae.artifacts.loading import AutoencoderRun
     from mri_vqvae.config import DataConfig
 
 log = logging.getLogger(__name__)
@@ -85,7 +82,7 @@ log = logging.getLogger(__name__)
 FORMAT = "mri-vqvae-reconstruction"
 FORMAT_VERSION = 1
 KILL_ENV = "MRI_VQVAE_TEST_KILL_AFTER_CASE"
-CSV_COLUMNS = ("case_id", "psnr", "ssim", "nmse", "psnr_foreground", "codes_used")
+CSV_COLUMNS = ("case_id", *CASE_METRICS, "codes_used")
 _IDENTITY = ("vqvae_sha256", "data", "grid")
 
 
@@ -104,7 +101,7 @@ class ReconstructResult:
     records: dict[str, dict[str, Any]]
 
 
-def folder_identity(source: VQVAESource, native_space: bool) -> dict[str, Any]:
+def folder_identity(source: AutoencoderRun, native_space: bool) -> dict[str, Any]:
     """reconstruct.json content: what must agree before a rerun may reuse a folder's cases."""
     return {
         "format": FORMAT,
@@ -178,7 +175,7 @@ def _native(prepared: Prepared, recon: np.ndarray, data: DataConfig
             ) -> tuple[np.ndarray, np.ndarray]:
     """`recon` resampled onto the input file's own grid: ((X, Y, Z), (4, 4) affine)."""
     from mri_vqvae.data.io import read_volume
-    from mri_vqvae.tasks.sample import resample_to_grid
+    from mri_vqvae.tasks.likelihood import resample_to_grid
 
     assert prepared.affine is not None
     item = prepared.item  # the raw file again: confined and verified like the first read
@@ -294,15 +291,15 @@ def _reconstruct(
     preprocessed: str | Path | None = None,
 ) -> ReconstructResult:
     """`reconstruct_manifest`'s work, with the output folder's lock held."""
-    from mri_vqvae.artifacts.latents import load_vqvae_source
+    from mri_vqvae.artifacts.loading import open_autoencoder_run
     from mri_vqvae.data.datasets import case_items
     from mri_vqvae.tasks.sample import cpu_threads
 
     out = Path(out_dir)
-    source = load_vqvae_source(vqvae_run)
+    source = open_autoencoder_run(vqvae_run)
     identity = folder_identity(source, native_space)
     _claim_on_main(out, identity)
-    dev = distributed.resolve_device(device)
+    dev = resolve_device(device)
     model = source.model.to(dev).eval()
     items = case_items(manifest, source.data, split)
     mine = distributed.shard(items)  # every item when not distributed
@@ -349,9 +346,12 @@ def _reconstruct(
             bar.update(1)
             if kill_after is not None and len(computed) >= kill_after:
                 os.kill(os.getpid(), signal.SIGKILL)
-    if distributed.is_distributed():
-        computed, reused, failures, stopped = _merge_shards(records, computed, reused, failures,
-                                                            stopped)
+    if distributed.is_distributed():  # every rank's outcome, in case order (contiguous shards)
+        log.info("rank %d of %d: reconstructed %s, reused %s, %d failed", distributed.rank(),
+                 distributed.world_size(), computed, reused, len(failures))
+        records, computed, reused, failures, stopped = distributed.merge_shards(
+            (records, computed, reused, failures, stopped))
+        reused = sorted(reused)
     if distributed.is_main():
         write_tables(out, records, identity, failures)
     distributed.barrier()  # the tables are written before any rank returns
@@ -374,31 +374,3 @@ def _claim_on_main(out: Path, identity: dict[str, Any]) -> None:
     if error is not None:
         raise error
 
-
-def _merge_shards(
-    records: dict[str, dict[str, Any]],
-    computed: list[str],
-    reused: list[str],
-    failures: list[Failure],
-    stopped: str | None,
-) -> tuple[list[str], list[str], list[Failure], str | None]:
-    """Gather every rank's outcome; `records` becomes the whole run's (in place).
-
-    Shards are contiguous runs of the sorted items gathered in rank order, so the lists come
-    back in case order; a strict stop on any rank stops them all (the first rank's reason).
-    """
-    log.info("rank %d of %d: reconstructed %s, reused %s, %d failed", distributed.rank(),
-             distributed.world_size(), computed, reused, len(failures))
-    parts = distributed.all_gather_object((records, computed, reused, failures, stopped))
-    records.clear()
-    all_computed: list[str] = []
-    all_reused: list[str] = []
-    all_failures: list[Failure] = []
-    first_stop: str | None = None
-    for part_records, part_computed, part_reused, part_failures, part_stop in parts:
-        records.update(part_records)
-        all_computed += part_computed
-        all_reused += part_reused
-        all_failures += part_failures
-        first_stop = first_stop or part_stop
-    return all_computed, sorted(all_reused), all_failures, first_stop

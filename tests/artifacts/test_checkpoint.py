@@ -18,15 +18,10 @@ from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 import mri_vqvae.artifacts.checkpoint as ckpt
-from mri_vqvae.artifacts.checkpoint import (
-    build_resume_state,
-    capture_rng_state,
-    load_checkpoint,
-    load_resume_state,
-    restore_rng_state,
-    save_checkpoint,
-)
+from mri_vqvae.artifacts.checkpoint import load_checkpoint, save_checkpoint
+from mri_vqvae.artifacts.resume import capture_rng_state, load_resume_state, restore_rng_state
 from mri_vqvae.core.errors import CheckpointError
+from mri_vqvae.core.provenance import sha256_file
 from tests.support.paths import REPO
 
 
@@ -91,7 +86,7 @@ def test_round_trip_is_bit_identical(tmp_path: Path) -> None:
     assert loaded.extra == {"psnr": 31.5, "loss": None}
     assert not loaded.model.training
     meta = json.loads((folder / "config.json").read_text())
-    assert meta["files"]["model.safetensors"] == ckpt.sha256_file(folder / "model.safetensors")
+    assert meta["files"]["model.safetensors"] == sha256_file(folder / "model.safetensors")
     assert meta["versions"]["torch"] and meta["config"] == cfg.model_dump(mode="json")
 
 
@@ -265,7 +260,7 @@ def test_pickle_payload_refused_and_never_runs(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match=r"state\.pt is corrupted"):
         load_resume_state(folder)
     meta = json.loads((folder / "config.json").read_text())
-    meta["files"]["state.pt"] = ckpt.sha256_file(folder / "state.pt")
+    meta["files"]["state.pt"] = sha256_file(folder / "state.pt")
     (folder / "config.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="refused"):
         load_resume_state(folder)
@@ -305,14 +300,14 @@ def test_resume_state_round_trip(tmp_path: Path) -> None:
     loss = model.a(torch.randn(2, 4)).sum()
     loss.backward()
     opt.step()
-    state = build_resume_state(opt, step=10, epoch=2, sampler_position=5, best_metric=0.5)
+    state = {"optimizer": opt.state_dict(), "step": 10, "best_metric": 0.5,
+             "rng": capture_rng_state()}
     before = _draws()
     folder = save_checkpoint(tmp_path / "last", model, "tiny", cfg, state=state)
     loaded = load_checkpoint(folder, builders=BUILDERS)
     assert loaded.step == 10 and loaded.state_path == folder / "state.pt"
     resumed = load_resume_state(folder)
-    assert {k: resumed[k] for k in ("step", "epoch", "sampler_position", "best_metric")} == {
-        "step": 10, "epoch": 2, "sampler_position": 5, "best_metric": 0.5}
+    assert (resumed["step"], resumed["best_metric"]) == (10, 0.5)
     opt2 = torch.optim.Adam(loaded.model.parameters(), lr=1e-3)
     opt2.load_state_dict(resumed["optimizer"])
     sa, sb = opt.state_dict()["state"], opt2.state_dict()["state"]

@@ -1,261 +1,48 @@
-"""Latent grids: `mri-vqvae encode` (values, provenance, resume, failures) and `load_latents`.
+"""The latents store: `load_latents` validation, `LatentIndex`, `LatentDataset`, labels.
 
-An untrained tiny VQ-VAE (the smoke config: 16^3 volumes -> 4x4x4 grids over 32 codes) is saved
-once per module as ``<run>/checkpoints/best``; five synthetic heads (3 train, 1 val, 1 test) are
-encoded once into a shared folder, and tests that change a folder work on a copy.
+Folders are written by hand (`tests.support.runs.write_latents`) in the format encode writes;
+encoding itself is tested in tests/tasks/test_encode.py.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
+import logging
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 
-from mri_vqvae.artifacts import latents as latents_mod
-from mri_vqvae.artifacts.checkpoint import load_checkpoint
 from mri_vqvae.artifacts.latents import (
+    JOURNAL,
+    LatentCase,
     LatentDataset,
     LatentsError,
-    encode_manifest,
     load_latents,
-    load_vqvae_source,
     npy_bytes,
-    uniform_bits,
-    unigram_bits,
-    unigram_probabilities,
+    read_grid,
 )
-from mri_vqvae.config import load_config
-from mri_vqvae.core.outputs import OutputError
-from mri_vqvae.data.manifest import load_manifest, sha256_file
-from mri_vqvae.data.transforms import build_transforms
-from mri_vqvae.models.autoencoders.vqvae.config import VQVAEConfig
-from mri_vqvae.models.autoencoders.vqvae.model import VQVAE
-from pipelines.cli import cli, main
-from tests.support.runs import HEAD_SPLITS as SPLITS
-from tests.support.runs import save_vqvae_run, write_cases
+from tests.support.runs import write_latents
+
+SPLITS = {"a": "train", "b": "train", "c": "train", "v": "val", "t": "test"}
+
+
+def _grids(seed: int = 0) -> dict[str, tuple[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return {cid: (split, rng.integers(0, 32, (4, 4, 4)).astype(np.uint16))
+            for cid, split in SPLITS.items()}
 
 
 @pytest.fixture(scope="module")
-def manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_cases(tmp_path_factory.mktemp("heads"), SPLITS)
-
-
-@pytest.fixture(scope="module")
-def vqvae_run(manifest: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_vqvae_run(tmp_path_factory.mktemp("vqvae") / "run", manifest=manifest)
-
-
-@pytest.fixture(scope="module")
-def encoded(manifest: Path, vqvae_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Every case encoded once through the CLI; returns the latents folder."""
-    out = tmp_path_factory.mktemp("latents") / "lat"
-    result = CliRunner().invoke(cli, ["encode", "--vqvae", str(vqvae_run), "--manifest",
-                                      str(manifest), "--out", str(out), "--device", "cpu"],
-                                catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    assert "encoded 5 case(s)" in result.output
-    return out
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_latents(tmp_path_factory.mktemp("latents") / "lat", _grids())
 
 
 def _copy(folder: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(folder, tmp_path / folder.name))
-
-
-def _mtimes(folder: Path) -> dict[str, int]:
-    return {p.name: p.stat().st_mtime_ns for p in folder.glob("*.npy")}
-
-
-# --- what encode writes --------------------------------------------------------------------------
-
-
-def test_grids_equal_encode_indices_of_the_preprocessed_volume(
-    manifest: Path, vqvae_run: Path, encoded: Path
-) -> None:
-    model = load_checkpoint(vqvae_run / "checkpoints" / "best").model
-    cfg = load_config("smoke")
-    chain = build_transforms(cfg.data)
-    m = load_manifest(manifest)
-    codes = set()
-    for case in m.cases:
-        grid = np.load(encoded / f"{case.case_id}.npy", allow_pickle=False)
-        assert grid.dtype == np.uint16 and grid.shape == (4, 4, 4)
-        volume = chain({"image": str(m.data_root / case.path)})["image"].as_tensor()
-        expected = model.encode_indices(volume[None].float())[0]
-        assert torch.equal(torch.from_numpy(grid.astype(np.int64)), expected), case.case_id
-        codes |= set(grid.ravel().tolist())
-    assert len(codes) > 1  # the grids carry information, not one constant code
-
-
-def test_index_records_provenance_and_checksums(
-    manifest: Path, vqvae_run: Path, encoded: Path
-) -> None:
-    doc = json.loads((encoded / "index.json").read_text())
-    best = vqvae_run / "checkpoints" / "best"
-    assert doc["vqvae_run"] == str(vqvae_run.resolve())
-    assert doc["vqvae_checkpoint"] == str(best.resolve())
-    assert doc["vqvae_sha256"] == sha256_file(best / "model.safetensors")
-    assert doc["manifest_digest"] == load_manifest(manifest).digest
-    assert (doc["latent_shape"], doc["codebook_size"], doc["dtype"]) == ([4, 4, 4], 32, "uint16")
-    assert doc["data"]["spacing"] == [3.0, 3.0, 3.0] and doc["data"]["spatial_size"] == [16] * 3
-    assert [c["case_id"] for c in doc["cases"]] == sorted(SPLITS)
-    for c in doc["cases"]:
-        assert c["file"] == f"{c['case_id']}.npy" and c["split"] == SPLITS[c["case_id"]]
-        assert c["subject_id"] == f"sub-{c['case_id']}"
-        assert c["sha256"] == sha256_file(encoded / c["file"])
-    assert (encoded / "failures.csv").read_text().splitlines() == ["case_id,path,reason"]
-
-
-def test_encoding_never_moves_the_codebook(
-    manifest: Path, vqvae_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    seen: list[tuple[VQVAE, bool, dict[str, torch.Tensor]]] = []
-    real = latents_mod.encode_item
-
-    def spy(model: VQVAE, *args: object) -> np.ndarray:
-        if not seen:
-            state = {k: v.clone() for k, v in model.state_dict().items()}
-            seen.append((model, model.training, state))
-        return real(model, *args)
-
-    monkeypatch.setattr(latents_mod, "encode_item", spy)
-    encode_manifest(vqvae_run, load_manifest(manifest), tmp_path / "lat", device="cpu")
-    model, training, before = seen[0]
-    assert training is False
-    after = model.state_dict()
-    assert torch.equal(after["quantizer.codebook"], before["quantizer.codebook"])
-    assert all(torch.equal(after[k], before[k]) for k in before)  # EMA buffers too
-
-
-# --- resume --------------------------------------------------------------------------------------
-
-
-def test_rerun_recomputes_only_missing_and_corrupted_grids(
-    manifest: Path, vqvae_run: Path, encoded: Path, tmp_path: Path
-) -> None:
-    out = _copy(encoded, tmp_path)
-    original = {p.name: p.read_bytes() for p in out.glob("*.npy")}
-    (out / "a.npy").unlink()
-    corrupted = bytearray((out / "b.npy").read_bytes())
-    corrupted[-1] ^= 0xFF
-    (out / "b.npy").write_bytes(bytes(corrupted))
-    before = _mtimes(out)
-
-    result = encode_manifest(vqvae_run, load_manifest(manifest), out, device="cpu")
-    assert sorted(result.encoded) == ["a", "b"]
-    assert sorted(result.reused) == ["c", "t", "v"]
-    after = _mtimes(out)
-    assert all(after[n] == before[n] for n in ("c.npy", "t.npy", "v.npy"))
-    assert {p.name: p.read_bytes() for p in out.glob("*.npy")} == original
-    index = load_latents(out)
-    assert sorted(index.grids) == sorted(SPLITS)
-
-
-def test_a_kill_mid_encode_loses_no_finished_case(
-    manifest: Path, vqvae_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    calls: list[str] = []
-    real = latents_mod.encode_item
-
-    def dies_on_third(model: VQVAE, chain: object, item: dict, device: torch.device) -> np.ndarray:
-        calls.append(item["case_id"])
-        if len(calls) == 3:
-            raise KeyboardInterrupt  # like a kill: nothing after this runs
-        return real(model, chain, item, device)
-
-    monkeypatch.setattr(latents_mod, "encode_item", dies_on_third)
-    with pytest.raises(KeyboardInterrupt):
-        encode_manifest(vqvae_run, load_manifest(manifest), tmp_path / "lat", device="cpu")
-    index = json.loads((tmp_path / "lat" / "index.json").read_text())
-    done = [c["case_id"] for c in index["cases"]]
-    assert done == calls[:2]
-
-    calls.clear()
-    monkeypatch.setattr(latents_mod, "encode_item", real)
-    result = encode_manifest(vqvae_run, load_manifest(manifest), tmp_path / "lat", device="cpu")
-    assert sorted(result.reused) == sorted(done) and len(result.encoded) == 3
-
-
-def test_a_folder_of_another_vqvae_is_refused(
-    manifest: Path, encoded: Path, tmp_path: Path
-) -> None:
-    other = save_vqvae_run(tmp_path / "other", seed=1)
-    out = _copy(encoded, tmp_path)
-    with pytest.raises(LatentsError, match="another --out"):
-        encode_manifest(other, load_manifest(manifest), out, device="cpu")
-
-
-# --- bad inputs ----------------------------------------------------------------------------------
-
-
-def test_an_out_folder_that_cannot_be_written_is_refused_before_any_case(
-    manifest: Path, vqvae_run: Path, tmp_path: Path
-) -> None:
-    (tmp_path / "file").write_text("x")  # a path through a file: ENOTDIR, even as root
-    with pytest.raises(OutputError, match="not a folder") as info:
-        encode_manifest(vqvae_run, load_manifest(manifest), tmp_path / "file" / "out",
-                        device="cpu")
-    assert str(tmp_path / "file" / "out") in str(info.value)
-
-
-
-def test_a_malformed_case_is_listed_and_the_others_complete(
-    manifest: Path, vqvae_run: Path, tmp_path: Path
-) -> None:
-    root = tmp_path / "heads"
-    shutil.copytree(manifest.parent, root)
-    bad_manifest = write_cases(root, {**SPLITS, "broken": "train"}, name="bad.json",
-                               bad=("broken",))
-    out = tmp_path / "lat"
-    result = CliRunner().invoke(cli, ["encode", "--vqvae", str(vqvae_run), "--manifest",
-                                      str(bad_manifest), "--out", str(out), "--device", "cpu"],
-                                catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    assert "broken.nii.gz" in result.output  # the failures table
-    rows = (out / "failures.csv").read_text().splitlines()
-    assert len(rows) == 2 and rows[1].startswith("broken,") and "broken.nii.gz" in rows[1]
-    assert sorted(load_latents(out).grids) == sorted(SPLITS)
-
-
-def test_strict_stops_at_the_first_bad_case_and_exits_non_zero(
-    manifest: Path, vqvae_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
-) -> None:
-    root = tmp_path / "heads"
-    shutil.copytree(manifest.parent, root)
-    bad_manifest = write_cases(root, {"0bad": "train", **SPLITS}, name="bad.json", bad=("0bad",))
-    argv = ["mri-vqvae", "encode", "--vqvae", str(vqvae_run), "--manifest", str(bad_manifest),
-            "--out", str(tmp_path / "lat"), "--device", "cpu", "--strict"]
-    monkeypatch.setattr(sys, "argv", argv)
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert "0bad.nii.gz" in err and "Traceback" not in err
-    assert not list((tmp_path / "lat").glob("*.npy"))  # stopped at the first (sorted) case
-
-
-def test_a_codebook_too_large_for_uint16_is_refused(tmp_path: Path) -> None:
-    big = VQVAEConfig(levels=2, channels=(4, 4), num_res_layers=0, num_res_channels=(4, 4),
-                      codebook_size=2**16 + 1, embedding_dim=1, channels_last=False)
-    run = save_vqvae_run(tmp_path / "big", vqvae=big)
-    with pytest.raises(LatentsError, match="uint16"):
-        load_vqvae_source(run)
-
-
-def test_a_run_without_checkpoints_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(LatentsError, match="no complete checkpoints/best or checkpoints/last"):
-        load_vqvae_source(tmp_path)
-
-
-# --- load_latents --------------------------------------------------------------------------------
 
 
 def _replace_grid(folder: Path, case_id: str, grid: np.ndarray) -> None:
@@ -269,17 +56,30 @@ def _replace_grid(folder: Path, case_id: str, grid: np.ndarray) -> None:
     (folder / "index.json").write_text(json.dumps(doc))
 
 
-def test_load_latents_reads_every_grid(encoded: Path) -> None:
-    index = load_latents(encoded)
+def test_load_latents_reads_every_grid_exactly(folder: Path) -> None:
+    index = load_latents(folder)
+    expected = _grids()
     assert (index.latent_shape, index.codebook_size) == ((4, 4, 4), 32)
+    assert all(np.array_equal(index.grids[cid], grid) for cid, (_, grid) in expected.items())
     assert [c.case_id for c in index.split_cases("train")] == ["a", "b", "c"]
     ds = LatentDataset(index, "train")
-    assert len(ds) == 3 and ds[0].dtype == torch.int64 and ds.grids.shape == (3, 4, 4, 4)
-    assert torch.equal(ds[1], torch.from_numpy(index.grids["b"].astype(np.int64)))
-    assert len(LatentDataset(index, "nope")) == 0
+    assert len(ds) == 3 and ds[0].dtype == torch.int64
+    assert torch.equal(ds.grids, torch.from_numpy(np.stack(
+        [expected[c][1] for c in ("a", "b", "c")]).astype(np.int64)))
+    assert len(LatentDataset(index, "nope")) == 0 and index.stack("nope").shape == (0, 4, 4, 4)
     prov = index.provenance()
     assert set(prov) == {"latents_dir", "vqvae_checkpoint", "vqvae_sha256", "manifest_digest",
                          "latent_shape", "codebook_size", "data"}
+    assert prov["latents_dir"] == str(folder.resolve()) and prov["vqvae_sha256"] == "1" * 64
+
+
+def test_cases_carry_their_labels_and_old_folders_load_without(tmp_path: Path) -> None:
+    labelled = load_latents(write_latents(tmp_path / "new", _grids()))
+    assert labelled.cases[0] == LatentCase(
+        "a", "sub-a", "train", "a.npy", labelled.cases[0].sha256, "0" * 64, "T1w", "src-a")
+    old = load_latents(write_latents(tmp_path / "old", _grids(), labels=False))
+    assert [(c.modality, c.source_id) for c in old.cases] == [(None, None)] * len(SPLITS)
+    assert all(np.array_equal(old.grids[c], labelled.grids[c]) for c in SPLITS)
 
 
 @pytest.mark.parametrize(
@@ -293,9 +93,9 @@ def test_load_latents_reads_every_grid(encoded: Path) -> None:
     ],
 )
 def test_load_latents_refuses_bad_grids_naming_the_file(
-    encoded: Path, tmp_path: Path, edit: str, message: str
+    folder: Path, tmp_path: Path, edit: str, message: str
 ) -> None:
-    out = _copy(encoded, tmp_path)
+    out = _copy(folder, tmp_path)
     grid = np.load(out / "v.npy")
     if edit == "tamper":
         (out / "v.npy").write_bytes(npy_bytes(np.zeros_like(grid) + 1 - grid.clip(0, 1)))
@@ -311,20 +111,26 @@ def test_load_latents_refuses_bad_grids_naming_the_file(
         load_latents(out)
 
 
+def test_verify_false_skips_only_the_checksum(folder: Path, tmp_path: Path) -> None:
+    out = _copy(folder, tmp_path)
+    (out / "v.npy").write_bytes(npy_bytes(np.full((4, 4, 4), 31, np.uint16)))  # not as recorded
+    assert (load_latents(out, verify=False).grids["v"] == 31).all()
+    with pytest.raises(LatentsError, match="sha256"):
+        load_latents(out)
+    with pytest.raises(LatentsError, match=r"holds code 31, outside \[0, 31\)"):
+        read_grid(out / "v.npy", None, (4, 4, 4), 31)
+
+
 def test_load_latents_refuses_a_folder_without_index(tmp_path: Path) -> None:
     with pytest.raises(LatentsError, match="not a latents folder.*mri-vqvae encode"):
         load_latents(tmp_path)
 
 
-# --- baselines -----------------------------------------------------------------------------------
-
-
-def test_unigram_baseline_matches_a_hand_computation() -> None:
-    train = np.array([[0, 0], [1, 0]], dtype=np.uint16)  # counts 3, 1, 0 -> +1: 4, 2, 1 of 7
-    np.testing.assert_allclose(unigram_probabilities(train, 3), [4 / 7, 2 / 7, 1 / 7])
-    evaluate = np.array([0, 2, 2, 1])
-    by_hand = -(math.log2(4 / 7) + 2 * math.log2(1 / 7) + math.log2(2 / 7)) / 4
-    assert unigram_bits(train, evaluate, 3) == pytest.approx(by_hand, rel=1e-12)
-    assert uniform_bits(32) == 5.0
-    with pytest.raises(ValueError, match="at least one code"):
-        unigram_bits(train, np.array([]), 3)
+def test_an_interrupted_encode_is_reported(
+    folder: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    out = _copy(folder, tmp_path)
+    (out / JOURNAL).write_text("")
+    with caplog.at_level(logging.WARNING):
+        assert len(load_latents(out).cases) == len(SPLITS)
+    assert "interrupted" in caplog.text

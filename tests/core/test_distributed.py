@@ -26,16 +26,15 @@ import pytest
 import torch
 
 from mri_vqvae.core import distributed
-from mri_vqvae.training.loop import (
-    DUMP_ENV,
-    KILL_ENV,
-    TrainingError,
+from mri_vqvae.training.batching import (
     batch_keys,
     check_world_size,
     global_batch_size,
     rank_keys,
     steps_per_epoch,
 )
+from mri_vqvae.training.errors import TrainingError
+from mri_vqvae.training.loop import DUMP_ENV, KILL_ENV
 from tests.support.paths import REPO
 
 TOLERANCE = 1e-5  # max abs difference DDP vs one process (see the module docstring)
@@ -205,10 +204,11 @@ def ddp_vqvae(manifest: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple
 def test_ddp_ranks_agree_and_match_one_process(
     manifest: Path, ddp_vqvae: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from mri_vqvae.artifacts.checkpoint import load_checkpoint, load_resume_state
+    from mri_vqvae.artifacts.checkpoint import load_checkpoint
+    from mri_vqvae.artifacts.resume import load_resume_state
     from mri_vqvae.artifacts.runs import read_metrics
     from mri_vqvae.config import load_config
-    from mri_vqvae.training.loop import train_vqvae
+    from mri_vqvae.training.autoencoder_stage import train_vqvae
 
     run_dir, dump = ddp_vqvae
     r0, r1 = _dump(dump, 0), _dump(dump, 1)
@@ -264,7 +264,7 @@ def test_ddp_resume_after_a_kill_is_bit_identical(
                         str(runs)], **{KILL_ENV: "3"})
     assert killed.returncode != 0
     (run_dir,) = (runs / "vqvae").iterdir()
-    from mri_vqvae.artifacts.checkpoint import load_resume_state
+    from mri_vqvae.artifacts.resume import load_resume_state
 
     assert load_resume_state(run_dir / "checkpoints" / "last")["step"] == 2
     resumed = _torchrun([*args, "--resume", str(run_dir)], **{DUMP_ENV: str(dump)})
@@ -293,8 +293,9 @@ def vqvae_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 def test_ddp_encode_covers_each_case_once_and_writes_the_same_index(
     vqvae_run: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    from mri_vqvae.artifacts.latents import encode_manifest, load_latents
+    from mri_vqvae.artifacts.latents import load_latents
     from mri_vqvae.data.manifest import load_manifest
+    from mri_vqvae.tasks.encode import encode_manifest
 
     run, cases = vqvae_run
     out = tmp_path / "ddp"
@@ -323,8 +324,8 @@ def test_ddp_prior_with_dropout_keeps_ranks_identical_and_resumes_exactly(
     vqvae_run: tuple[Path, Path], tmp_path: Path
 ) -> None:
     """Dropout draws differ per rank (RNG forked per seed, step, rank), the weights do not."""
-    from mri_vqvae.artifacts.latents import encode_manifest
     from mri_vqvae.data.manifest import load_manifest
+    from mri_vqvae.tasks.encode import encode_manifest
 
     run, cases = vqvae_run
     latents = tmp_path / "lat"

@@ -24,15 +24,10 @@ from mri_vqvae.config import load_config
 from mri_vqvae.core.errors import ConfigError, DownloadError, ManifestError
 from mri_vqvae.data import kit as kit_mod
 from mri_vqvae.data import kit_sources as ks
-from mri_vqvae.data.manifest import (
-    Case,
-    Manifest,
-    load_catalog,
-    load_manifest,
-    modality_from_name,
-    verify_manifest,
-    write_manifest,
-)
+from mri_vqvae.data.case import Case
+from mri_vqvae.data.catalog import load_catalog
+from mri_vqvae.data.manifest import Manifest, load_manifest, verify_manifest, write_manifest
+from mri_vqvae.data.scan import modality_from_name
 from pipelines.cli import cli
 from tests.support.paths import MIRROR
 from tests.support.volumes import make_head, write_nifti
@@ -202,7 +197,7 @@ def test_mirror_kit_verifies_with_patients_split_by_subject(mirror_kit: Path) ->
     assert {c.session for c in cases} == {"study1", "study2"}
     assert not any("gt" in Path(c.path).name for c in cases)
     assert "CC-BY" in manifest.notes and "Lesjak" in manifest.notes
-    assert any("Lesjak" in line for line in kit_mod.citations(manifest))
+    assert any("Lesjak" in line for line in ks.citations(manifest))
 
 
 def test_cli_kit_with_mirror_verifies_and_an_altered_byte_is_named(

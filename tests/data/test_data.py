@@ -7,8 +7,10 @@ from pathlib import Path
 import torch
 
 from mri_vqvae.config import load_config
+from mri_vqvae.core.provenance import sha256_file
+from mri_vqvae.data.case import Case
 from mri_vqvae.data.datasets import case_items, make_dataset
-from mri_vqvae.data.manifest import Case, Manifest, sha256_file
+from mri_vqvae.data.manifest import Manifest
 from mri_vqvae.data.transforms import build_transforms
 from tests.support.volumes import make_head, write_nifti
 

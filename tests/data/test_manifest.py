@@ -14,22 +14,20 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mri_vqvae.core.errors import ManifestError
+from mri_vqvae.core.provenance import sha256_file
+from mri_vqvae.data.case import Case, Problem
+from mri_vqvae.data.catalog import load_catalog
 from mri_vqvae.data.manifest import (
-    Case,
     Manifest,
-    Problem,
-    assign_splits,
     content_digest,
-    load_catalog,
     load_manifest,
-    merge_manifests,
-    scan_folder,
-    sha256_file,
-    split_manifest,
     to_document,
     verify_manifest,
     write_manifest,
 )
+from mri_vqvae.data.merge import merge_manifests
+from mri_vqvae.data.scan import scan_folder
+from mri_vqvae.data.splits import assign_splits, split_manifest
 
 SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 KIT_SOURCES = ("nilearn-mni152", "pydeface-mean", "pyradiomics-brain", "mricron-ch2",

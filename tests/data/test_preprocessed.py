@@ -4,13 +4,24 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from mri_vqvae.config import load_config
+from mri_vqvae.core.provenance import sha256_file
+from mri_vqvae.data.case import Case
 from mri_vqvae.data.datasets import case_items, make_dataset, plain_volume
-from mri_vqvae.data.manifest import Case, Manifest, sha256_file
-from mri_vqvae.data.preprocessed import PreprocessedStore, with_store
+from mri_vqvae.data.manifest import Manifest
+from mri_vqvae.data.preprocessed import (
+    PreprocessedCase,
+    PreprocessedStore,
+    case_files,
+    finished_case,
+    read_finished,
+    with_store,
+    write_sidecar,
+)
 from mri_vqvae.data.transforms import IMAGE, build_transforms
 from mri_vqvae.tasks.preprocess import preprocess_manifest
 from tests.support.volumes import make_head, write_nifti
@@ -73,3 +84,21 @@ def test_a_missing_folder_means_the_plain_chain(tmp_path: Path) -> None:
     chain = build_transforms(data)
     assert with_store(chain, tmp_path / "absent", data) is chain
     assert with_store(chain, None, data) is chain
+
+
+def test_a_sidecar_round_trips_and_marks_only_its_own_case_finished(tmp_path: Path) -> None:
+    image, montage = case_files("a")
+    case = PreprocessedCase("a", "s1", "train", image, montage, (2, 3, 4), (1.0, 1.5, 2.0),
+                            np.eye(4).tolist(), "f" * 64)
+    for rel, content in ((image, b"nifti bytes"), (montage, b"png bytes")):
+        (tmp_path / rel).parent.mkdir(parents=True)
+        (tmp_path / rel).write_bytes(content)
+    write_sidecar(tmp_path, case, "d" * 64, "session")
+    item = {"case_id": "a", "subject_id": "s1", "split": "train", "sha256": "f" * 64}
+    assert finished_case(tmp_path, item, "d" * 64) == case
+    assert read_finished(tmp_path, item, "d" * 64) == (case, b"nifti bytes")
+    for change in ({"split": "val"}, {"subject_id": "s2"}, {"sha256": "e" * 64}):
+        assert finished_case(tmp_path, {**item, **change}, "d" * 64) is None
+    assert finished_case(tmp_path, item, "c" * 64) is None  # another data config
+    (tmp_path / montage).write_bytes(b"another montage")
+    assert finished_case(tmp_path, item, "d" * 64) is None

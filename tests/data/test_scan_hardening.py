@@ -12,17 +12,17 @@ import pytest
 from pydicom.uid import generate_uid
 
 from mri_vqvae.core.errors import InvalidImageError, ManifestError
+from mri_vqvae.data.case import Case
 from mri_vqvae.data.manifest import (
-    Case,
     Manifest,
     content_digest,
     load_manifest,
-    scan_folder,
     verify_manifest,
     write_manifest,
 )
 from mri_vqvae.data.readers import dicom
 from mri_vqvae.data.readers.common import spacing_of
+from mri_vqvae.data.scan import scan_folder
 from tests.support.dicom import COLS, ROWS, SLICES, write_slices
 from tests.support.volumes import make_head, write_nifti
 

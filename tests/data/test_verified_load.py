@@ -27,9 +27,10 @@ from pydicom.uid import generate_uid
 
 from mri_vqvae.config import DataConfig, load_config
 from mri_vqvae.core.errors import InvalidImageError, ManifestError
+from mri_vqvae.data.case import Case
 from mri_vqvae.data.datasets import case_items
 from mri_vqvae.data.io import MriReader, read_volume
-from mri_vqvae.data.manifest import Case, Manifest
+from mri_vqvae.data.manifest import Manifest
 from mri_vqvae.data.sources import sha256_sources
 from mri_vqvae.data.transforms import IMAGE, LoadCased, build_transforms, preprocessing_steps
 from mri_vqvae.tasks.preprocess import preprocess_manifest

@@ -1,8 +1,9 @@
 """`mri-vqvae evaluate`: metric values, statistics, MMD, memorisation, held-out guards, report.
 
 The runs are built by hand from untrained tiny models (smoke config): a VQ-VAE run records the
-manifest digest in run.json and in its checkpoint's extra, as `train-vqvae` does; a prior run
-follows the contract of `train-prior` (see tests/tasks/test_synthesis.py).
+manifest digest in run.json and in its checkpoint's extra, as `train-vqvae` does; prior runs
+(a legacy-kind PixelCNN, a unigram, a unigram conditioned on modality) follow the contract of
+`train-prior` (see tests/support/runs.py). Every prior kind goes through the same code path.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import csv
 import json
 import math
 import re
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -19,10 +20,14 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from mri_vqvae.artifacts.checkpoint import load_checkpoint
 from mri_vqvae.core.errors import EvaluationError
-from mri_vqvae.evaluation.evaluate import EvaluateSettings, evaluate_runs, quality_of
+from mri_vqvae.data.transforms import build_transforms
+from mri_vqvae.evaluation.evaluate import EvaluateSettings, evaluate_runs
 from mri_vqvae.evaluation.heldout import check_held_out
-from mri_vqvae.evaluation.metrics import (
+from mri_vqvae.metrics.image import (
+    CASE_METRICS,
+    METRICS,
     masked_ms_ssim,
     masked_ssim,
     ms_ssim,
@@ -31,27 +36,30 @@ from mri_vqvae.evaluation.metrics import (
     psnr,
     ssim,
 )
-from mri_vqvae.evaluation.sample_metrics import (
+from mri_vqvae.metrics.quality import CaseQuality, quality_of
+from mri_vqvae.metrics.sets import (
     NearestScan,
     gaussian_mmd2,
     memorisation_flags,
     pooled_features,
 )
-from mri_vqvae.evaluation.statistics import bootstrap_ci, summarise
+from mri_vqvae.metrics.statistics import bootstrap_ci, summarise
 from mri_vqvae.models.autoencoders.vqvae.model import VQVAE
+from mri_vqvae.models.priors.unigram.baseline import fitted_unigram
 from pipelines.cli import cli
 from tests.support.browser import rendered_image_widths
-from tests.support.runs import CFG, make_manifest, make_prior_run, make_vqvae_run
+from tests.support.runs import (
+    CFG,
+    make_manifest,
+    make_prior_run,
+    make_unigram_run,
+    make_vqvae_run,
+    split_unigram,
+)
 from tests.support.runs import EVAL_SPLITS as SPLITS
 from tests.support.volumes import make_head
 
-# --- fixtures: a manifest, a VQ-VAE run and a prior run ------------------------------------------
-
-
-
-
-
-
+# --- fixtures: a manifest, a VQ-VAE run and prior runs -------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +68,25 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     manifest, manifest_path = make_manifest(root, bad=("te2",))
     vq = make_vqvae_run(root / "runs", manifest.digest)
     prior = make_prior_run(root / "runs", vq, manifest.digest)
-    return {"root": root, "manifest": manifest_path, "vqvae": vq, "prior": prior}
+    unigram = make_unigram_run(root / "uni", vq, manifest.digest)
+    conditional = make_unigram_run(root / "cond", vq, manifest.digest,
+                                   split_unigram(CFG.autoencoder.codebook_size, "modality", 2),
+                                   label_names=("PD", "T1w"))
+    return {"root": root, "manifest": manifest_path, "vqvae": vq, "prior": prior,
+            "unigram": unigram, "conditional": conditional}
+
+
+def _encoded(world: dict[str, Path], case_ids: list[str]) -> tuple[VQVAE, dict]:
+    """The VQ-VAE of the world and, per case, (preprocessed (1, 1, D, H, W), grid (1, d, h, w))."""
+    model = load_checkpoint(world["vqvae"] / "checkpoints" / "best").model.eval()
+    chain = build_transforms(CFG.data)
+    data = world["root"] / "data"
+    out = {}
+    for cid in case_ids:
+        x = chain({"image": str(data / f"{cid}.nii.gz")})["image"].as_tensor()[None].float()
+        with torch.no_grad():
+            out[cid] = (x, model.encode_indices(x))
+    return model, out
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +121,23 @@ def test_identical_volumes_are_perfect() -> None:
     q = quality_of(x, x, {"case_id": "c"}, torch.zeros(1, 4, 4, 4, dtype=torch.long))
     assert math.isinf(q.psnr) and math.isinf(q.psnr_foreground) and q.codes_used == 1
     assert q.ms_ssim_foreground == pytest.approx(1.0, abs=1e-6)
+
+
+def test_a_known_offset_gives_its_exact_psnr_and_nmse() -> None:
+    target = 0.2 + 0.5 * torch.rand((1, 1, 16, 16, 16), generator=torch.Generator().manual_seed(2))
+    delta = 0.05  # pred = target + delta stays inside [0, 1], so the clamp never acts
+    q = quality_of(target + delta, target, {"case_id": "c", "split": "test"},
+                   torch.tensor([[[[3, 5], [5, 7]]]]))
+    assert q.psnr == pytest.approx(-20 * math.log10(delta), abs=1e-3)  # 26.0206 dB
+    assert q.psnr_foreground == pytest.approx(q.psnr, abs=1e-3)  # every voxel is > FOREGROUND
+    assert q.nmse == pytest.approx(delta**2 / float((target.double() ** 2).mean()), rel=1e-4)
+    assert q.codes_used == 3 and (q.case_id, q.split) == ("c", "test")
+
+
+def test_case_quality_holds_exactly_the_named_metrics() -> None:
+    names = [f.name for f in fields(CaseQuality)]
+    assert names == ["case_id", "subject_id", "split", *CASE_METRICS, "codes_used"]
+    assert (*METRICS, *(f"{m}_foreground" for m in METRICS)) == CASE_METRICS
 
 
 def test_gaussian_noise_gives_the_expected_psnr_and_nmse() -> None:
@@ -173,10 +216,17 @@ def test_mmd_is_zero_for_the_same_set_and_grows_with_a_shift() -> None:
         gaussian_mmd2(x, np.zeros((0, 16)))
 
 
-def test_pooled_features_shape() -> None:
+def test_pooled_features_are_z_e_block_means_batch_by_batch() -> None:
+    torch.manual_seed(0)
     model = VQVAE(CFG.autoencoder).eval()
-    feats = pooled_features(model, torch.rand(3, 1, 16, 16, 16))
+    x = torch.rand(3, 1, 16, 16, 16, generator=torch.Generator().manual_seed(1))
+    feats = pooled_features(model, x, batch_size=2)
+    with torch.no_grad():
+        z = model.encode(x[1:2])  # (1, E, 4, 4, 4): each 2 x 2 x 2 block of latents averaged
+    expected = z.reshape(1, -1, 2, 2, 2, 2, 2, 2).mean((3, 5, 7)).flatten(1)[0]
     assert feats.shape == (3, CFG.autoencoder.embedding_dim * 8)
+    np.testing.assert_allclose(feats[1], expected.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(pooled_features(model, x, batch_size=3), feats, atol=1e-6)
 
 
 def test_memorisation_flags_an_exact_copy_of_a_training_scan() -> None:
@@ -244,42 +294,78 @@ def test_check_held_out_reports_what_it_checked(world: dict[str, Path]) -> None:
 # --- end to end ----------------------------------------------------------------------------------
 
 
+def _per_case(folder: Path) -> list[dict[str, str]]:
+    with open(folder / "per_case.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
 def test_metrics_json_and_per_case_csv(evaluated: Path, world: dict[str, Path]) -> None:
     metrics = json.loads((evaluated / "metrics.json").read_text())
     assert re.fullmatch(r"\d{8}T\d{6}Z-20250101T000000Z-smoke-s0_20250101T000000Z-smoke-prior-s0",
                         evaluated.name)
+    rows = _per_case(evaluated)
+    assert [r["case_id"] for r in rows] == ["te0", "te1"]  # case order; te2 failed
+    assert [f["case_id"] for f in metrics["failures"]] == ["te2"]
+    model, encoded = _encoded(world, ["te0", "te1", "tr0", "tr1", "tr2"])
+    for row in rows:  # each row is the direct computation on that case
+        x, grid = encoded[row["case_id"]]
+        with torch.no_grad():
+            direct = quality_of(model(x).reconstruction, x, {"case_id": row["case_id"]}, grid)
+        for key in CASE_METRICS:
+            assert float(row[key]) == pytest.approx(getattr(direct, key), rel=1e-4, abs=1e-6)
+        assert int(row["codes_used"]) == direct.codes_used
     rec = metrics["reconstruction"]
     assert rec["num_cases"] == 2 and rec["num_failures"] == 1
-    for key in ("psnr", "ssim", "ms_ssim", "nmse", "psnr_foreground", "ssim_foreground",
-                "ms_ssim_foreground", "nmse_foreground"):
+    for key in CASE_METRICS:  # each summary is of the per-case column
         block = rec["metrics"][key]
         assert block["n"] == 2 and block["ci"][0] <= block["mean"] <= block["ci"][1], key
+        assert block["mean"] == pytest.approx(np.mean([float(r[key]) for r in rows]), rel=1e-9)
     assert rec["ms_ssim_settings"] == {"kernel_size": 3, "sigma": 1.5, "scales": 3,
                                        "weights": list(ms_ssim_settings((16,) * 3).weights)}
-    assert 0 < rec["codebook"]["codes_used"] <= CFG.autoencoder.codebook_size
+    held_grids = torch.cat([encoded[c][1] for c in ("te0", "te1")])
+    assert rec["codebook"]["codes_used"] == len(held_grids.unique())
     lik = metrics["likelihood"]
-    assert lik["held_out"]["n"] == 2 and lik["train"]["n"] == 3
+    assert lik["held_out"]["n"] == 2 and lik["train"]["n"] == 3 and lik["bits_are"] == "exact"
+    prior = load_checkpoint(world["prior"] / "checkpoints" / "best").model.eval()
+    with torch.no_grad():
+        direct_bits = prior.grid_bits(held_grids).tolist()
+    assert [float(r["bits_per_latent"]) for r in rows] == pytest.approx(direct_bits, rel=1e-5)
+    assert lik["held_out"]["mean"] == pytest.approx(np.mean(direct_bits), rel=1e-5)
     assert lik["generalisation_gap"] == pytest.approx(
         lik["held_out"]["mean"] - lik["train"]["mean"])
+    assert lik["uniform_bits"] == pytest.approx(math.log2(CFG.autoencoder.codebook_size))
+    train_grids = torch.cat([encoded[c][1] for c in ("tr0", "tr1", "tr2")])
+    unigram = fitted_unigram(train_grids, CFG.autoencoder.codebook_size)
+    expected = unigram.grid_bits(held_grids).detach().tolist()
+    assert [float(r["unigram_bits_per_latent"]) for r in rows] == pytest.approx(expected)
+    assert lik["unigram_bits"]["held_out"]["mean"] == pytest.approx(np.mean(expected))
+    assert lik["unigram_bits"]["train"]["mean"] == pytest.approx(
+        float(unigram.grid_bits(train_grids).detach().mean()))
     smp = metrics["samples"]
     assert smp["num_samples"] == 3 and "NOT an FID" in smp["mmd"]["note"]
     assert smp["mmd"]["mmd2"] >= 0 and 0 <= smp["diversity"]["samples"] <= 1
+    assert smp["labels"] is None and smp["temperature"] == 1.0
     mem = smp["memorisation"]
     assert len(mem["samples"]) == 3 and len(mem["held_out"]) == 2
-    assert {m["nearest_train_case"] for m in mem["held_out"]} <= {"tr0", "tr1", "tr2"}
+    for m, row in zip(mem["held_out"], rows, strict=True):  # Pearson r with each training scan
+        x = encoded[m["case_id"]][0].flatten().double()
+        r = {t: float(torch.corrcoef(torch.stack([x, encoded[t][0].flatten().double()]))[0, 1])
+             for t in ("tr0", "tr1", "tr2")}
+        best = max(r, key=r.get)
+        assert (m["nearest_train_case"], row["nearest_train_case"]) == (best, best)
+        assert m["r"] == pytest.approx(r[best], abs=1e-5)
+        assert float(row["nearest_train_r"]) == pytest.approx(r[best], abs=1e-5)
+    assert mem["threshold"] == pytest.approx(max(m["r"] for m in mem["held_out"]))
+    assert mem["num_flagged"] == sum(m["r"] > mem["threshold"] for m in mem["samples"])
     assert metrics["held_out_check"]["subject_overlap"] == 0
-    assert [f["case_id"] for f in metrics["failures"]] == ["te2"]
-    with open(evaluated / "per_case.csv", newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    assert [r["case_id"] for r in rows] == ["te0", "te1"]
-    assert {"ms_ssim_foreground", "bits_per_latent", "nearest_train_case"} <= set(rows[0])
-    assert len(list((evaluated / "samples").glob("sample_*.nii.gz"))) == 3
+    sidecars = sorted((evaluated / "samples").glob("sample_*.json"))
+    assert len(sidecars) == len(list((evaluated / "samples").glob("sample_*.nii.gz"))) == 3
 
 
 def test_report_is_self_contained_and_renders(evaluated: Path, tmp_path: Path) -> None:
     page = (evaluated / "report.html").read_text()
     srcs = re.findall(r'<img[^>]*\ssrc="([^"]*)"', page)
-    assert len(srcs) >= 2 + 2 + 2 + 2  # case views, likelihood maps, samples + real, curves
+    assert len(srcs) == 2 + 2 + 2 + 2  # case views, likelihood maps, samples + real, curves
     assert all(s.startswith("data:image/png;base64,") for s in srcs)
     assert not re.search(r"<script|<link|https?://|url\(", page)
     for section in ("Reconstruction", "Per-case views", "Likelihood maps", "Samples",
@@ -303,3 +389,60 @@ def test_evaluate_without_prior(world: dict[str, Path], tmp_path: Path) -> None:
         evaluate_runs(world["vqvae"], manifest, tmp_path / "s",
                       settings=EvaluateSettings(split="test", strict=True))
     assert "te2" in str(err.value)
+
+
+# --- other prior kinds, one code path ------------------------------------------------------------
+
+
+def test_evaluate_with_a_unigram_prior_run(world: dict[str, Path], tmp_path: Path) -> None:
+    from mri_vqvae.data.manifest import load_manifest
+
+    settings = EvaluateSettings(split="test", num_samples=2, seed=3, report_cases=1,
+                                num_resamples=200)
+    result = evaluate_runs(world["vqvae"], load_manifest(world["manifest"]), tmp_path / "u",
+                           prior_run=world["unigram"], settings=settings)
+    metrics = result.metrics
+    assert metrics["inputs"]["prior_kind"] == "unigram"
+    lik = metrics["likelihood"]
+    _, encoded = _encoded(world, ["te0", "te1"])
+    held = torch.cat([encoded[c][1] for c in ("te0", "te1")])
+    prior = load_checkpoint(world["unigram"] / "checkpoints" / "best").model.eval()
+    table = torch.log_softmax(prior.logits.detach().double(), dim=1)[0]
+    direct = (-table[held].flatten(1).mean(1) / math.log(2)).tolist()  # -log2 q(code), averaged
+    rows = _per_case(tmp_path / "u")
+    assert [float(r["bits_per_latent"]) for r in rows] == pytest.approx(direct, rel=1e-5)
+    assert lik["held_out"]["mean"] == pytest.approx(np.mean(direct), rel=1e-5)
+    assert lik["bits_are"] == "exact" and lik["train"]["n"] == 3
+    sidecars = [json.loads(p.read_text()) for p in sorted((tmp_path / "u" / "samples")
+                                                              .glob("sample_*.json"))]
+    assert [d["prior_sha256"] for d in sidecars] == [metrics["inputs"]["prior_sha256"]] * 2
+    assert all(d["method"] is None and d["label"] is None for d in sidecars)
+    page = result.report_path.read_text()
+    assert "unigram baseline" in page and ">Likelihood maps</h2>" in page
+    assert (tmp_path / "u" / "figures" / "likelihood_te0.png").is_file()
+
+
+def test_a_conditional_prior_scores_cases_by_class_and_samples_classes_in_turn(
+    world: dict[str, Path], tmp_path: Path
+) -> None:
+    from mri_vqvae.data.manifest import load_manifest
+
+    settings = EvaluateSettings(split="test", num_samples=3, seed=1, report_cases=0,
+                                num_resamples=200)
+    result = evaluate_runs(world["vqvae"], load_manifest(world["manifest"]), tmp_path / "c",
+                           prior_run=world["conditional"], settings=settings)
+    smp = result.metrics["samples"]
+    assert smp["labels"] == ["PD", "T1w", "PD"] and smp["label_field"] == "modality"
+    docs = [json.loads(p.read_text()) for p in sorted((tmp_path / "c" / "samples")
+                                                          .glob("sample_*.json"))]
+    assert [(d["label"], d["label_mode"]) for d in docs] == [
+        ("PD", "in turn"), ("T1w", "in turn"), ("PD", "in turn")]
+    _, encoded = _encoded(world, ["te0", "te1"])
+    prior = load_checkpoint(world["conditional"] / "checkpoints" / "best").model.eval()
+    t1w = torch.ones(1, dtype=torch.long)  # every manifest case is T1w: class 1
+    with torch.no_grad():
+        direct = [float(prior.grid_bits(encoded[c][1], t1w)) for c in ("te0", "te1")]
+        other = [float(prior.grid_bits(encoded[c][1], t1w - 1)) for c in ("te0", "te1")]
+    rows = _per_case(tmp_path / "c")
+    assert [float(r["bits_per_latent"]) for r in rows] == pytest.approx(direct, rel=1e-5)
+    assert direct != pytest.approx(other)  # the class matters

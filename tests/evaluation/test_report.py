@@ -1,5 +1,7 @@
 """Report pieces: figures, the self-contained HTML page, and rendering it in headless Chromium.
 
+Figures are checked by their pixels (read back with Pillow): size from the figure inches at 80
+dpi, and the grey levels of known volumes in the right panels, halves and rows.
 `rendered_image_widths` opens a page in headless Chromium (offline, no sandbox, throwaway profile)
 with a tiny script injected into a copy of the page that writes each image's naturalWidth into the
 DOM once the page has loaded, and reads them back from ``--dump-dom``. A broken image has width 0.
@@ -9,26 +11,35 @@ why, only when it is absent and cannot be installed here.
 
 from __future__ import annotations
 
+import base64
+import io
 import re
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
-from mri_vqvae.evaluation.report import (
-    Figure,
-    Section,
-    Table,
+from mri_vqvae.core.figures import mid_slices, orthogonal_montage
+from mri_vqvae.evaluation.report.evaluation_report import fmt, stat_text
+from mri_vqvae.evaluation.report.figures import (
     case_views,
     curve_keys,
     likelihood_overlay,
-    orthogonal_montage,
-    render_html,
     training_curves,
+)
+from mri_vqvae.evaluation.report.html import (
+    Figure,
+    Section,
+    Table,
+    png_data_uri,
+    render_html,
     write_html_report,
 )
 from tests.support.browser import rendered_image_widths
 from tests.support.volumes import make_head
+
+WHITE = 0.99  # the figure background; image pixels are darker
 
 
 @pytest.fixture(scope="module")
@@ -38,22 +49,87 @@ def volumes() -> tuple[np.ndarray, np.ndarray]:
     return image, np.clip(image + np.random.default_rng(0).normal(0, 0.05, image.shape), 0, 1)
 
 
-def _is_png(path: Path) -> bool:
-    return path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+def _grey(path: Path) -> np.ndarray:
+    """The PNG as (rows, columns) grey levels in [0, 1]."""
+    return np.asarray(Image.open(path).convert("L"), dtype=np.float64) / 255
 
 
-def test_figures_are_pngs(volumes: tuple[np.ndarray, np.ndarray], tmp_path: Path) -> None:
-    image, recon = volumes
-    spacing = (3.0, 3.0, 3.0)
-    assert _is_png(case_views("c", image, recon, spacing, tmp_path / "v.png"))
+def _panels(row: np.ndarray) -> list[np.ndarray]:
+    """The non-white runs of one pixel row (the image panels it crosses), left to right."""
+    inside = np.r_[False, row < WHITE, False].astype(int)
+    starts, stops = np.flatnonzero(np.diff(inside) == 1), np.flatnonzero(np.diff(inside) == -1)
+    return [row[a:b] for a, b in zip(starts, stops, strict=True) if b - a > 20]
+
+
+def _halves(volume: np.ndarray, path: Path, rows: int = 1) -> tuple[np.ndarray, list]:
+    image = _grey(orthogonal_montage([(f"r{i}", volume) for i in range(rows)], (1.0, 1.0, 1.0),
+                                     path, vmax=1.0))
+    return image, _panels(image[image.shape[0] // (2 * rows)])
+
+
+def test_mid_slices_are_the_middle_planes_in_ras_order() -> None:
+    volume = np.arange(4 * 6 * 8, dtype=np.float32).reshape(4, 6, 8)
+    (axial, a1), (coronal, a2), (sagittal, a3) = mid_slices(volume, (1.0, 2.0, 3.0))
+    np.testing.assert_array_equal(axial, volume[:, :, 4].T)
+    np.testing.assert_array_equal(coronal, volume[:, 3, :].T)
+    np.testing.assert_array_equal(sagittal, volume[2, :, :].T)
+    assert (a1, a2, a3) == (2.0, 3.0, 1.5)
+
+
+def test_montage_shows_each_volume_in_the_right_panels(tmp_path: Path) -> None:
+    volume = np.zeros((16, 16, 16), np.float32)
+    volume[:8] = 0.5  # patient right half (x < 8) mid grey, the rest black
+    image, panels = _halves(volume, tmp_path / "m.png", rows=2)
+    assert image.shape == (480, 720)  # 9 x 3 inches per row at 80 dpi
+    assert len(panels) == 3
+    for panel in panels[:2]:  # axial and coronal: x runs left to right
+        n = len(panel)
+        assert panel[n // 4] == pytest.approx(128 / 255, abs=2 / 255)
+        assert panel[3 * n // 4] == pytest.approx(0.0, abs=2 / 255)
+    assert np.all(panels[2][5:-5] < 2 / 255)  # the sagittal mid plane x = 8 is black
+    assert image.std() > 0.1
+
+
+def test_montage_default_scale_is_each_volumes_percentile(tmp_path: Path) -> None:
+    volume = np.full((16, 16, 16), 40.0, np.float32)
+    volume[:8] = 80.0  # the 99.5th percentile is 80
+
+    def montage(name: str, vmax: float | None) -> np.ndarray:
+        return _grey(orthogonal_montage([("v", volume)], (1.0, 1.0, 1.0), tmp_path / name,
+                                        vmax=vmax))
+
+    default = montage("default.png", None)
+    np.testing.assert_array_equal(default, montage("80.png", 80.0))
+    assert not np.array_equal(default, montage("160.png", 160.0))
+
+
+def test_case_views_show_input_reconstruction_and_error(volumes: tuple[np.ndarray, np.ndarray],
+                                                        tmp_path: Path) -> None:
+    image, _ = volumes
+    flat = np.full_like(image, 0.5)
+    grey = _grey(case_views("c", flat, flat, (3.0, 3.0, 3.0), tmp_path / "v.png"))
+    assert grey.shape == (720, 720)  # 9 x 9 inches at 80 dpi
+    rows = [grey[int(grey.shape[0] * f)] for f in (0.22, 0.5, 0.8)]  # input, recon, error rows
+    for row in rows[:2]:
+        for panel in _panels(row):
+            assert panel[len(panel) // 2] == pytest.approx(128 / 255, abs=2 / 255)
+    for panel in _panels(rows[2]):  # zero error: the darkest magma colour
+        assert panel[len(panel) // 2] < 0.05
+
+
+def test_likelihood_overlay_and_curves(volumes: tuple[np.ndarray, np.ndarray],
+                                       tmp_path: Path) -> None:
+    image, _ = volumes
     bits = np.repeat(np.repeat(np.repeat(np.random.default_rng(1).random((4, 4, 4)), 4, 0), 4, 1),
                      4, 2)
-    assert _is_png(likelihood_overlay("c", image, bits, spacing, tmp_path / "l.png", "t"))
-    assert _is_png(orthogonal_montage([("a", image)], spacing, tmp_path / "m.png"))
+    overlay = _grey(likelihood_overlay("c", image, bits, (3.0, 3.0, 3.0), tmp_path / "l.png", "t"))
+    assert overlay.shape == (288, 800)  # 10 x 3.6 inches
+    assert overlay.std() > 0.05
     records = [{"step": s, "split": "train", "loss": 1 / s, "lr": 0.1, "time": "x"}
                for s in range(1, 5)] + [{"step": 4, "split": "val", "psnr": 20.0}]
     assert curve_keys(records) == ["loss", "psnr"]
-    assert _is_png(training_curves(records, tmp_path / "c.png", "run"))
+    curves = training_curves(records, tmp_path / "c.png", "run")
+    assert curves is not None and _grey(curves).shape == (240, 576)  # 2 panels of 3.6 x 3
     assert training_curves([{"step": 1, "split": "train"}], tmp_path / "none.png") is None
     assert not (tmp_path / "none.png").exists()
 
@@ -66,9 +142,20 @@ def test_html_is_self_contained_and_escaped(volumes: tuple[np.ndarray, np.ndarra
         Section("A & B", [Figure(fig, "cap <x>"), "note", Table(["k", "v"], [["<b>", 1.5]], "t")]),
     ])
     assert "T &lt;1&gt;" in page and "&lt;b&gt;" in page and "cap &lt;x&gt;" in page
+    assert "<td>1.5</td>" in page and '<a href="#a---b">A &amp; B</a>' in page
     srcs = re.findall(r'<img[^>]*\ssrc="([^"]*)"', page)
-    assert len(srcs) == 1 and srcs[0].startswith("data:image/png;base64,")
+    assert srcs == [png_data_uri(fig)]
+    embedded = base64.b64decode(srcs[0].split(",", 1)[1])
+    assert embedded == fig.read_bytes()  # the page holds the figure's exact bytes
+    assert Image.open(io.BytesIO(embedded)).size == (720, 720)
     assert not re.search(r"<script|<link|https?://", page)
+
+
+def test_numbers_in_tables() -> None:
+    assert fmt(None) == "n/a" and fmt(1.23456, 2) == "1.23" and fmt(float("inf")) == "inf"
+    block = {"mean": 1.5, "std": 0.25, "ci": [1.25, 1.75]}
+    assert stat_text(block, 2) == "1.50 ± 0.25 [1.25, 1.75]"
+    assert stat_text({"mean": None}) == "n/a" and stat_text(None) == "n/a"
 
 
 def test_chromium_renders_embedded_images_and_detects_broken_ones(

@@ -23,17 +23,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mri_vqvae.artifacts.checkpoint as ckpt
-from mri_vqvae.artifacts.checkpoint import (
-    MAX_PARAMETERS_ENV,
-    LoadedCheckpoint,
-    load_checkpoint,
-    max_parameters,
-    save_checkpoint,
-)
+from mri_vqvae.artifacts.checkpoint import LoadedCheckpoint, load_checkpoint, save_checkpoint
+from mri_vqvae.artifacts.checkpoint_folder import MAX_PARAMETERS_ENV, max_parameters
+from mri_vqvae.artifacts.loading import PriorRun, PriorRunPaths
 from mri_vqvae.config import DataConfig, ExperimentConfig, load_config
 from mri_vqvae.core.errors import CheckpointError, MriVqvaeError
 from mri_vqvae.core.finite import NonFiniteError, describe_nonfinite
-from mri_vqvae.data.manifest import sha256_file
+from mri_vqvae.core.provenance import sha256_file
 from mri_vqvae.data.writers import write_nifti
 from mri_vqvae.models.autoencoders.vqvae.config import VQVAEConfig
 from mri_vqvae.models.autoencoders.vqvae.model import VQVAE
@@ -43,7 +39,7 @@ from mri_vqvae.models.priors.pixelcnn.config import PixelCNNConfig
 from mri_vqvae.models.priors.pixelcnn.model import GatedPixelCNN3D
 from mri_vqvae.models.priors.pixelcnn.model import state_numel as prior_numel
 from mri_vqvae.models.priors.pixelcnn.sampling import sample_categorical
-from mri_vqvae.tasks.sample import PriorRun, PriorRunPaths, SampleSettings, sample_volumes
+from mri_vqvae.tasks.sample import SampleSettings, sample_volumes
 
 SMOKE: ExperimentConfig = load_config("smoke")
 
@@ -474,7 +470,7 @@ def test_nonfinite_errors_are_user_errors() -> None:
 
 
 def test_likelihood_map_refuses_nonfinite_prior_bits(tmp_path: Path) -> None:
-    from mri_vqvae.tasks.sample import likelihood_map
+    from mri_vqvae.tasks.likelihood import likelihood_map
     from tests.support.volumes import make_head
     from tests.support.volumes import write_nifti as write_raw
 

@@ -39,7 +39,9 @@ def test_each_subcommand_has_help(args: list[str]) -> None:
 def test_user_error_is_a_message_not_a_traceback(tmp_path: Path) -> None:
     import numpy as np
 
-    from mri_vqvae.data.manifest import Case, Manifest, sha256_file, write_manifest
+    from mri_vqvae.core.provenance import sha256_file
+    from mri_vqvae.data.case import Case
+    from mri_vqvae.data.manifest import Manifest, write_manifest
 
     write_nifti(tmp_path / "flat.nii.gz", np.zeros((8, 8, 8), np.float32))
     case = Case(case_id="flat", subject_id="s", source_id="x", path="flat.nii.gz",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +28,21 @@ def _demo(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
         pytest.skip(f"the kit cannot be downloaded here: {proc.stderr[-300:]}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
+
+
+def _listed_files(stdout: str) -> list[Path]:
+    """The files the demo names on its ``montage:``, ``metrics:`` and ``report:`` lines."""
+    return [Path(p) for p in re.findall(r"(?:montage|metrics|report): (\S+)", stdout)]
+
+
+def _headline(stdout: str, metrics: dict) -> None:
+    """The printed held-out numbers are metrics.json's, at the printed precision."""
+    rec = metrics["reconstruction"]["metrics"]
+    assert f"held-out PSNR {rec['psnr']['mean']:.2f} dB, SSIM {rec['ssim']['mean']:.4f}" in stdout
+    lik = metrics["likelihood"]
+    assert (f"prior {lik['held_out']['mean']:.4f} bits/latent ({lik['bits_are']}), unigram "
+            f"baseline {lik['unigram_bits']['held_out']['mean']:.4f}, uniform "
+            f"{lik['uniform_bits']:.4f}") in stdout
 
 
 def _run(demo: Path, stage: str) -> tuple[Path, dict, dict]:
@@ -60,11 +76,27 @@ def test_quick_demo_in_fp32_runs_every_configured_step(tmp_path: Path) -> None:
     assert nib.aff2axcodes(volume.affine) == ("R", "A", "S")
     assert np.isfinite(volume.get_fdata()).all() and volume.get_fdata().std() > 0
     metrics = json.loads((demo / "eval" / "metrics.json").read_text())
-    assert 0 < metrics["reconstruction"]["metrics"]["psnr"]["mean"] < 60
+    rec = metrics["reconstruction"]
+    assert 0 < rec["metrics"]["psnr"]["mean"] < 60
+    assert rec["num_failures"] == 0  # the demo preprocesses strictly: every case is readable
+    assert rec["metrics"]["psnr"]["n"] == rec["num_cases"] == len(
+        [c for c in preprocessed if c["split"] == "test"])
     assert metrics["samples"]["num_samples"] == 4
+    assert len(metrics["samples"]["memorisation"]["samples"]) == 4
     assert [t["complete"] for t in metrics["training"]] == [True, True]
+    assert [t["steps_done"] for t in metrics["training"]] == [
+        _run(demo, s)[1]["steps_done"] for s in ("vqvae", "prior")]
+    lik = metrics["likelihood"]
+    assert lik["bits_are"] == "exact" and lik["uniform_bits"] > 0
+    assert lik["held_out"]["n"] == rec["num_cases"]
+    assert 0 < lik["unigram_bits"]["held_out"]["mean"] <= lik["uniform_bits"] + 0.5
+    _headline(proc.stdout, metrics)
     cited = metrics["inputs"]["data_citations"]
-    assert cited["trained_on"] and cited["evaluated"]
+    assert any("nilearn-mni152" in line for line in cited["trained_on"])
+    assert any("Licence:" in line for line in cited["evaluated"])
+    listed = _listed_files(proc.stdout)
+    assert [p.name for p in listed] == ["samples.png", "metrics.json", "report.html"]
+    assert all(p.is_file() and p.stat().st_size > 0 for p in listed), listed
     report = demo / "eval" / "report.html"
     assert "Data the models were trained on" in report.read_text()
     assert "STOPPED EARLY" not in report.read_text()
@@ -83,7 +115,10 @@ def test_demo_time_limit_before_validation_carries_on_and_says_so(tmp_path: Path
     assert "STOPPED EARLY: the time limit" in proc.stdout
     assert "WARNING: the vqvae stage did not train every configured step" in proc.stderr
     metrics = json.loads((demo / "eval" / "metrics.json").read_text())
-    assert metrics["samples"] is None and metrics["likelihood"]
+    assert metrics["samples"] is None and not list((demo / "eval").glob("samples"))
+    assert metrics["likelihood"]["held_out"]["n"] == metrics["reconstruction"]["num_cases"]
+    _headline(proc.stdout, metrics)
     assert [t["complete"] for t in metrics["training"]] == [False, True]
+    assert metrics["training"][0]["steps_done"] == 1
     assert "STOPPED EARLY" in (demo / "eval" / "report.html").read_text()
     assert not (demo / "samples").exists()

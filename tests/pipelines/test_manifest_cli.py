@@ -99,7 +99,7 @@ def test_build_rejects_bad_options(head_folder: Path, tmp_path: Path) -> None:
 
 
 def manifest_cmd_catalog() -> Path:
-    from mri_vqvae.data.manifest import CATALOG_PATH
+    from mri_vqvae.data.catalog import CATALOG_PATH
 
     return CATALOG_PATH
 

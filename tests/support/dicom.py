@@ -9,11 +9,9 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
-ROWS, COLS = 5, 6
+ROWS, COLS = 5, 6  # in-plane size of `write_slices` slices
+SLICES = 4  # number of `write_slices` slices
 FLIP = np.diag([-1.0, -1.0, 1.0, 1.0])  # RAS <-> LPS
-
-
-MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4"
 
 
 def ds_str(values: Sequence[float]) -> list[str]:
@@ -51,9 +49,6 @@ def positions(affine: np.ndarray, n: int) -> np.ndarray:
     return np.array([lps[:3, 3] + k * lps[:3, 2] for k in range(n)])
 
 
-SLICES = 4
-
-
 def write_series(
     folder: Path,
     data: np.ndarray,
@@ -71,7 +66,7 @@ def write_series(
     names = np.random.default_rng(seed).permutation(len(pos))
     paths = []
     for k, p in enumerate(pos):
-        ds = base_dataset(MR_IMAGE, uid)
+        ds = base_dataset(MRImageStorage, uid)
         ds.ImageOrientationPatient, ds.PixelSpacing = iop, spacing
         ds.ImagePositionPatient = ds_str(p)
         ds.Rows, ds.Columns = data.shape[1], data.shape[0]
@@ -85,7 +80,9 @@ def write_series(
 
 def write_slices(folder: Path, uid: str, names: list[str] | None = None, number: int = 1,
                  preamble: bool = True, step: float = 2.0) -> list[Path]:
-    """A classic MR series of SLICES files (rows x cols = ROWS x COLS) in `folder`."""
+    """A classic MR series in `folder`: one file per name in `names` (default: SLICES files named
+    by UIDs, as scanners do), rows x cols = ROWS x COLS, slice k at z = k * step, SeriesNumber
+    `number`. Without `preamble` each is a raw dataset: no "DICM" preamble and no file meta."""
     folder.mkdir(parents=True, exist_ok=True)
     names = names or [generate_uid() for _ in range(SLICES)]  # UID-named: "1.2.826.0..."
     paths = []

@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from mri_vqvae.artifacts.checkpoint import WEIGHTS, save_checkpoint
-from mri_vqvae.config import load_config
-from mri_vqvae.data.manifest import Case, Manifest, load_manifest, sha256_file, write_manifest
+from mri_vqvae.artifacts.checkpoint import save_checkpoint
+from mri_vqvae.artifacts.checkpoint_folder import WEIGHTS
+from mri_vqvae.artifacts.latents import FORMAT, INDEX, npy_bytes
+from mri_vqvae.config import DataConfig, load_config
+from mri_vqvae.core.provenance import sha256_file
+from mri_vqvae.data.case import Case
+from mri_vqvae.data.manifest import Manifest, load_manifest, write_manifest
 from mri_vqvae.data.transforms import build_transforms
 from mri_vqvae.models.autoencoders.vqvae.config import VQVAEConfig
 from mri_vqvae.models.autoencoders.vqvae.model import VQVAE
+from mri_vqvae.models.priors.pixelcnn.config import PixelCNNConfig
 from mri_vqvae.models.priors.pixelcnn.model import GatedPixelCNN3D
+from mri_vqvae.models.priors.unigram.config import UnigramConfig
+from mri_vqvae.models.priors.unigram.model import UnigramPrior
 from tests.support.volumes import make_head, write_nifti
 
 CFG = load_config("smoke")
@@ -146,3 +155,117 @@ def write_head_manifest(root: Path, splits: dict[str, str], name: str = "m.json"
                           split=split))
     write_manifest(Manifest(name="tiny", cases=tuple(cases), data_root=root), root / name)
     return root / name
+
+
+def write_latents(folder: Path, grids: Mapping[str, tuple[str, np.ndarray]],
+                  codebook_size: int = 32, labels: bool = True) -> Path:
+    """A latents folder by hand: ``grids`` maps case_id -> (split, (d, h, w) uint16 grid).
+
+    With `labels`, each entry records modality ``T1w`` and source_id ``src-<case_id>``; without,
+    the entries look like those of folders written before labels were recorded.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    cases = []
+    for cid, (split, grid) in sorted(grids.items()):
+        content = npy_bytes(grid)
+        (folder / f"{cid}.npy").write_bytes(content)
+        entry = {"case_id": cid, "subject_id": f"sub-{cid}", "split": split, "file": f"{cid}.npy",
+                 "sha256": hashlib.sha256(content).hexdigest(), "source_sha256": "0" * 64}
+        if labels:
+            entry.update(modality="T1w", source_id=f"src-{cid}")
+        cases.append(entry)
+    shape = next(iter(grids.values()))[1].shape
+    doc = {"format": FORMAT, "format_version": 1, "vqvae_checkpoint": "/runs/vq/checkpoints/best",
+           "vqvae_sha256": "1" * 64, "manifest_digest": "2" * 64, "latent_shape": list(shape),
+           "codebook_size": codebook_size, "dtype": "uint16",
+           "data": CFG.data.model_dump(mode="json"), "cases": cases}
+    (folder / INDEX).write_text(json.dumps(doc, indent=2))
+    return folder
+
+
+# --- prior runs of any kind: sampling, likelihood maps, evaluate (tests/tasks, tests/evaluation) --
+
+TINY_DATA = DataConfig(spacing=(3.0, 2.5, 2.0), spatial_size=(16, 20, 12))
+TINY_VQ = VQVAEConfig(levels=2, channels=(4, 8), num_res_channels=(4, 8), num_res_layers=1,
+                      codebook_size=16, embedding_dim=4, kmeans_init=False)
+TINY_LATENT_SHAPE = (4, 5, 3)
+TINY_TRAIN_CASES = [
+    {"case_id": "sub-TRAINA_T1w", "subject_id": "sub-TRAINA", "split": "train",
+     "file": "sub-TRAINA_T1w.npy", "sha256": "a1" * 32, "source_sha256": "b2" * 32},
+    {"case_id": "sub-TRAINB_T1w", "subject_id": "sub-TRAINB", "split": "val",
+     "file": "sub-TRAINB_T1w.npy", "sha256": "c3" * 32, "source_sha256": "d4" * 32},
+]
+
+
+def save_prior_run(run: Path, prior: torch.nn.Module, vq_folder: Path, latents: Path,
+                   digest: str, latent_shape: tuple[int, int, int], data: DataConfig,
+                   label_names: tuple[str, ...] = ()) -> Path:
+    """checkpoints/best and /last of `prior` (its config's kind) as `train-prior` writes them.
+
+    `label_names` (class i is ``label_names[i]``) go to extra with ``label_field`` from the
+    prior's config, as for a class-conditional prior.
+    """
+    cfg = prior.config  # type: ignore[attr-defined]
+    extra = {
+        "latents_dir": str(latents.resolve()),
+        "vqvae_checkpoint": str(vq_folder.resolve()),
+        "vqvae_sha256": sha256_file(vq_folder / WEIGHTS),
+        "manifest_digest": digest,
+        "latent_shape": list(latent_shape),
+        "codebook_size": cfg.codebook_size,
+        "data": data.model_dump(mode="json"),
+        "label_field": cfg.label_field,
+        "label_names": list(label_names),
+    }
+    for name in ("best", "last"):
+        save_checkpoint(run / "checkpoints" / name, prior, cfg.kind, cfg, extra=extra, step=6)
+    return run
+
+
+def make_tiny_prior_run(root: Path, prior: torch.nn.Module | None = None, seed: int = 0,
+                        label_names: tuple[str, ...] = ()) -> Path:
+    """A tiny VQ-VAE checkpoint, a latents index naming training cases, and a prior run over
+    its (4, 5, 3) grids (an untrained PixelCNN unless `prior` is given)."""
+    torch.manual_seed(seed)
+    vq_folder = save_checkpoint(root / "vqvae" / "vq-run" / "checkpoints" / "best",
+                                VQVAE(TINY_VQ), "vqvae", TINY_VQ)
+    latents = root / "latents" / "vq-run"
+    latents.mkdir(parents=True, exist_ok=True)
+    (latents / "index.json").write_text(json.dumps({"cases": TINY_TRAIN_CASES}))
+    if prior is None:
+        prior = GatedPixelCNN3D(PixelCNNConfig(codebook_size=16, embedding_dim=4,
+                                               hidden_channels=8, num_layers=2, head_channels=8))
+    kind = prior.config.kind  # type: ignore[attr-defined]
+    return save_prior_run(root / "prior" / f"20250101T000000Z-tiny-{kind}-s{seed}", prior,
+                          vq_folder, latents, "f0" * 32, TINY_LATENT_SHAPE, TINY_DATA,
+                          label_names)
+
+
+def split_unigram(codebook_size: int, label_field: str | None = None, classes: int = 1
+                  ) -> UnigramPrior:
+    """A unigram prior fitted on grids where class c uses only codes ``[c*q, (c+1)*q)``,
+    ``q = codebook_size // classes`` (one table, all codes, when unconditional)."""
+    cfg = UnigramConfig(codebook_size=codebook_size, label_field=label_field,
+                        num_classes=classes if label_field else 0)
+    q = codebook_size // classes
+    grids = torch.stack([torch.arange(c * q, (c + 1) * q).repeat(64 // q + 1)[:64].view(4, 4, 4)
+                         for c in range(classes)])
+    model = UnigramPrior(cfg)
+    model.prepare(grids, torch.arange(classes) if label_field else None)
+    return model.eval()
+
+
+def make_unigram_run(root: Path, vq_run: Path, digest: str, prior: UnigramPrior | None = None,
+                     label_names: tuple[str, ...] = ()) -> Path:
+    """runs/prior/<run>/ of a unigram prior (kind ``unigram``) over the smoke VQ-VAE's grids
+    (`label_names` for a conditional one)."""
+    latents = root / "latents" / vq_run.name
+    latents.mkdir(parents=True, exist_ok=True)
+    (latents / "index.json").write_text(json.dumps({"cases": []}))
+    model = prior if prior is not None else split_unigram(CFG.autoencoder.codebook_size, None, 4)
+    run = save_prior_run(root / "prior" / "20250101T000000Z-smoke-unigram-s0", model,
+                         vq_run / "checkpoints" / "best", latents, digest, (4, 4, 4), CFG.data,
+                         label_names)
+    (run / "metrics.jsonl").write_text(json.dumps(
+        {"step": 6, "epoch": 0, "split": "train", "loss": 3.0, "bits_per_latent": 4.3}) + "\n")
+    return run

@@ -17,7 +17,8 @@ from click.testing import CliRunner
 
 from mri_vqvae.config import load_config
 from mri_vqvae.core.outputs import OutputError, output_lock
-from mri_vqvae.data.manifest import Manifest, load_manifest, sha256_file, write_manifest
+from mri_vqvae.core.provenance import sha256_file
+from mri_vqvae.data.manifest import Manifest, load_manifest, write_manifest
 from mri_vqvae.tasks.preprocess import KILL_ENV, preprocess_manifest
 from pipelines.cli import cli
 from tests.support.checks import assert_sitk_agrees, fail_opens_under
@@ -25,7 +26,8 @@ from tests.support.volumes import make_head, write_nifti
 
 
 def _manifest(root: Path, names: list[str]) -> Path:
-    from mri_vqvae.data.manifest import Case, sha256_file
+    from mri_vqvae.core.provenance import sha256_file
+    from mri_vqvae.data.case import Case
 
     cases = [
         Case(case_id=n, subject_id=n, source_id="synthetic", path=f"{n}.nii.gz",

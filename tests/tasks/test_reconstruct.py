@@ -17,7 +17,9 @@ import pytest
 from click.testing import CliRunner
 
 from mri_vqvae.core.outputs import OutputError
-from mri_vqvae.data.manifest import load_manifest, sha256_file
+from mri_vqvae.core.provenance import sha256_file
+from mri_vqvae.data.manifest import load_manifest
+from mri_vqvae.metrics.image import CASE_METRICS
 from mri_vqvae.tasks.reconstruct import KILL_ENV, ReconstructError, reconstruct_manifest
 from pipelines.cli import cli
 from tests.support.runs import CFG, make_manifest, make_vqvae_run
@@ -59,7 +61,7 @@ def test_outputs_on_the_preprocessed_grid(world: dict[str, Path], tmp_path: Path
                                   threads=1)
     assert result.computed == ["a0", "a1", "a2", "a3"] and not result.reused
     rows = _rows(tmp_path / "r" / "metrics.csv")
-    assert list(rows[0]) == ["case_id", "psnr", "ssim", "nmse", "psnr_foreground", "codes_used"]
+    assert list(rows[0]) == ["case_id", *CASE_METRICS, "codes_used"]
     assert [r["case_id"] for r in rows] == ["a0", "a1", "a2", "a3"]
     for cid in result.computed:
         img = nib.load(str(tmp_path / "r" / "images" / f"{cid}.nii.gz"))
@@ -70,8 +72,10 @@ def test_outputs_on_the_preprocessed_grid(world: dict[str, Path], tmp_path: Path
         data = img.get_fdata()
         assert data.min() >= 0.0 and data.max() <= 1.0
         assert doc["image_sha256"] == sha256_file(tmp_path / "r" / doc["image"])
-        assert doc["grid"] == "preprocessed" and doc["metrics"]["psnr"] == pytest.approx(
-            float(rows[result.computed.index(cid)]["psnr"]))
+        assert doc["grid"] == "preprocessed"
+        row = rows[result.computed.index(cid)]
+        for key in (*CASE_METRICS, "codes_used"):  # the CSV holds the sidecar's values
+            assert float(row[key]) == pytest.approx(doc["metrics"][key], rel=1e-12), key
     index = json.loads((tmp_path / "r" / "index.json").read_text())
     assert [c["case_id"] for c in index["cases"]] == result.computed
     assert _rows(tmp_path / "r" / "failures.csv") == []

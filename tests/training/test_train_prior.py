@@ -1,10 +1,10 @@
-"""Prior training runs: run folder, likelihood.json, checkpoint provenance, exact resume, errors.
+"""Prior training runs: run folder, likelihood.json, checkpoint provenance, exact resume, errors,
+any prior kind (pixelcnn, unigram), class labels, and resuming a run of an older version.
 
-Tiny latents (4x4x4 grids over 32 codes: 3 train, 1 val, 1 test) come from the untrained smoke
-VQ-VAE of `tests.artifacts.test_latents`; one uninterrupted reference run is shared by the module.
-With
-batch_size 1 an epoch is 3 steps, so checkpoints every 2 steps land mid-epoch; dropout makes the
-steps draw random numbers, so a resume must restore them to match.
+Tiny latents (4x4x4 grids over 32 codes: 3 train, 1 val, 1 test) come from an untrained smoke
+VQ-VAE; one uninterrupted reference run is shared by the module. With batch_size 1 an epoch is
+3 steps, so checkpoints every 2 steps land mid-epoch; dropout makes the steps draw random numbers,
+so a resume must restore them to match.
 """
 
 from __future__ import annotations
@@ -12,23 +12,31 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
 
-from mri_vqvae.artifacts.checkpoint import load_checkpoint, load_resume_state
-from mri_vqvae.artifacts.latents import encode_manifest, load_latents, unigram_bits
+from mri_vqvae.artifacts.checkpoint import load_checkpoint
+from mri_vqvae.artifacts.latents import LatentIndex, load_latents
+from mri_vqvae.artifacts.resume import load_resume_state
 from mri_vqvae.artifacts.runs import read_metrics
 from mri_vqvae.config import ExperimentConfig, load_config
 from mri_vqvae.core.errors import ConfigError
 from mri_vqvae.data.manifest import load_manifest
 from mri_vqvae.models.priors.pixelcnn.model import GatedPixelCNN3D
-from mri_vqvae.training.loop import KILL_ENV, TrainingError, train_prior
+from mri_vqvae.models.priors.unigram.baseline import uniform_bits, unigram_bits
+from mri_vqvae.models.priors.unigram.model import UnigramPrior
+from mri_vqvae.tasks.encode import encode_manifest
+from mri_vqvae.training.errors import TrainingError
+from mri_vqvae.training.loop import KILL_ENV
+from mri_vqvae.training.prior_stage import train_prior
 from pipelines.cli import cli
 from tests.support.paths import REPO
 from tests.support.runs import HEAD_SPLITS as SPLITS
@@ -76,6 +84,11 @@ def _assert_same_weights(a: Path, b: Path) -> None:
     assert not different, f"tensors differ after resume: {different}"
 
 
+def _grids(index: LatentIndex, split: str) -> torch.Tensor:
+    """The `split` grids (N, d, h, w) as int64."""
+    return torch.from_numpy(index.stack(split).astype(np.int64))
+
+
 def _timeless(run_dir: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "time"} for r in read_metrics(run_dir)]
 
@@ -112,8 +125,8 @@ def test_likelihood_json_has_both_baselines(reference: tuple[Path, str], latents
     for split in ("val", "test"):
         row = report["splits"][split]
         assert row["num_cases"] == 1 and math.isfinite(row["prior_bits_per_latent"])
-        assert row["uniform_bits_per_latent"] == 5.0  # log2 32
-        expected = unigram_bits(index.stack("train"), index.stack(split), 32)
+        assert row["uniform_bits_per_latent"] == 5.0 == uniform_bits(32)  # log2 32
+        expected = unigram_bits(_grids(index, "train"), _grids(index, split), 32)
         assert row["unigram_bits_per_latent"] == pytest.approx(expected)
     assert report["splits"]["val"]["prior_bits_per_latent"] == pytest.approx(
         best["bits_per_latent"])
@@ -127,17 +140,20 @@ def test_checkpoints_record_what_sampling_needs(
     provenance = load_latents(latents).provenance()
     for name in ("best", "last"):
         loaded = load_checkpoint(run_dir / "checkpoints" / name)
-        assert isinstance(loaded.model, GatedPixelCNN3D) and loaded.kind == "prior"
+        assert isinstance(loaded.model, GatedPixelCNN3D) and loaded.kind == "pixelcnn"
         assert {k: loaded.extra[k] for k in PROVENANCE} == provenance
+        assert (loaded.extra["label_field"], loaded.extra["label_names"]) == (None, [])
         assert Path(loaded.extra["vqvae_checkpoint"]).is_absolute()
         assert Path(loaded.extra["latents_dir"]) == latents.resolve()
     state = load_resume_state(run_dir / "checkpoints" / "last")
-    assert (state["step"], state["epoch"], state["sampler_position"]) == (7, 2, 1)
+    assert (state["step"], state["train_cases"]) == (MAX_STEPS, 3)
+    assert not {"epoch", "sampler_position"} & state.keys()  # the step alone fixes the order
 
 
 # --- exact resume --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_is_bit_identical(
     latents: Path, reference: tuple[Path, str], tmp_path: Path
 ) -> None:
@@ -153,7 +169,7 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     (run_dir,) = (runs / "prior").iterdir()
     killed = load_resume_state(run_dir / "checkpoints" / "last")
-    assert (killed["step"], killed["epoch"], killed["sampler_position"]) == (4, 1, 1)
+    assert killed["step"] == 4  # mid-epoch: epochs are 3 steps
     assert not (run_dir / "likelihood.json").exists()
 
     # no --latents and no --config: the run's own latents and config.yaml
@@ -185,11 +201,15 @@ def test_codebook_size_mismatch_in_the_config_is_refused() -> None:
     assert load_config("smoke", ["vqvae.codebook_size=64"]).prior.codebook_size == 64
 
 
-def test_latents_of_another_codebook_size_are_refused(latents: Path, tmp_path: Path) -> None:
-    config = _config("vqvae.codebook_size=16", "prior.codebook_size=16")
-    with pytest.raises(TrainingError, match=r"prior.codebook_size=16 .* codebook_size=32"):
-        train_prior(config, latents, runs_root=tmp_path)
-    assert not any(tmp_path.iterdir())
+def test_the_latents_set_the_prior_codebook_size(latents: Path, tmp_path: Path) -> None:
+    """The config's autoencoder section does not matter to the prior: the latents' K does."""
+    config = _config("vqvae.codebook_size=16", "train_prior.max_steps=1")
+    result = train_prior(config, latents, runs_root=tmp_path)
+    loaded = load_checkpoint(result.last_checkpoint)
+    assert loaded.model.codebook_size == loaded.config["codebook_size"] == 32
+    own = load_config(result.run_dir / "config.yaml", ["train_prior.max_steps=2"])
+    assert own.prior.codebook_size == 16  # config.yaml keeps the config as given
+    assert train_prior(own, latents, resume=result.run_dir).step == 2  # and resumes with it
 
 
 def test_latents_without_a_val_split_are_refused(latents: Path, tmp_path: Path) -> None:
@@ -213,3 +233,114 @@ def test_resume_refuses_a_vqvae_sized_change(
     with pytest.raises(TrainingError, match=r"prior\.\['hidden_channels'\]"):
         train_prior(_config("prior.hidden_channels=4"), latents, resume=run_dir)
     assert (run_dir / "metrics.jsonl").read_bytes() == before
+
+
+# --- any prior kind, labels, runs of older versions ----------------------------------------------
+
+
+def _add_one_unigram_bits(train: np.ndarray, grids: np.ndarray, k: int) -> float:
+    """Bits per latent of `grids` under the add-one smoothed code frequencies of `train`."""
+    counts = np.bincount(train.astype(np.int64).ravel(), minlength=k) + 1.0
+    return float(-np.log2(counts / counts.sum())[grids.astype(np.int64)].mean())
+
+
+def test_a_unigram_prior_trains_end_to_end_from_its_fitted_frequencies(
+    latents: Path, tmp_path: Path
+) -> None:
+    """prepare fits the add-one unigram of the train grids; with a vanishing lr its val bits
+    stay those of the baseline, computed here independently."""
+    args = ["train-prior", "--latents", str(latents), "--config", "smoke", "--set",
+            "prior.kind=unigram", "--set", "train_prior.lr=1e-12", "--set",
+            "train_prior.max_steps=2", "--runs-root", str(tmp_path)]
+    result = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    (run_dir,) = (tmp_path / "prior").iterdir()
+    index = load_latents(latents)
+    train = index.stack("train")
+    expected = {s: _add_one_unigram_bits(train, index.stack(s), 32) for s in ("val", "test")}
+    baseline = unigram_bits(_grids(index, "train"), _grids(index, "val"), 32)
+    assert baseline == pytest.approx(expected["val"], abs=1e-6)
+    (val,) = read_metrics(run_dir, "val")
+    assert val["bits_per_latent"] == pytest.approx(expected["val"], abs=1e-6)
+    report = json.loads((run_dir / "likelihood.json").read_text())
+    for split, row in report["splits"].items():
+        assert row["prior_bits_per_latent"] == pytest.approx(expected[split], abs=1e-6)
+        assert row["unigram_bits_per_latent"] == pytest.approx(expected[split], abs=1e-6)
+    loaded = load_checkpoint(run_dir / "checkpoints" / "last")
+    assert loaded.kind == "unigram" and isinstance(loaded.model, UnigramPrior)
+    assert loaded.config["codebook_size"] == 32 and report["likelihood"] == "exact"
+
+
+def _relabelled(latents: Path, out: Path, modality: dict[str, str]) -> Path:
+    """A copy of `latents` whose index.json records `modality` per case (absent if not given)."""
+    out.mkdir(parents=True)
+    doc = json.loads((latents / "index.json").read_text())
+    for case in doc["cases"]:
+        shutil.copy(latents / case["file"], out / case["file"])
+        case.pop("modality", None)
+        if case["case_id"] in modality:
+            case["modality"] = modality[case["case_id"]]
+    (out / "index.json").write_text(json.dumps(doc))
+    return out
+
+
+def test_a_labelled_prior_records_its_classes_and_depends_on_them(
+    latents: Path, tmp_path: Path
+) -> None:
+    modality = {"a": "T2w", "b": "T1w", "c": "T2w", "v": "T1w", "t": "T2w"}
+    labelled = _relabelled(latents, tmp_path / "lat", modality)
+    config = _config("prior.label_field=modality", "train_prior.max_steps=3")
+    result = train_prior(config, labelled, runs_root=tmp_path / "runs")
+    run = json.loads((result.run_dir / "run.json").read_text())
+    assert (run["label_field"], run["label_names"]) == ("modality", ["T1w", "T2w"])
+    for name in ("best", "last"):
+        loaded = load_checkpoint(result.run_dir / "checkpoints" / name)
+        assert loaded.model.num_classes == loaded.config["num_classes"] == 2
+        assert loaded.config["label_field"] == "modality"
+        assert (loaded.extra["label_field"], loaded.extra["label_names"]) == (
+            "modality", ["T1w", "T2w"])
+    prior = load_checkpoint(result.best_checkpoint).model
+    index = load_latents(labelled)
+    val = _grids(index, "val")
+    with torch.no_grad():
+        as_t1, as_t2 = (float(prior.loss(val, torch.tensor([c]))) for c in (0, 1))
+        scored = float(prior.grid_bits(val, torch.tensor([0]))[0])  # v is T1w: label 0
+    assert as_t1 != as_t2
+    assert result.likelihood is not None
+    assert result.likelihood["splits"]["val"]["prior_bits_per_latent"] == pytest.approx(scored)
+    assert result.likelihood["label_names"] == ["T1w", "T2w"]
+
+
+def test_a_class_unseen_in_train_or_a_missing_label_is_refused(
+    latents: Path, tmp_path: Path
+) -> None:
+    unseen = _relabelled(latents, tmp_path / "unseen",
+                         {"a": "T1w", "b": "T2w", "c": "T1w", "v": "FLAIR", "t": "T1w"})
+    config = _config("prior.label_field=modality")
+    with pytest.raises(TrainingError, match=r"\['v'\] of val/test hold modality \['FLAIR'\]") \
+            as info:
+        train_prior(config, unseen, runs_root=tmp_path / "runs")
+    assert "train classes ['T1w', 'T2w']" in str(info.value)
+    missing = _relabelled(latents, tmp_path / "missing", {"a": "T1w", "c": "T1w", "v": "T1w"})
+    with pytest.raises(TrainingError, match=r"2 case\(s\) .* record no modality: \['b', 't'\]"):
+        train_prior(config, missing, runs_root=tmp_path / "runs")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_prior_run_of_an_older_version_resumes(tmp_path: Path) -> None:
+    """Its checkpoints say kind 'prior' and its resume state holds epoch / sampler_position."""
+    legacy = REPO / "tests" / "fixtures" / "legacy_2055c4e"
+    run_dir = tmp_path / "run"
+    shutil.copytree(legacy / "runs" / "prior" / "20261201T110515Z-smoke-s0", run_dir)
+    assert load_checkpoint(run_dir / "checkpoints" / "last").kind == "prior"
+    config = load_config(run_dir / "config.yaml", ["train_prior.max_steps=4"])
+    result = train_prior(config, legacy / "latents", resume=run_dir)
+    assert (result.step, result.stop_reason) == (4, "max_steps")
+    loaded = load_checkpoint(result.last_checkpoint)
+    assert loaded.kind == "pixelcnn" and isinstance(loaded.model, GatedPixelCNN3D)
+    assert load_resume_state(result.last_checkpoint)["step"] == 4
+    (entry,) = json.loads((run_dir / "run.json").read_text())["resumed_from"]
+    assert entry["step"] == 3
+    assert [r["step"] for r in read_metrics(run_dir, "train")] == [1, 2, 3, 4]
+    report = json.loads((run_dir / "likelihood.json").read_text())
+    assert (report["run"], report["label_names"]) == ("run", [])  # rewritten by this version

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import pydicom
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from mri_vqvae.core.errors import InvalidImageError
 from mri_vqvae.data import sources
@@ -53,6 +54,7 @@ def _read(path: Path, pixels: bool) -> Any:
         ds = pydicom.dcmread(str(path), stop_before_pixels=not pixels, force=True)
         for _ in ds.iterall():  # pydicom decodes elements lazily: decode now, inside the guard
             pass
+        _note_transfer_syntax(ds)
     if "Rows" not in ds and "SOPClassUID" not in ds:
         raise InvalidImageError(
             path,
@@ -62,22 +64,26 @@ def _read(path: Path, pixels: bool) -> Any:
     return ds
 
 
+def _note_transfer_syntax(ds: Any) -> None:
+    """A raw dataset (no preamble, no file meta) gets the transfer syntax it was parsed with, so
+    its pixel data can be decoded like that of any other file."""
+    if "TransferSyntaxUID" in ds.file_meta:
+        return
+    implicit, little = ds.original_encoding
+    explicit = ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+    ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit else explicit
+
+
 def _image_type(ds: Any) -> list[str]:
     value = ds.get("ImageType") or []
     return [str(value).upper()] if isinstance(value, str) else [str(v).upper() for v in value]
 
 
-def is_dicom_file(path: Path) -> bool:
-    """True for a regular DICOM file, whatever its name: "DICM" at byte 128, a .dcm/.ima name,
-    or an extension-less (or UID-named) file holding a raw DICOM image header without preamble.
-    """
-    return sources.is_dicom(Path(path))
-
-
 def classify(path: Path) -> str:
     """One DICOM file: "dicom_multiframe", "dicom_mosaic" or "dicom_slice" (one 2D slice).
 
-    Works on extension-less files too (see `is_dicom_file` to tell whether a file is DICOM).
+    Works on extension-less files too (`mri_vqvae.data.sources.is_dicom` tells whether a file
+    is DICOM).
     """
     return classify_header(path, _read(path, pixels=False))
 

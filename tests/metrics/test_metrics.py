@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from mri_vqvae.evaluation.metrics import mean_of, psnr, ssim, ssim_window
+from mri_vqvae.metrics.image import mean_of, psnr, ssim, ssim_window
 
 
 def _smooth_volume(shape: tuple[int, int, int] = (16, 16, 16)) -> torch.Tensor:

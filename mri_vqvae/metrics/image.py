@@ -1,5 +1,7 @@
 """Image-quality metrics on volumes scaled to [0, 1]: built on `monai.metrics`.
 
+`METRICS` / `CASE_METRICS` name them once for every table, CSV and summary.
+
 Every metric takes ``pred`` and ``target`` of shape (B, 1, D, H, W) (the masked ones also a
 ``mask`` of the same shape, 1 = inside) and returns one value per volume, shape (B,), float32 on
 the input's device. ``pred`` (a decoder output, unbounded) is clamped to ``[0, data_range]``
@@ -31,6 +33,11 @@ from monai.data import MetaTensor
 from monai.metrics import MultiScaleSSIMMetric, PSNRMetric, SSIMMetric
 from monai.metrics.regression import compute_ssim_and_cs
 from torch import Tensor
+
+METRICS = ("psnr", "ssim", "ms_ssim", "nmse")
+"""The reconstruction metrics, in the order every table, CSV and summary shows them."""
+CASE_METRICS = METRICS + tuple(f"{m}_foreground" for m in METRICS)
+"""Per-case metric names: each metric over the whole volume, then inside the foreground."""
 
 SSIM_WINDOW = 11  # MONAI's default Gaussian window (sigma 1.5)
 MS_SSIM_SCALE_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # Wang et al. 2003, 5 scales

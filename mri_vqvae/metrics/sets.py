@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mri_vqvae.evaluation.metrics import MsSsimSettings, ms_ssim, ms_ssim_settings, plain_float
+from mri_vqvae.metrics.image import MsSsimSettings, ms_ssim, ms_ssim_settings, plain_float
 
 FEATURE_GRID = 2
 

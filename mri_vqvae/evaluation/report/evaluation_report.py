@@ -1,0 +1,231 @@
+"""report.html of `mri-vqvae evaluate`: metrics.json and the held-out pass's views as one page.
+
+Sections: overview, reconstruction (mean ± std [CI] of every metric), per-case views, likelihood
+(prior bits beside the uniform and unigram baselines, and bits maps over the scans the held-out
+pass kept), samples, training curves, per-case table. Figures go to out/figures/*.png and are
+embedded in the page (`html`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mri_vqvae.artifacts.run_summary import describe_stop
+from mri_vqvae.artifacts.runs import read_metrics
+from mri_vqvae.core.figures import orthogonal_montage
+from mri_vqvae.evaluation.passes import CaseView
+from mri_vqvae.evaluation.report.figures import case_views, likelihood_overlay, training_curves
+from mri_vqvae.evaluation.report.html import Block, Figure, Section, Table, write_html_report
+from mri_vqvae.metrics.image import CASE_METRICS, METRICS
+from mri_vqvae.metrics.quality import CaseQuality
+
+
+@dataclass(frozen=True)
+class RunCurves:
+    """A run's metrics.jsonl records, labelled (``vqvae`` / ``prior``)."""
+
+    label: str
+    run_name: str
+    records: Sequence[Mapping[str, Any]]
+
+    @classmethod
+    def of(cls, label: str, run_dir: Path) -> RunCurves:
+        """The records of ``run_dir/metrics.jsonl``."""
+        return cls(label, run_dir.name, read_metrics(run_dir))
+
+
+def fmt(value: Any, digits: int = 4) -> str:
+    """A number for a table: fixed digits; None -> ``n/a``; inf/nan as words."""
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}" if np.isfinite(value) else str(value)
+    return str(value)
+
+
+def stat_text(block: Mapping[str, Any] | None, digits: int = 4) -> str:
+    """``mean ± std [low, high]`` of a metrics.json summary block ({mean, std, ci, ...})."""
+    if not block or block.get("mean") is None:
+        return "n/a"
+    low, high = block["ci"]
+    return (f"{block['mean']:.{digits}f} ± {fmt(block['std'], digits)} "
+            f"[{fmt(low, digits)}, {fmt(high, digits)}]")
+
+
+def _overview(metrics: Mapping[str, Any]) -> Section:
+    inputs = metrics["inputs"]
+    check = metrics["held_out_check"]
+    prior = inputs["prior_run"]
+    rows = [["VQ-VAE run", inputs["vqvae_run"]], ["VQ-VAE sha256", inputs["vqvae_sha256"]],
+            ["prior run", f"{prior} ({inputs['prior_kind']})" if prior else "none"],
+            ["manifest", f"{inputs['manifest_name']} (digest {inputs['manifest_digest']})"],
+            ["split", inputs["split"]], ["created (UTC)", metrics.get("created_utc", "")]]
+    blocks: list[Block] = [
+        Table(["", ""], rows),
+        f"Held-out check passed: the manifest digest matches the run's "
+        f"({', '.join(check['digest_sources'])}), the split is not train, and none of the "
+        f"{check['held_out_subjects']} held-out subjects has training cases.",
+    ]
+    cited = inputs.get("data_citations") or {}
+    for key, caption in (("trained_on", "Data the models were trained on"),
+                         ("evaluated", "Data evaluated here")):
+        if cited.get(key):
+            blocks.append(Table(["source, licence, citation"], [[line] for line in cited[key]],
+                                caption))
+    training = metrics.get("training") or []
+    if training:
+        blocks.append(Table(
+            ["stage", "run", "steps", "how it ended", "precision"],
+            [[t["stage"], t["run"], f"{t['steps_done']} / {t['max_steps']}", describe_stop(t),
+              t["precision"] or "n/a"] for t in training],
+            "Training runs evaluated here"))
+        blocks += [f"WARNING — {t['stage']}: {describe_stop(t)}. These results are not those "
+                   f"of the configured run." for t in training if not t["complete"]]
+    return Section("Overview", blocks)
+
+
+def _reconstruction(metrics: Mapping[str, Any]) -> Section:
+    rec = metrics["reconstruction"]
+    stats = rec["metrics"]
+    rows = [[k.upper().replace("_", "-"), stat_text(stats[k]),
+             stat_text(stats[f"{k}_foreground"])] for k in METRICS]
+    rows.append(["codes used per case", stat_text(stats["codes_used"], 1), ""])
+    inputs, book, ms = metrics["inputs"], rec["codebook"], rec["ms_ssim_settings"]
+    level = int(round(100 * inputs.get("ci_level", 0.95)))
+    return Section("Reconstruction", [
+        Table(["metric", "whole volume", f"foreground (target > {rec['foreground']['threshold']})"],
+              rows, f"{rec['num_cases']} held-out cases ({rec['num_failures']} failed): mean ± "
+                    f"std [{level} % bootstrap CI of the mean, {inputs['num_resamples']} "
+                    f"resamples, seed {inputs['seed']}]"),
+        f"MS-SSIM: {ms['scales']} scales, Gaussian window {ms['kernel_size']} (sigma "
+        f"{ms['sigma']}), weights {[round(w, 4) for w in ms['weights']]}. PSNR of a perfect "
+        "reconstruction is infinite and left out of the statistics (counted in metrics.json).",
+        Table(["codebook size", "codes used (all held-out grids)", "usage", "perplexity"],
+              [[book["codebook_size"], book["codes_used"], fmt(book["usage"], 3),
+                fmt(book["perplexity"], 2)]], "Codebook usage on the held-out scans"),
+    ])
+
+
+def _case_views(views: Sequence[CaseView], spacing: Sequence[float], figures: Path) -> Section:
+    blocks: list[Block] = []
+    for v in views:
+        q = v.quality
+        path = case_views(q.case_id, v.image, v.reconstruction, spacing,
+                          figures / f"case_{q.case_id}.png")
+        blocks.append(Figure(path, f"{q.case_id}: PSNR {fmt(q.psnr, 2)} dB, SSIM "
+                                   f"{fmt(q.ssim, 3)}, MS-SSIM {fmt(q.ms_ssim, 3)}"))
+    return Section("Per-case views", blocks or ["no case to show"])
+
+
+def _likelihood(metrics: Mapping[str, Any], views: Sequence[CaseView],
+                spacing: Sequence[float], figures: Path) -> Section:
+    lik = metrics["likelihood"]
+    unigram = lik["unigram_bits"]
+    blocks: list[Block] = [Table(
+        ["grids", "prior bits per latent", "unigram baseline", "cases"],
+        [["held-out", stat_text(lik["held_out"]), stat_text(unigram["held_out"]),
+          lik["held_out"]["n"]],
+         ["train", stat_text(lik["train"]), stat_text(unigram["train"]), lik["train"]["n"]],
+         ["gap (held-out - train)", fmt(lik["generalisation_gap"]), "", ""],
+         ["uniform over the codebook", fmt(lik["uniform_bits"]), "", ""]],
+        f"Prior negative log-likelihood per latent ({lik['bits_note']}); a large gap means the "
+        f"prior overfits. Unigram baseline: {unigram['fitted_on']}")]
+    for v in views:
+        cid = v.quality.case_id
+        if v.bits_map is None:
+            continue
+        path = likelihood_overlay(cid, v.image, v.bits_map, spacing,
+                                  figures / f"likelihood_{cid}.png",
+                                  f"{cid}: mean {fmt(v.mean_bits, 3)} bits/latent")
+        blocks.append(Figure(path, f"{cid}: -log2 p per latent over the scan"))
+    if views and all(v.bits_map is None for v in views):
+        blocks.append("This prior gives no per-latent -log2 p, so there are no bits maps.")
+    return Section("Likelihood maps", blocks)
+
+
+def _samples(metrics: Mapping[str, Any], out: Path, views: Sequence[CaseView],
+             spacing: Sequence[float], figures: Path) -> Section:
+    smp = metrics["samples"]
+    div, mmd, mem = smp["diversity"], smp["mmd"], smp["memorisation"]
+    classes = (f"; classes of {smp['label_field']} in turn" if smp.get("labels") else "")
+    blocks: list[Block] = [
+        Figure(out / smp["folder"] / "samples.png",
+               f"{smp['num_samples']} samples (seed {smp['seed']}, temperature "
+               f"{smp['temperature']}, top-k {smp['top_k']}{classes}); NIfTI files in "
+               f"{smp['folder']}/"),
+    ]
+    if views:
+        real = orthogonal_montage([(v.quality.case_id, v.image) for v in views[:8]], spacing,
+                                  figures / "held_out_scans.png", title="held-out scans",
+                                  vmax=1.0)
+        blocks.append(Figure(real, "held-out scans, for comparison"))
+    blocks += [
+        Table(["measure", "samples", "held-out scans"],
+              [["mean pairwise MS-SSIM (lower = more diverse)", fmt(div["samples"]),
+                f"{fmt(div['held_out'])} ({div['num_held_out_used']} scans)"],
+               [f"feature MMD² ({mmd['kernel']}, bandwidth {fmt(mmd['bandwidth'], 3)})",
+                fmt(mmd["mmd2"], 5), ""]],
+              "Diversity and distribution distance"),
+        mmd["note"],
+        Table(["sample", "nearest training case", "r", "flagged"],
+              [[m["sample"], m["nearest_train_case"], fmt(m["r"]), "yes" if m["flagged"] else ""]
+               for m in mem["samples"]],
+              f"Memorisation ({mem['measure']}): {mem['rule']}; threshold r = "
+              f"{fmt(mem['threshold'])}, {mem['num_flagged']} flagged"),
+        Table(["held-out case", "nearest training case", "r"],
+              [[m["case_id"], m["nearest_train_case"], fmt(m["r"])] for m in mem["held_out"]],
+              "Each held-out scan's nearest training scan (sets the threshold)"),
+    ]
+    return Section("Samples", blocks)
+
+
+def _curves(runs: Sequence[RunCurves], figures: Path) -> Section:
+    blocks: list[Block] = []
+    for run in runs:
+        path = training_curves(run.records, figures / f"curves_{run.label}.png",
+                               f"{run.label}: {run.run_name}")
+        blocks.append(Figure(path, f"{run.label} run {run.run_name}: metrics.jsonl") if path
+                      else f"{run.label} run {run.run_name}: no metrics.jsonl records")
+    return Section("Training curves", blocks)
+
+
+def _per_case(metrics: Mapping[str, Any], cases: Sequence[CaseQuality]) -> Section:
+    rows = [[c.case_id, *(fmt(getattr(c, k)) for k in CASE_METRICS), c.codes_used]
+            for c in cases]
+    blocks: list[Block] = [Table(["case", *CASE_METRICS, "codes used"], rows,
+                                 "All held-out cases (also in per_case.csv)")]
+    failures = metrics.get("failures") or []
+    if failures:
+        blocks.append(Table(["case", "file", "reason"],
+                            [[f["case_id"], f["path"], f["reason"]] for f in failures],
+                            "Failures (also in failures.csv)"))
+    return Section("Per-case metrics", blocks)
+
+
+def evaluation_report(out: str | Path, metrics: Mapping[str, Any], cases: Sequence[CaseQuality],
+                      views: Sequence[CaseView], runs: Sequence[RunCurves],
+                      spacing: Sequence[float]) -> Path:
+    """Write out/report.html for an evaluation folder (figures go to out/figures/*.png).
+
+    `metrics` is metrics.json's content, `cases` every held-out case's metrics, `views` the cases
+    to show (volumes (X, Y, Z) on the preprocessed grid, bits maps with a prior).
+    """
+    out = Path(out)
+    figures = out / "figures"
+    figures.mkdir(parents=True, exist_ok=True)
+    sections = [_overview(metrics), _reconstruction(metrics), _case_views(views, spacing, figures)]
+    if metrics.get("likelihood"):
+        sections.append(_likelihood(metrics, views, spacing, figures))
+    if metrics.get("samples"):
+        sections.append(_samples(metrics, out, views, spacing, figures))
+    sections += [_curves(runs, figures), _per_case(metrics, cases)]
+    inputs = metrics["inputs"]
+    title = f"Evaluation of {Path(inputs['vqvae_run']).name} on " \
+            f"{inputs['manifest_name']} / {inputs['split']}"
+    return write_html_report(out / "report.html", title, sections,
+                             "Self-contained page: every figure is embedded; opens offline.")

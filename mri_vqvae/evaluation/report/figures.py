@@ -1,0 +1,119 @@
+"""Evaluation figures: a case's input / reconstruction / error, a bits map over a scan, and a
+run's training curves. Volumes are (X, Y, Z) RAS arrays on one grid; PNGs are written atomically.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mri_vqvae.core.figures import VIEWS, blank_axes, mid_slices, plt, save_figure
+
+
+def case_views(
+    case_id: str,
+    image: np.ndarray,
+    reconstruction: np.ndarray,
+    spacing: Sequence[float],
+    path: str | Path,
+) -> Path:
+    """PNG of one case: rows input, reconstruction (grey, [0, 1]), |error| (magma, own scale).
+
+    `image` and `reconstruction` are (X, Y, Z) RAS volumes on the same grid; columns are the mid
+    axial, coronal and sagittal slices. 9 x 9 inches.
+    """
+    error = np.abs(np.asarray(reconstruction, np.float32) - np.asarray(image, np.float32))
+    top = float(np.percentile(error, 99.5)) or 1.0
+    rows = [("input", image, "gray", 1.0), ("reconstruction", reconstruction, "gray", 1.0),
+            (f"|error| (0-{top:.2f})", error, "magma", top)]
+    fig, axes = plt.subplots(3, 3, figsize=(9, 9), squeeze=False)
+    for r, (label, volume, cmap, vmax) in enumerate(rows):
+        for c, (img, aspect) in enumerate(mid_slices(np.asarray(volume), spacing)):
+            ax = axes[r][c]
+            ax.imshow(img, cmap=cmap, origin="lower", aspect=aspect, vmin=0, vmax=vmax)
+            blank_axes(ax)
+            if r == 0:
+                ax.set_title(VIEWS[c])
+        axes[r][0].set_ylabel(label)
+    fig.suptitle(case_id)
+    return save_figure(fig, path)
+
+
+def likelihood_overlay(
+    label: str,
+    image: np.ndarray,
+    bits_map: np.ndarray,
+    spacing: Sequence[float],
+    path: str | Path,
+    title: str = "",
+) -> Path:
+    """PNG: the scan in grey with the bits-per-latent map (X, Y, Z) as a colour overlay.
+
+    One row, three views; the overlay (inferno, alpha 0.5, from the map's minimum to its maximum)
+    shares one colour bar in bits. 10 x 3.6 inches.
+    """
+    fig, axes = plt.subplots(1, 3, figsize=(10, 3.6), squeeze=False)
+    low, top = float(np.min(bits_map)), float(np.max(bits_map))
+    low, top = (low, top) if top > low else (0.0, top or 1.0)
+    shown = None
+    scan_views = mid_slices(np.asarray(image), spacing)
+    for c, ((img, aspect), (bits, _)) in enumerate(
+        zip(scan_views, mid_slices(np.asarray(bits_map), spacing), strict=True)
+    ):
+        ax = axes[0][c]
+        ax.imshow(img, cmap="gray", origin="lower", aspect=aspect, vmin=0, vmax=1)
+        shown = ax.imshow(bits, cmap="inferno", origin="lower", aspect=aspect, vmin=low,
+                          vmax=top, alpha=0.5)
+        blank_axes(ax)
+        ax.set_title(VIEWS[c])
+    axes[0][0].set_ylabel(label)
+    fig.colorbar(shown, ax=axes[0].tolist(), shrink=0.8, label="bits / latent")
+    if title:
+        fig.suptitle(title)
+    return save_figure(fig, path, tight=False)  # a shared colour bar defeats tight_layout
+
+
+CURVE_PRIORITY = ("loss", "psnr", "ssim", "bits_per_latent", "perplexity", "codes_used")
+_NOT_CURVES = frozenset({"step", "epoch", "split", "time", "lr"})
+
+
+def curve_keys(records: Sequence[Mapping[str, Any]], limit: int = 4) -> list[str]:
+    """Up to `limit` numeric metric names in `records`, the usual ones (`CURVE_PRIORITY`) first."""
+    found: list[str] = []
+    for record in records:
+        for key, value in record.items():
+            numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if numeric and key not in _NOT_CURVES and key not in found:
+                found.append(key)
+    ranked = [k for k in CURVE_PRIORITY if k in found] + [k for k in found
+                                                          if k not in CURVE_PRIORITY]
+    return ranked[:limit]
+
+
+def training_curves(records: Sequence[Mapping[str, Any]], path: str | Path, title: str = ""
+                    ) -> Path | None:
+    """PNG of a run's metrics.jsonl records: one panel per metric, one line per split.
+
+    Returns None (and writes nothing) when the records hold no numeric metric.
+    """
+    keys = curve_keys(records)
+    if not keys:
+        return None
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3), squeeze=False)
+    splits = sorted({str(r.get("split", "")) for r in records})
+    for ax, key in zip(axes[0], keys, strict=True):
+        for split in splits:
+            pts = [(r["step"], r[key]) for r in records if str(r.get("split", "")) == split
+                   and isinstance(r.get(key), (int, float)) and "step" in r]
+            if pts:
+                steps, values = zip(*pts, strict=True)
+                ax.plot(steps, values, marker="." if len(pts) < 30 else None, label=split)
+        ax.set_title(key)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    return save_figure(fig, path)
