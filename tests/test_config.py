@@ -73,3 +73,41 @@ def test_dump_round_trip(tmp_path: Path) -> None:
     path = tmp_path / "config.yaml"
     path.write_text(dump_config(cfg))
     assert load_config(path) == cfg
+
+
+# ---- model sections chosen by kind ------------------------------------------------------------
+
+
+def test_a_legacy_vqvae_section_reads_as_the_autoencoder(tmp_path: Path) -> None:
+    legacy = tmp_path / "old.yaml"
+    legacy.write_text("vqvae:\n  levels: 2\n  channels: [8, 16]\n  num_res_channels: [8, 16]\n"
+                      "  codebook_size: 64\nprior:\n  codebook_size: 64\n  num_layers: 3\n")
+    cfg = load_config(legacy)
+    assert cfg.autoencoder.kind == "vqvae" and cfg.autoencoder.channels == (8, 16)
+    assert cfg.prior.kind == "pixelcnn" and cfg.prior.num_layers == 3
+    assert cfg.prior.codebook_size == 64 == cfg.autoencoder.codebook_size
+    both = ["vqvae.codebook_size=32", "prior.codebook_size=32"]  # as old configs needed
+    assert load_config(legacy, both).prior.codebook_size == 32
+
+
+def test_the_prior_codebook_is_filled_in_and_a_contradiction_is_refused() -> None:
+    smoke = load_config("smoke")
+    assert smoke.prior.codebook_size == smoke.autoencoder.codebook_size == 32
+    with pytest.raises(ConfigError, match=r"prior.codebook_size=7 differs from autoencoder"):
+        load_config("smoke", ["prior.codebook_size=7"])
+
+
+def test_switching_the_prior_kind_keeps_only_its_settings() -> None:
+    cfg = load_config("smoke", ["prior.kind=unigram", "prior.smoothing=0.5"])
+    assert cfg.prior.kind == "unigram" and cfg.prior.smoothing == 0.5
+    assert cfg.prior.codebook_size == cfg.autoencoder.codebook_size
+    with pytest.raises(ConfigError, match="prior.smoothing is not a setting of prior kind"):
+        load_config("smoke", ["prior.smoothing=0.5"])  # a pixelcnn has no smoothing
+
+
+def test_unknown_kind_and_label_field_are_refused_with_the_choices() -> None:
+    with pytest.raises(ConfigError, match="pixelcnn.*unigram"):
+        load_config("smoke", ["prior.kind=diffusion"])
+    with pytest.raises(ConfigError, match="label_field must be one of"):
+        load_config("smoke", ["prior.label_field=age"])
+    assert load_config("smoke", ["prior.label_field=modality"]).prior.label_field == "modality"
