@@ -54,18 +54,11 @@ class DataConfig(StrictModel):
         "thick-slab stack of 12 slices; lower it on purpose for smaller volumes",
     )
 
-    @field_validator("spacing")
+    @field_validator("spacing", "spatial_size")
     @classmethod
-    def _positive_spacing(cls, v: Triple) -> Triple:
+    def _positive_axes(cls, v: Triple | IntTriple, info: Any) -> Triple | IntTriple:
         if min(v) <= 0:
-            raise ValueError(f"spacing must be positive in every axis, got {v}")
-        return v
-
-    @field_validator("spatial_size")
-    @classmethod
-    def _positive_size(cls, v: IntTriple) -> IntTriple:
-        if min(v) <= 0:
-            raise ValueError(f"spatial_size must be positive in every axis, got {v}")
+            raise ValueError(f"{info.field_name} must be positive in every axis, got {v}")
         return v
 
     @field_validator("percentiles")

@@ -38,6 +38,50 @@ def device_option(func: Callable[..., Any]) -> Callable[..., Any]:
     )(func)
 
 
+def data_root_option(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Add ``--data-root DIR``: the folder the manifest's case paths are relative to."""
+    return click.option("--data-root", default=None, type=click.Path(file_okay=False),
+                        help="Override the manifest's data root.")(func)
+
+
+def split_option(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Add ``--split train|val|test`` (default: every case of the manifest)."""
+    return click.option("--split", type=click.Choice(["train", "val", "test"]), default=None,
+                        help="Only this split (default: every case).")(func)
+
+
+def strict_option(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Add ``--strict``: stop at the first bad case (exit 1)."""
+    return click.option("--strict", is_flag=True,
+                        help="Stop at the first bad case and exit non-zero.")(func)
+
+
+def vqvae_run_option(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Add the required ``--vqvae RUN_DIR`` (passed as `vqvae_run`)."""
+    return click.option(
+        "--vqvae", "vqvae_run", required=True, type=click.Path(exists=True),
+        help="VQ-VAE run folder runs/vqvae/<run>/ (checkpoints/best, else last).",
+    )(func)
+
+
+def run_folder_options(kind: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Add ``--resume RUN_DIR`` (as `resume_dir`) and ``--runs-root`` for a training command
+    whose new runs go to ``RUNS_ROOT/<kind>/``."""
+
+    def add(func: Callable[..., Any]) -> Callable[..., Any]:
+        func = click.option(
+            "--runs-root", default="runs", show_default=True, type=click.Path(file_okay=False),
+            help=f"New runs go to RUNS_ROOT/{kind}/<UTC>-<config>-s<seed>/.",
+        )(func)
+        return click.option(
+            "--resume", "resume_dir", default=None, type=click.Path(file_okay=False),
+            help="Continue this run folder from its checkpoints/last (default config: the "
+            "run's own config.yaml).",
+        )(func)
+
+    return add
+
+
 def config_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """Add ``--config NAME_OR_YAML`` and repeatable ``--set key.sub=value``."""
     func = click.option(

@@ -7,22 +7,27 @@ from pathlib import Path
 
 import click
 
-from pipelines.common import device_option, preprocessed_option, report_failures
+from pipelines.common import (
+    data_root_option,
+    device_option,
+    preprocessed_option,
+    report_failures,
+    split_option,
+    strict_option,
+    vqvae_run_option,
+)
 
 
 @click.command("encode")
-@click.option("--vqvae", "vqvae_run", required=True, type=click.Path(exists=True),
-              help="VQ-VAE run folder (uses checkpoints/best, else checkpoints/last).")
+@vqvae_run_option
 @click.option("--manifest", "manifest_path", required=True, type=click.Path(dir_okay=False),
               help="Dataset manifest whose cases to encode.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Latents folder (convention: runs/latents/<vqvae-run>/). A rerun into the same "
               "folder keeps the grids that still verify and encodes the rest.")
-@click.option("--split", type=click.Choice(["train", "val", "test"]), default=None,
-              help="Only this split (default: every case).")
-@click.option("--strict", is_flag=True, help="Stop at the first bad case and exit non-zero.")
-@click.option("--data-root", default=None, type=click.Path(file_okay=False),
-              help="Override the manifest's data root.")
+@split_option
+@strict_option
+@data_root_option
 @device_option
 @preprocessed_option
 def encode(vqvae_run: str, manifest_path: str, out_dir: str, split: str | None, strict: bool,

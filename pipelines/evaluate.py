@@ -6,20 +6,24 @@ import sys
 
 import click
 
-from pipelines.common import device_option, preprocessed_option, report_failures
+from pipelines.common import (
+    data_root_option,
+    device_option,
+    preprocessed_option,
+    report_failures,
+    vqvae_run_option,
+)
 
 
 @click.command("evaluate")
-@click.option("--vqvae", "vqvae_run", required=True, type=click.Path(exists=True),
-              help="VQ-VAE run folder runs/vqvae/<run>/ (checkpoints/best, else last).")
+@vqvae_run_option
 @click.option("--prior", "prior_run", default=None, type=click.Path(exists=True),
               help="Prior run folder (any prior kind): adds bits/latent (held-out vs train, "
                    "beside the unigram baseline), samples, MMD, diversity, memorisation and "
                    "likelihood maps.")
 @click.option("--manifest", "manifest_path", required=True, type=click.Path(dir_okay=False),
               help="The manifest the runs were trained on (its digest is checked).")
-@click.option("--data-root", default=None, type=click.Path(file_okay=False),
-              help="Override the manifest's data root.")
+@data_root_option
 @click.option("--split", default="test", show_default=True,
               help="Held-out split: test or val (train is refused).")
 @click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),

@@ -10,7 +10,7 @@ import click
 
 from mri_vqvae.data.case import SPLITS
 from mri_vqvae.tasks.cases import Failure
-from pipelines.common import report_failures
+from pipelines.common import data_root_option, report_failures
 
 
 def _fractions(ctx: click.Context, param: click.Parameter, value: str | None) -> dict | None:
@@ -119,8 +119,7 @@ def build(root: str, source_id: str, out_path: str, name: str | None, seed: int,
 
 @manifest.command()
 @click.argument("manifest_path", type=click.Path(dir_okay=False))
-@click.option("--data-root", default=None, type=click.Path(file_okay=False),
-              help="Override the manifest's data root.")
+@data_root_option
 @click.option("--catalog", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Sources catalog every source id must appear in.")
 @click.option("--quick", is_flag=True, help="Check presence and size only, not sha256.")

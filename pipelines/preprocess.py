@@ -6,17 +6,22 @@ from pathlib import Path
 
 import click
 
-from pipelines.common import config_options, report_failures, resolve
+from pipelines.common import (
+    config_options,
+    data_root_option,
+    report_failures,
+    resolve,
+    split_option,
+    strict_option,
+)
 
 
 @click.command()
 @click.option("--manifest", "manifest_path", required=True, type=click.Path(dir_okay=False))
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))
-@click.option("--data-root", default=None, type=click.Path(file_okay=False),
-              help="Override the manifest's data root.")
-@click.option("--split", type=click.Choice(["train", "val", "test"]), default=None,
-              help="Only this split (default: every case).")
-@click.option("--strict", is_flag=True, help="Stop at the first bad case and exit non-zero.")
+@data_root_option
+@split_option
+@strict_option
 @config_options
 def preprocess(manifest_path: str, out_dir: str, data_root: str | None, split: str | None,
                strict: bool, config_name: str | None, overrides: tuple[str, ...]) -> None:

@@ -7,24 +7,29 @@ from pathlib import Path
 
 import click
 
-from pipelines.common import device_option, preprocessed_option, report_failures
+from pipelines.common import (
+    data_root_option,
+    device_option,
+    preprocessed_option,
+    report_failures,
+    split_option,
+    strict_option,
+    vqvae_run_option,
+)
 
 
 @click.command("reconstruct")
-@click.option("--vqvae", "vqvae_run", required=True, type=click.Path(exists=True),
-              help="VQ-VAE run folder runs/vqvae/<run>/ (checkpoints/best, else last).")
+@vqvae_run_option
 @click.option("--manifest", "manifest_path", required=True, type=click.Path(dir_okay=False),
               help="Dataset manifest JSON.")
-@click.option("--data-root", default=None, type=click.Path(file_okay=False),
-              help="Override the manifest's data root.")
-@click.option("--split", type=click.Choice(["train", "val", "test"]), default=None,
-              help="Only this split (default: every case).")
+@data_root_option
+@split_option
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Output folder; rerunning with the same one resumes (finished cases are "
                    "verified by sha256 and skipped).")
 @click.option("--native-space", is_flag=True,
               help="Resample each reconstruction onto its input file's own grid and affine.")
-@click.option("--strict", is_flag=True, help="Stop at the first bad case and exit non-zero.")
+@strict_option
 @click.option("--num-workers", default=0, show_default=True, type=click.IntRange(min=0),
               help="Worker processes that preprocess cases ahead of the model.")
 @device_option

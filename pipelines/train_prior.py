@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from pipelines.common import config_options, resolve_run_config
+from pipelines.common import config_options, resolve_run_config, run_folder_options
 
 
 def _bits(value: float | None) -> str:
@@ -29,11 +29,7 @@ def likelihood_table(report: dict[str, Any]) -> str:
 @click.option("--latents", "latents_dir", default=None, type=click.Path(file_okay=False),
               help="Latents folder made by `mri-vqvae encode` (default with --resume: the run's "
               "own).")
-@click.option("--resume", "resume_dir", default=None, type=click.Path(file_okay=False),
-              help="Continue this run folder from its checkpoints/last (default config: the "
-              "run's own config.yaml).")
-@click.option("--runs-root", default="runs", show_default=True, type=click.Path(file_okay=False),
-              help="New runs go to RUNS_ROOT/prior/<UTC>-<config>-s<seed>/.")
+@run_folder_options("prior")
 @config_options
 def train_prior(latents_dir: str | None, resume_dir: str | None, runs_root: str,
                 config_name: str | None, overrides: tuple[str, ...]) -> None:

@@ -6,20 +6,21 @@ import sys
 
 import click
 
-from pipelines.common import config_options, preprocessed_option, resolve_run_config
+from pipelines.common import (
+    config_options,
+    data_root_option,
+    preprocessed_option,
+    resolve_run_config,
+    run_folder_options,
+)
 
 
 @click.command("train-vqvae")
 @click.option("--manifest", "manifest_path", default=None, type=click.Path(dir_okay=False),
               help="Dataset manifest: trains on its train split, validates on its val split "
               "(with --resume: default the run's recorded manifest, digest checked).")
-@click.option("--data-root", default=None, type=click.Path(file_okay=False),
-              help="Override the manifest's data root.")
-@click.option("--resume", "resume_dir", default=None, type=click.Path(file_okay=False),
-              help="Continue this run folder from its checkpoints/last (default config: the "
-              "run's own config.yaml).")
-@click.option("--runs-root", default="runs", show_default=True, type=click.Path(file_okay=False),
-              help="New runs go to RUNS_ROOT/vqvae/<UTC>-<config>-s<seed>/.")
+@data_root_option
+@run_folder_options("vqvae")
 @preprocessed_option
 @config_options
 def train_vqvae(manifest_path: str | None, data_root: str | None, resume_dir: str | None,

@@ -273,93 +273,76 @@ def reconstruct_manifest(
     share of the cases and every rank returns the result of the whole run. `OutputError` comes
     first when `out_dir` is not writable or another run holds its lock (``out_dir/.lock``).
     """
-    with _lock_on_main(Path(out_dir)):
-        return _reconstruct(vqvae_run, manifest, out_dir, split, native_space, strict,
-                            num_workers, device, threads, preprocessed)
-
-
-def _reconstruct(
-    vqvae_run: str | Path,
-    manifest: Manifest,
-    out_dir: str | Path,
-    split: str | None = None,
-    native_space: bool = False,
-    strict: bool = False,
-    num_workers: int = 0,
-    device: str | torch.device = "cpu",
-    threads: int | None = None,
-    preprocessed: str | Path | None = None,
-) -> ReconstructResult:
-    """`reconstruct_manifest`'s work, with the output folder's lock held."""
     from mri_vqvae.artifacts.loading import open_autoencoder_run
     from mri_vqvae.data.datasets import case_items
     from mri_vqvae.tasks.sample import cpu_threads
 
     out = Path(out_dir)
-    source = open_autoencoder_run(vqvae_run)
-    identity = folder_identity(source, native_space)
-    _claim_on_main(out, identity)
-    dev = resolve_device(device)
-    model = source.model.to(dev).eval()
-    items = case_items(manifest, source.data, split)
-    mine = distributed.shard(items)  # every item when not distributed
-    records: dict[str, dict[str, Any]] = {}
-    for item in mine:
-        doc = finished_case(out, item, identity)
-        if doc is not None:
-            records[item["case_id"]] = doc
-    reused = sorted(records)
-    todo = [item for item in mine if item["case_id"] not in records]
-    computed: list[str] = []
-    failures: list[Failure] = []
-    stopped: str | None = None  # the reason of the case that stopped a strict run
-    session = uuid.uuid4().hex
-    kill_after = _kill_after()
-    bar = progress(len(mine), "reconstruct")
-    bar.update(len(reused))
-    with bar, cpu_threads(dev, threads):
-        for prepared in iter_prepared(todo, source.data, num_workers, preprocessed):
-            item = prepared.item
-            try:
-                if prepared.error is not None:
-                    raise ReconstructError(prepared.error)
-                recon, metrics = reconstruct_prepared(model, prepared, dev)
-                affine = prepared.affine
-                if native_space:
-                    recon, affine = _native(prepared, recon, source.data)
-                assert affine is not None
-                doc = commit_case(out, prepared, recon, affine, metrics, identity, session)
-            except (MriVqvaeError, OSError, RuntimeError, ValueError) as exc:
-                cause = output_cause(exc, out)  # a full or read-only --out fails the run
-                if cause is not None:
-                    raise output_error(out, cause) from exc
-                reason = describe_error(exc)
-                failures.append(Failure(item["case_id"], item["image"], reason))
-                if strict:
-                    stopped = f"case {item['case_id']} ({item['image']}): {reason}"
-                    break
-                log.warning("skipping %s: %s", item["case_id"], reason)
+    with _lock_on_main(out):
+        source = open_autoencoder_run(vqvae_run)
+        identity = folder_identity(source, native_space)
+        _claim_on_main(out, identity)
+        dev = resolve_device(device)
+        model = source.model.to(dev).eval()
+        items = case_items(manifest, source.data, split)
+        mine = distributed.shard(items)  # every item when not distributed
+        records: dict[str, dict[str, Any]] = {}
+        for item in mine:
+            doc = finished_case(out, item, identity)
+            if doc is not None:
+                records[item["case_id"]] = doc
+        reused = sorted(records)
+        todo = [item for item in mine if item["case_id"] not in records]
+        computed: list[str] = []
+        failures: list[Failure] = []
+        stopped: str | None = None  # the reason of the case that stopped a strict run
+        session = uuid.uuid4().hex
+        kill_after = _kill_after()
+        bar = progress(len(mine), "reconstruct")
+        bar.update(len(reused))
+        with bar, cpu_threads(dev, threads):
+            for prepared in iter_prepared(todo, source.data, num_workers, preprocessed):
+                item = prepared.item
+                try:
+                    if prepared.error is not None:
+                        raise ReconstructError(prepared.error)
+                    recon, metrics = reconstruct_prepared(model, prepared, dev)
+                    affine = prepared.affine
+                    if native_space:
+                        recon, affine = _native(prepared, recon, source.data)
+                    assert affine is not None
+                    doc = commit_case(out, prepared, recon, affine, metrics, identity, session)
+                except (MriVqvaeError, OSError, RuntimeError, ValueError) as exc:
+                    cause = output_cause(exc, out)  # a full or read-only --out fails the run
+                    if cause is not None:
+                        raise output_error(out, cause) from exc
+                    reason = describe_error(exc)
+                    failures.append(Failure(item["case_id"], item["image"], reason))
+                    if strict:
+                        stopped = f"case {item['case_id']} ({item['image']}): {reason}"
+                        break
+                    log.warning("skipping %s: %s", item["case_id"], reason)
+                    bar.update(1)
+                    continue
+                records[item["case_id"]] = doc
+                computed.append(item["case_id"])
                 bar.update(1)
-                continue
-            records[item["case_id"]] = doc
-            computed.append(item["case_id"])
-            bar.update(1)
-            if kill_after is not None and len(computed) >= kill_after:
-                os.kill(os.getpid(), signal.SIGKILL)
-    if distributed.is_distributed():  # every rank's outcome, in case order (contiguous shards)
-        log.info("rank %d of %d: reconstructed %s, reused %s, %d failed", distributed.rank(),
-                 distributed.world_size(), computed, reused, len(failures))
-        records, computed, reused, failures, stopped = distributed.merge_shards(
-            (records, computed, reused, failures, stopped))
-        reused = sorted(reused)
-    if distributed.is_main():
-        write_tables(out, records, identity, failures)
-    distributed.barrier()  # the tables are written before any rank returns
-    if stopped is not None:
-        raise ReconstructError(stopped)
-    log.info("reconstructed %d case(s), reused %d, %d failed, into %s", len(computed),
-             len(reused), len(failures), out)
-    return ReconstructResult(out, computed, reused, failures, records)
+                if kill_after is not None and len(computed) >= kill_after:
+                    os.kill(os.getpid(), signal.SIGKILL)
+        if distributed.is_distributed():  # every rank's outcome, in case order (contiguous shards)
+            log.info("rank %d of %d: reconstructed %s, reused %s, %d failed", distributed.rank(),
+                     distributed.world_size(), computed, reused, len(failures))
+            records, computed, reused, failures, stopped = distributed.merge_shards(
+                (records, computed, reused, failures, stopped))
+            reused = sorted(reused)
+        if distributed.is_main():
+            write_tables(out, records, identity, failures)
+        distributed.barrier()  # the tables are written before any rank returns
+        if stopped is not None:
+            raise ReconstructError(stopped)
+        log.info("reconstructed %d case(s), reused %d, %d failed, into %s", len(computed),
+                 len(reused), len(failures), out)
+        return ReconstructResult(out, computed, reused, failures, records)
 
 
 def _claim_on_main(out: Path, identity: dict[str, Any]) -> None:

@@ -17,7 +17,6 @@ The run folder adds manifest.json and previews/step_XXXXXXX.png (input, reconstr
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Iterable
@@ -48,7 +47,7 @@ from mri_vqvae.models.autoencoders.vqvae.quantizer import usage
 from mri_vqvae.training.batching import StepBatchSampler, check_world_size, item_seed
 from mri_vqvae.training.errors import TrainingError
 from mri_vqvae.training.loop import TrainResult, due, run_stage
-from mri_vqvae.training.resume import resumable
+from mri_vqvae.training.resume import recorded_info, training_input
 from mri_vqvae.training.session import Session
 
 log = logging.getLogger(__name__)
@@ -256,14 +255,11 @@ def build_autoencoder_stage(
 def recorded_manifest(run_dir: str | Path) -> Path:
     """The manifest a VQ-VAE run recorded in its run.json, checked against its recorded digest
     (for ``train-vqvae --resume`` without ``--manifest``)."""
-    path = Path(run_dir) / "run.json"
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-        recorded, digest = info.get("manifest_path"), info.get("manifest_digest")
-    except (OSError, json.JSONDecodeError, AttributeError) as exc:
-        raise TrainingError(f"cannot resume {run_dir}: {path} is unreadable ({exc})") from None
+    info = recorded_info(run_dir)
+    recorded, digest = info.get("manifest_path"), info.get("manifest_digest")
     if not recorded:
-        raise TrainingError(f"{path} records no manifest_path: pass --manifest M.json")
+        raise TrainingError(f"{Path(run_dir) / 'run.json'} records no manifest_path: pass "
+                            "--manifest M.json")
     manifest = Path(recorded)
     if not manifest.is_file():
         raise TrainingError(
@@ -297,12 +293,8 @@ def train_vqvae(
     before any folder is made or changed.
     """
     started = time.monotonic()
-    if resume is not None:
-        resumable(Path(resume))
-        if manifest_path is None:
-            manifest_path = recorded_manifest(resume)
-    if manifest_path is None:
-        raise TrainingError("train-vqvae needs --manifest M.json (or --resume RUN_DIR)")
+    manifest_path = training_input(resume, manifest_path, recorded_manifest,
+                                   "train-vqvae needs --manifest M.json (or --resume RUN_DIR)")
     manifest = load_manifest(manifest_path, data_root=data_root)
     device = resolve_device(config.train_vqvae.device, "train_vqvae.device")
     stage = build_autoencoder_stage(config, manifest, device, preprocessed)

@@ -47,7 +47,7 @@ from mri_vqvae.training.errors import TrainingError
 from mri_vqvae.training.likelihood import LN2, likelihood_report, mean_bits
 from mri_vqvae.training.loop import TrainResult, run_stage
 from mri_vqvae.training.prior_data import PriorData, load_prior_data
-from mri_vqvae.training.resume import resumable
+from mri_vqvae.training.resume import recorded_info, training_input
 from mri_vqvae.training.session import Session
 
 log = logging.getLogger(__name__)
@@ -235,13 +235,10 @@ def build_prior_stage(
 
 def recorded_latents_dir(run_dir: str | Path) -> Path:
     """The latents folder a prior run recorded in its run.json (for a resume without one)."""
-    path = Path(run_dir) / "run.json"
-    try:
-        recorded = json.loads(path.read_text(encoding="utf-8")).get("latents_dir")
-    except (OSError, json.JSONDecodeError, AttributeError) as exc:
-        raise TrainingError(f"cannot resume {run_dir}: {path} is unreadable ({exc})") from None
+    recorded = recorded_info(run_dir).get("latents_dir")
     if not recorded:
-        raise TrainingError(f"{path} records no latents_dir: is {run_dir} a prior run?")
+        raise TrainingError(f"{Path(run_dir) / 'run.json'} records no latents_dir: is {run_dir} "
+                            "a prior run?")
     return Path(recorded)
 
 
@@ -262,12 +259,8 @@ def train_prior(
     first.
     """
     started = time.monotonic()
-    if resume is not None:
-        resumable(Path(resume))
-        if latents_dir is None:
-            latents_dir = recorded_latents_dir(resume)
-    if latents_dir is None:
-        raise TrainingError("train-prior needs --latents DIR (made by `mri-vqvae encode`)")
+    latents_dir = training_input(resume, latents_dir, recorded_latents_dir,
+                                 "train-prior needs --latents DIR (made by `mri-vqvae encode`)")
     index = load_latents(latents_dir)
     device = resolve_device(config.train_prior.device, "train_prior.device")
     stage = build_prior_stage(config, index, device)

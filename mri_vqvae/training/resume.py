@@ -17,7 +17,9 @@ Resume states written before this version also hold ``epoch``, ``sampler_positio
 
 from __future__ import annotations
 
+import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +97,37 @@ def resumable(run_dir: Path) -> Path:
             f"cannot resume {run_dir}: {exc} (a run stopped before its first checkpoint has "
             "nothing to resume; start a new run)"
         ) from None
+
+
+def recorded_info(run_dir: str | Path) -> dict[str, Any]:
+    """The run.json of a run to resume, or a `TrainingError` when it cannot be read."""
+    path = Path(run_dir) / "run.json"
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise TrainingError(f"cannot resume {run_dir}: {path} is unreadable ({exc})") from None
+    if not isinstance(info, dict):
+        raise TrainingError(f"cannot resume {run_dir}: {path} is unreadable (not an object)")
+    return info
+
+
+def training_input(
+    resume: str | Path | None,
+    given: str | Path | None,
+    recorded: Callable[[str | Path], Path],
+    missing: str,
+) -> str | Path:
+    """What a stage trains on: `given`, else (resuming) what the run recorded, `recorded(resume)`.
+
+    `resume` is checked resumable first; neither one is a `TrainingError` saying `missing`.
+    """
+    if resume is not None:
+        resumable(Path(resume))
+        if given is None:
+            given = recorded(resume)
+    if given is None:
+        raise TrainingError(missing)
+    return given
 
 
 def _stored_config(kind: str, config: dict[str, Any]) -> dict[str, Any]:

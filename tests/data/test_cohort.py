@@ -29,6 +29,7 @@ from mri_vqvae.data.catalog import load_catalog
 from mri_vqvae.data.manifest import Manifest, load_manifest, verify_manifest, write_manifest
 from mri_vqvae.data.scan import modality_from_name
 from pipelines.cli import cli
+from tests.support.checks import assert_flipped_byte_is_named
 from tests.support.paths import MIRROR
 from tests.support.volumes import make_head, write_nifti
 
@@ -211,16 +212,7 @@ def test_cli_kit_with_mirror_verifies_and_an_altered_byte_is_named(
     manifest_path = next(out.glob("kit_manifest-*-ms-T1w.json"))
     ok = CliRunner().invoke(cli, ["manifest", "verify", str(manifest_path)])
     assert ok.exit_code == 0, ok.output
-    victim = load_manifest(manifest_path).cases[3]
-    with open(out / victim.path, "r+b") as fh:  # same size, one byte flipped
-        fh.seek(1000)
-        byte = fh.read(1)
-        fh.seek(1000)
-        fh.write(bytes([byte[0] ^ 0xFF]))
-    bad = CliRunner().invoke(cli, ["manifest", "verify", str(manifest_path)])
-    assert bad.exit_code != 0
-    assert victim.case_id in bad.output and victim.path in bad.output
-    assert "does not match" in bad.output
+    assert_flipped_byte_is_named(manifest_path, case=3, offset=1000)
 
 
 def test_cohort_setting_selects_contrasts_and_names_the_manifest(

@@ -349,32 +349,33 @@ def scan(root: Path, source: str = "src") -> dict[str, Case]:
     return {c.path: c for c in cases}
 
 
-def test_scan_bids(tmp_path: Path) -> None:
-    for rel in ["sub-01/anat/sub-01_T1w.nii.gz", "sub-01/ses-2/anat/sub-01_ses-2_T2w.nii.gz",
-                "sub-02/anat/sub-02_FLAIR.nii", "sub-02/func/sub-02_task-rest_bold.nii.gz",
-                "derivatives/fmriprep/sub-01/anat/sub-01_desc-preproc_T1w.nii.gz",
-                "sub-01/anat/sub-01_T1w.json", "participants.tsv"]:
+@pytest.mark.parametrize(("source", "files", "expected"), [
+    ("openneuro-ds000030",
+     ["sub-01/anat/sub-01_T1w.nii.gz", "sub-01/ses-2/anat/sub-01_ses-2_T2w.nii.gz",
+      "sub-02/anat/sub-02_FLAIR.nii", "sub-02/func/sub-02_task-rest_bold.nii.gz",
+      "derivatives/fmriprep/sub-01/anat/sub-01_desc-preproc_T1w.nii.gz",
+      "sub-01/anat/sub-01_T1w.json", "participants.tsv"],
+     {"sub-01/anat/sub-01_T1w.nii.gz": ("sub-01", "T1w"),
+      "sub-01/ses-2/anat/sub-01_ses-2_T2w.nii.gz": ("sub-01", "T2w"),
+      "sub-02/anat/sub-02_FLAIR.nii": ("sub-02", "FLAIR")}),
+    ("ixi",
+     ["IXI002-Guys-0828-T1.nii.gz", "IXI002-Guys-0828-T2.nii.gz", "IXI012-HH-1211-T1.nii.gz",
+      "IXI013-IOP-0873-PD.nii.gz"],
+     {"IXI002-Guys-0828-T1.nii.gz": ("IXI002", "T1"),
+      "IXI002-Guys-0828-T2.nii.gz": ("IXI002", "T2"),
+      "IXI012-HH-1211-T1.nii.gz": ("IXI012", "T1"),
+      "IXI013-IOP-0873-PD.nii.gz": ("IXI013", "PD")}),
+], ids=["bids", "ixi"])
+def test_scan_names_subject_and_modality(
+    tmp_path: Path, source: str, files: list[str], expected: dict[str, tuple[str, str]]
+) -> None:
+    """BIDS and IXI names give subject and modality; other files (json, func, derivatives) are
+    not images of the dataset."""
+    for rel in files:
         touch(tmp_path, rel)
-    got = scan(tmp_path, "openneuro-ds000030")
-    assert {p: (c.subject_id, c.modality) for p, c in got.items()} == {
-        "sub-01/anat/sub-01_T1w.nii.gz": ("sub-01", "T1w"),
-        "sub-01/ses-2/anat/sub-01_ses-2_T2w.nii.gz": ("sub-01", "T2w"),
-        "sub-02/anat/sub-02_FLAIR.nii": ("sub-02", "FLAIR"),
-    }
-    assert got["sub-01/anat/sub-01_T1w.nii.gz"].source_id == "openneuro-ds000030"
-
-
-def test_scan_ixi(tmp_path: Path) -> None:
-    for name in ["IXI002-Guys-0828-T1.nii.gz", "IXI002-Guys-0828-T2.nii.gz",
-                 "IXI012-HH-1211-T1.nii.gz", "IXI013-IOP-0873-PD.nii.gz"]:
-        touch(tmp_path, name)
-    got = scan(tmp_path, "ixi")
-    assert {p: (c.subject_id, c.modality) for p, c in got.items()} == {
-        "IXI002-Guys-0828-T1.nii.gz": ("IXI002", "T1"),
-        "IXI002-Guys-0828-T2.nii.gz": ("IXI002", "T2"),
-        "IXI012-HH-1211-T1.nii.gz": ("IXI012", "T1"),
-        "IXI013-IOP-0873-PD.nii.gz": ("IXI013", "PD"),
-    }
+    got = scan(tmp_path, source)
+    assert {p: (c.subject_id, c.modality) for p, c in got.items()} == expected
+    assert {c.source_id for c in got.values()} == {source}
 
 
 def test_scan_flat_and_nested(tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
-"""Checks shared by several test folders: agreement with SimpleITK, opens that fail."""
+"""Checks shared by several test folders: agreement with SimpleITK, opens that fail, a tampered
+manifest file named by ``manifest verify``."""
 
 from __future__ import annotations
 
@@ -9,6 +10,10 @@ from typing import Any
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from click.testing import CliRunner
+
+from mri_vqvae.data.manifest import load_manifest
+from pipelines.cli import cli
 
 
 def assert_sitk_agrees(path: Path, affine: np.ndarray) -> None:
@@ -34,3 +39,19 @@ def fail_opens_under(monkeypatch: pytest.MonkeyPatch, folder: Path, code: int) -
     monkeypatch.setattr(os, "open", fake)
 
 
+
+
+def assert_flipped_byte_is_named(manifest_path: Path, case: int, offset: int) -> None:
+    """Flip the byte at `offset` of case number `case` (same size); ``manifest verify`` then
+    fails and names the case, its path and the digest mismatch."""
+    manifest = load_manifest(manifest_path)
+    victim = manifest.cases[case]
+    with open(manifest.data_root / victim.path, "r+b") as fh:
+        fh.seek(offset)
+        byte = fh.read(1)
+        fh.seek(offset)
+        fh.write(bytes([byte[0] ^ 0xFF]))
+    result = CliRunner().invoke(cli, ["manifest", "verify", str(manifest_path)])
+    assert result.exit_code != 0
+    assert victim.case_id in result.output and victim.path in result.output
+    assert "does not match" in result.output

@@ -24,24 +24,8 @@ from mri_vqvae.tasks.likelihood import (
 )
 from mri_vqvae.tasks.sample import SynthesisError, centred_affine
 from pipelines.cli import cli
-from tests.support.runs import TINY_DATA, TINY_LATENT_SHAPE, make_tiny_prior_run, split_unigram
+from tests.support.runs import TINY_DATA, TINY_LATENT_SHAPE, split_unigram
 from tests.support.volumes import make_head, write_nifti
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_prior_run(tmp_path_factory.mktemp("runs"))
-
-
-@pytest.fixture(scope="module")
-def prior_run(run_dir: Path) -> PriorRun:
-    return open_prior_run(run_dir)
-
-
-@pytest.fixture(scope="module")
-def unigram_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    prior = split_unigram(16, "modality", classes=2)
-    return make_tiny_prior_run(tmp_path_factory.mktemp("uni"), prior, label_names=("T1w", "T2w"))
 
 
 @pytest.fixture(scope="module")
@@ -108,8 +92,8 @@ def test_likelihood_native_cli_matches_input_grid(
     assert doc["grid"] == "native"
 
 
-def test_unigram_map_is_minus_log2_of_its_table(unigram_dir: Path, scan: Path) -> None:
-    run = open_prior_run(unigram_dir)
+def test_unigram_map_is_minus_log2_of_its_table(conditional_dir: Path, scan: Path) -> None:
+    run = open_prior_run(conditional_dir)
     assert isinstance(run.prior, UnigramPrior)
     table = torch.softmax(run.prior.logits.detach().double(), dim=1)  # (classes, K)
     for c, name in enumerate(("T1w", "T2w")):
@@ -122,14 +106,14 @@ def test_unigram_map_is_minus_log2_of_its_table(unigram_dir: Path, scan: Path) -
     assert float(t1.max()) <= -math.log2(float(table[0].min())) + 1e-5
 
 
-def test_conditional_prior_needs_a_known_label(unigram_dir: Path, run_dir: Path, scan: Path,
+def test_conditional_prior_needs_a_known_label(conditional_dir: Path, run_dir: Path, scan: Path,
                                               tmp_path: Path) -> None:
     runner = CliRunner()
     base = ["likelihood", "--input", str(scan), "--out", str(tmp_path / "m.nii.gz")]
-    result = runner.invoke(cli, [*base, "--prior", str(unigram_dir)])
+    result = runner.invoke(cli, [*base, "--prior", str(conditional_dir)])
     assert isinstance(result.exception, SynthesisError)
     assert "--label" in str(result.exception) and "['T1w', 'T2w']" in str(result.exception)
-    result = runner.invoke(cli, [*base, "--prior", str(unigram_dir), "--label", "PD"])
+    result = runner.invoke(cli, [*base, "--prior", str(conditional_dir), "--label", "PD"])
     assert isinstance(result.exception, SynthesisError) and "'PD'" in str(result.exception)
     result = runner.invoke(cli, [*base, "--prior", str(run_dir), "--label", "T1w"])
     assert isinstance(result.exception, SynthesisError)

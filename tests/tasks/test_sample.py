@@ -32,7 +32,6 @@ from tests.support.runs import (
     TINY_TRAIN_CASES,
     TINY_VQ,
     make_tiny_prior_run,
-    split_unigram,
 )
 from tests.support.volumes import make_head, write_nifti
 
@@ -43,24 +42,6 @@ SIDECAR_FIELDS = {
     "prior_sha256", "vqvae_checkpoint", "vqvae_sha256", "manifest_digest", "latent_shape",
     "codebook_size", "mri_vqvae_version", "versions", "device", "created_utc",
 }
-CLASSES = ("T1w", "T2w")
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_prior_run(tmp_path_factory.mktemp("runs"))
-
-
-@pytest.fixture(scope="module")
-def prior_run(run_dir: Path) -> PriorRun:
-    return open_prior_run(run_dir)
-
-
-@pytest.fixture(scope="module")
-def conditional_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A unigram prior on modality: class T1w uses codes 0-7, class T2w codes 8-15."""
-    prior = split_unigram(16, "modality", classes=2)
-    return make_tiny_prior_run(tmp_path_factory.mktemp("cond"), prior, label_names=CLASSES)
 
 
 def _settings(n: int = 3, seed: int = 7, method: str = "fast", batch: int = 2) -> SampleSettings:

@@ -11,11 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -35,12 +31,12 @@ from mri_vqvae.models.priors.unigram.baseline import uniform_bits, unigram_bits
 from mri_vqvae.models.priors.unigram.model import UnigramPrior
 from mri_vqvae.tasks.encode import encode_manifest
 from mri_vqvae.training.errors import TrainingError
-from mri_vqvae.training.loop import KILL_ENV
 from mri_vqvae.training.prior_stage import train_prior
 from pipelines.cli import cli
 from tests.support.paths import REPO
 from tests.support.runs import HEAD_SPLITS as SPLITS
 from tests.support.runs import save_vqvae_run, write_cases
+from tests.support.training import assert_resumed_exactly, kill_mid_epoch, train_in_process
 
 MAX_STEPS = 7
 OVERRIDES = [f"train_prior.max_steps={MAX_STEPS}", "train_prior.batch_size=1",
@@ -64,33 +60,17 @@ def latents(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def reference(latents: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     """An uninterrupted smoke run through the CLI; returns its run folder and output."""
-    runs = tmp_path_factory.mktemp("runs")
-    args = ["train-prior", "--latents", str(latents), "--config", "smoke", *SET_ARGS,
-            "--runs-root", str(runs)]
-    result = CliRunner().invoke(cli, args, catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    (run_dir,) = (runs / "prior").iterdir()
-    return run_dir, result.output
+    args = ["train-prior", "--latents", str(latents), "--config", "smoke", *SET_ARGS]
+    return train_in_process(args, tmp_path_factory.mktemp("runs"), "prior")
 
 
 def _config(*extra: str) -> ExperimentConfig:
     return load_config("smoke", [*OVERRIDES, *extra])
 
 
-def _assert_same_weights(a: Path, b: Path) -> None:
-    sa, sb = load_checkpoint(a).model.state_dict(), load_checkpoint(b).model.state_dict()
-    assert sa.keys() == sb.keys()
-    different = [k for k in sa if not torch.equal(sa[k], sb[k])]
-    assert not different, f"tensors differ after resume: {different}"
-
-
 def _grids(index: LatentIndex, split: str) -> torch.Tensor:
     """The `split` grids (N, d, h, w) as int64."""
     return torch.from_numpy(index.stack(split).astype(np.int64))
-
-
-def _timeless(run_dir: Path) -> list[dict]:
-    return [{k: v for k, v in r.items() if k != "time"} for r in read_metrics(run_dir)]
 
 
 # --- the run folder ------------------------------------------------------------------------------
@@ -158,18 +138,9 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(
     latents: Path, reference: tuple[Path, str], tmp_path: Path
 ) -> None:
     ref, _ = reference
-    runs = tmp_path / "runs"
-    env = {**os.environ, KILL_ENV: "5", "OMP_NUM_THREADS": str(torch.get_num_threads()),
-           "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(
-        [sys.executable, "-m", "pipelines.train_prior", "--latents", str(latents),
-         "--config", "smoke", *SET_ARGS, "--runs-root", str(runs)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=120, check=False,
-    )
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
-    (run_dir,) = (runs / "prior").iterdir()
-    killed = load_resume_state(run_dir / "checkpoints" / "last")
-    assert killed["step"] == 4  # mid-epoch: epochs are 3 steps
+    run_dir = kill_mid_epoch("pipelines.train_prior",
+                             ["--latents", str(latents), "--config", "smoke", *SET_ARGS],
+                             tmp_path / "runs", "prior")
     assert not (run_dir / "likelihood.json").exists()
 
     # no --latents and no --config: the run's own latents and config.yaml
@@ -177,16 +148,9 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(
                                 catch_exceptions=False)
     assert result.exit_code == 0, result.output
 
-    _assert_same_weights(ref / "checkpoints" / "last", run_dir / "checkpoints" / "last")
-    _assert_same_weights(ref / "checkpoints" / "best", run_dir / "checkpoints" / "best")
-    opt_a = load_resume_state(ref / "checkpoints" / "last")["optimizer"]["state"]
-    opt_b = load_resume_state(run_dir / "checkpoints" / "last")["optimizer"]["state"]
-    assert all(torch.equal(opt_a[i][k], opt_b[i][k]) for i in opt_a for k in opt_a[i])
-    assert _timeless(run_dir) == _timeless(ref)
+    assert_resumed_exactly(ref, run_dir)
     splits = [json.loads((d / "likelihood.json").read_text())["splits"] for d in (ref, run_dir)]
     assert splits[0] == splits[1]
-    (entry,) = json.loads((run_dir / "run.json").read_text())["resumed_from"]
-    assert (entry["step"], entry["dropped_metric_lines"]) == (4, 1)
 
 
 # --- errors a user can cause ---------------------------------------------------------------------

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -35,6 +34,12 @@ from mri_vqvae.training.loop import KILL_ENV
 from pipelines.cli import cli
 from tests.support.paths import REPO
 from tests.support.runs import write_head_manifest as _write_manifest
+from tests.support.training import (
+    assert_resumed_exactly,
+    assert_same_weights,
+    kill_mid_epoch,
+    train_in_process,
+)
 
 MAX_STEPS = 7
 OVERRIDES = [f"train_vqvae.max_steps={MAX_STEPS}", "train_vqvae.batch_size=1",
@@ -57,33 +62,14 @@ def manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def reference(manifest: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An uninterrupted smoke run through the CLI; returns its run folder."""
-    runs = tmp_path_factory.mktemp("runs")
-    args = ["train-vqvae", "--manifest", str(manifest), "--config", "smoke", *SET_ARGS,
-            "--runs-root", str(runs)]
-    result = CliRunner().invoke(cli, args, catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    (run_dir,) = (runs / "vqvae").iterdir()
-    assert str(run_dir.resolve()) in result.output
+    args = ["train-vqvae", "--manifest", str(manifest), "--config", "smoke", *SET_ARGS]
+    run_dir, output = train_in_process(args, tmp_path_factory.mktemp("runs"), "vqvae")
+    assert str(run_dir.resolve()) in output
     return run_dir
 
 
 def _config(*extra: str) -> ExperimentConfig:
     return load_config("smoke", [*OVERRIDES, *extra])
-
-
-def _state(folder: Path) -> dict[str, torch.Tensor]:
-    return load_checkpoint(folder).model.state_dict()
-
-
-def _assert_same_weights(a: Path, b: Path) -> None:
-    sa, sb = _state(a), _state(b)
-    assert sa.keys() == sb.keys()
-    different = [k for k in sa if not torch.equal(sa[k], sb[k])]
-    assert not different, f"tensors differ after resume: {different}"
-
-
-def _timeless(run_dir: Path) -> list[dict]:
-    return [{k: v for k, v in r.items() if k != "time"} for r in read_metrics(run_dir)]
 
 
 def _val_volume(manifest: Path) -> torch.Tensor:
@@ -161,18 +147,9 @@ def test_logged_validation_is_what_the_saved_models_score(reference: Path, manif
 def test_sigkill_mid_epoch_then_resume_is_bit_identical(
     manifest: Path, reference: Path, tmp_path: Path
 ) -> None:
-    runs = tmp_path / "runs"
-    env = {**os.environ, KILL_ENV: "5", "OMP_NUM_THREADS": str(torch.get_num_threads()),
-           "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(
-        [sys.executable, "-m", "pipelines.train_vqvae", "--manifest", str(manifest),
-         "--config", "smoke", *SET_ARGS, "--runs-root", str(runs)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=120, check=False,
-    )
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
-    (run_dir,) = (runs / "vqvae").iterdir()
-    killed = load_resume_state(run_dir / "checkpoints" / "last")
-    assert killed["step"] == 4  # mid-epoch: epochs are 3 steps
+    run_dir = kill_mid_epoch("pipelines.train_vqvae",
+                             ["--manifest", str(manifest), "--config", "smoke", *SET_ARGS],
+                             tmp_path / "runs", "vqvae")
     assert max(r["step"] for r in read_metrics(run_dir)) == 5  # step 5 logged, then killed
     assert json.loads((run_dir / "run.json").read_text())["status"] == "running"
 
@@ -180,16 +157,7 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(
                                       "--resume", str(run_dir)], catch_exceptions=False)
     assert result.exit_code == 0, result.output
 
-    _assert_same_weights(reference / "checkpoints" / "last", run_dir / "checkpoints" / "last")
-    _assert_same_weights(reference / "checkpoints" / "best", run_dir / "checkpoints" / "best")
-    opt_a = load_resume_state(reference / "checkpoints" / "last")["optimizer"]["state"]
-    opt_b = load_resume_state(run_dir / "checkpoints" / "last")["optimizer"]["state"]
-    assert all(torch.equal(opt_a[i][k], opt_b[i][k]) for i in opt_a for k in opt_a[i])
-    assert _timeless(run_dir) == _timeless(reference)
-    run = json.loads((run_dir / "run.json").read_text())
-    assert run["status"] == "completed"
-    (entry,) = run["resumed_from"]
-    assert (entry["step"], entry["dropped_metric_lines"]) == (4, 1)
+    assert assert_resumed_exactly(reference, run_dir)["status"] == "completed"
 
 
 def test_time_limit_stops_cleanly_with_a_resumable_checkpoint(
@@ -204,7 +172,7 @@ def test_time_limit_stops_cleanly_with_a_resumable_checkpoint(
 
     resumed = train_vqvae(_config(), manifest, resume=result.run_dir)
     assert (resumed.stop_reason, resumed.step) == ("max_steps", MAX_STEPS)
-    _assert_same_weights(reference / "checkpoints" / "last", resumed.last_checkpoint)
+    assert_same_weights(reference / "checkpoints" / "last", resumed.last_checkpoint)
 
 
 def test_time_limit_stop_validates_the_last_step(manifest: Path, tmp_path: Path) -> None:
@@ -351,7 +319,7 @@ def test_worker_processes_do_not_change_training(
 ) -> None:
     """Augmentation is seeded per (epoch, item): two DataLoader workers give the same weights."""
     result = train_vqvae(_config("train_vqvae.num_workers=2"), manifest, runs_root=tmp_path)
-    _assert_same_weights(reference / "checkpoints" / "last", result.last_checkpoint)
+    assert_same_weights(reference / "checkpoints" / "last", result.last_checkpoint)
 
 
 def test_command_is_registered_with_help() -> None:

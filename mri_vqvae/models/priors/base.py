@@ -75,12 +75,8 @@ def check_indices(indices: Tensor, codebook_size: int) -> Tensor:
             f"indices must have shape (B, d, h, w) with every size >= 1, received shape "
             f"{tuple(indices.shape)}; add a batch axis with indices[None] for one grid"
         )
-    lo, hi = int(indices.min()), int(indices.max())
-    if lo < 0 or hi >= codebook_size:
-        raise PriorInputError(
-            f"indices must lie in [0, {codebook_size}) (the prior's codebook_size), received "
-            f"values in [{lo}, {hi}]; use a prior trained on the codes of this autoencoder"
-        )
+    _check_range(indices, codebook_size, "indices", "the prior's codebook_size",
+                 "; use a prior trained on the codes of this autoencoder")
     return indices.long()
 
 def check_labels(labels: Tensor | None, batch: int, num_classes: int) -> Tensor | None:
@@ -105,10 +101,14 @@ def check_labels(labels: Tensor | None, batch: int, num_classes: int) -> Tensor 
         )
     if labels.shape[0] != batch:
         raise PriorInputError(f"labels has {labels.shape[0]} entries for a batch of {batch}")
-    lo, hi = int(labels.min()), int(labels.max())
-    if lo < 0 or hi >= num_classes:
-        raise PriorInputError(
-            f"labels must lie in [0, {num_classes}) (prior.num_classes), received "
-            f"[{lo}, {hi}]"
-        )
+    _check_range(labels, num_classes, "labels", "prior.num_classes")
     return labels.long()
+
+
+def _check_range(values: Tensor, size: int, what: str, bound: str, hint: str = "") -> None:
+    """Raise `PriorInputError` unless every value of the integer tensor lies in [0, size)."""
+    lo, hi = int(values.min()), int(values.max())
+    if lo < 0 or hi >= size:
+        raise PriorInputError(
+            f"{what} must lie in [0, {size}) ({bound}), received values in [{lo}, {hi}]{hint}"
+        )
