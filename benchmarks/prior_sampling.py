@@ -1,6 +1,8 @@
 """Sampling speed of the 3D gated PixelCNN prior: cached vs naive sampler, and MONAI's transformer.
 
-Prints one JSON object. For each latent grid (8^3, 16^3) and batch (1, 8):
+Prints one JSON object. Two priors: ``default`` (today's `PixelCNNConfig()`) and ``anatomy``
+(dilations ``[1, 2, 4, 8, 1, 2, 4, 8]`` and the absolute-position embedding). For each prior,
+latent grid (8^3, 16^3, 16x20x16, 32^3) and batch (1, 8):
 
 * ``fast_s``: `GatedPixelCNN3D.sample(method="fast")`, always timed end to end;
 * ``naive_s``: ``method="naive"``; timed end to end where ``naive_extrapolated`` is false,
@@ -15,13 +17,14 @@ grid (raster ordering, no KV cache, as MONAI samples). Its VQ-VAE is a stub whos
 ``decode_samples`` returns the indices, so only the transformer's sampling is timed. Timed on the
 first tokens and extrapolated with timed forwards at growing lengths unless labelled measured.
 
-Usage: ``python benchmarks/prior_sampling.py [--quick] [--threads 1]``
+Usage: ``python benchmarks/prior_sampling.py [--quick] [--threads 1] [--priors default anatomy]``
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import time
@@ -31,8 +34,9 @@ from typing import Any
 import torch
 
 from mri_vqvae.models.priors.pixelcnn.config import PixelCNNConfig
+from mri_vqvae.models.priors.pixelcnn.draw import sample_categorical
 from mri_vqvae.models.priors.pixelcnn.model import GatedPixelCNN3D
-from mri_vqvae.models.priors.pixelcnn.sampling import StepState, naive_logits_at, sample_categorical
+from mri_vqvae.models.priors.pixelcnn.sampling import StepState, naive_logits_at
 
 
 def seconds(fn: Callable[[], object], reps: int = 1) -> float:
@@ -45,6 +49,13 @@ def seconds(fn: Callable[[], object], reps: int = 1) -> float:
 
 def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
+
+
+PRIORS = {
+    "default": PixelCNNConfig(),
+    "anatomy": PixelCNNConfig(dilations=(1, 2, 4, 8, 1, 2, 4, 8), position_embedding=True),
+}
+GRIDS = ((8, 8, 8), (16, 16, 16), (16, 20, 16), (32, 32, 32))
 
 
 def naive_estimate(model: GatedPixelCNN3D, shape: tuple[int, ...], probes: int) -> float:
@@ -62,13 +73,15 @@ def naive_estimate(model: GatedPixelCNN3D, shape: tuple[int, ...], probes: int) 
     return (time.perf_counter() - start) / probes * total
 
 
-def bench_prior(model: GatedPixelCNN3D, grid: int, batch: int, quick: bool) -> dict[str, Any]:
-    shape = (batch, grid, grid, grid)
-    positions = grid**3
-    row: dict[str, Any] = {"grid": f"{grid}x{grid}x{grid}", "batch": batch}
+def bench_prior(
+    name: str, model: GatedPixelCNN3D, grid: tuple[int, int, int], batch: int, quick: bool
+) -> dict[str, Any]:
+    shape = (batch, *grid)
+    positions = math.prod(grid)
+    row: dict[str, Any] = {"prior": name, "grid": "x".join(map(str, grid)), "batch": batch}
     with torch.no_grad():
         row["fast_s"] = round(seconds(lambda: model.sample(shape, gen(1))), 3)
-        measure_naive = not quick and grid <= 8
+        measure_naive = not quick and positions <= 8**3
         if measure_naive:
             naive = seconds(lambda: model.sample(shape, gen(1), method="naive"))
             row["naive_estimate_s"] = round(naive_estimate(model, shape, 16), 2)
@@ -169,17 +182,31 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=1, help="torch intra-op threads (default 1: small ops)"
     )
+    parser.add_argument(
+        "--priors", nargs="+", choices=sorted(PRIORS), default=list(PRIORS), help="priors to time"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    cfg = PixelCNNConfig()
-    model = GatedPixelCNN3D(cfg).eval()
-    params = sum(p.numel() for p in model.parameters())
-    rows = [bench_prior(model, g, b, args.quick) for g in (8, 16) for b in (1, 8)]
-    monai = [bench_monai(params, cfg.codebook_size, b, args.quick) for b in (1, 8)]
+    priors: dict[str, Any] = {}
+    rows = []
+    for name in args.priors:
+        torch.manual_seed(0)
+        model = GatedPixelCNN3D(PRIORS[name]).eval()
+        params = sum(p.numel() for p in model.parameters())
+        priors[name] = {"config": PRIORS[name].model_dump(), "params": params}
+        rows += [bench_prior(name, model, g, b, args.quick) for g in GRIDS for b in (1, 8)]
+    first = args.priors[0]
+    monai = [
+        bench_monai(priors[first]["params"], PRIORS[first].codebook_size, b, args.quick)
+        for b in (1, 8)
+    ]
     for entry in monai:
-        prior = next(r for r in rows if r["grid"] == "8x8x8" and r["batch"] == entry["batch"])
+        prior = next(
+            r for r in rows
+            if (r["prior"], r["grid"], r["batch"]) == (first, "8x8x8", entry["batch"])
+        )
         if "seconds" in entry:
+            entry["prior"] = first
             entry["prior_fast_speedup"] = round(entry["seconds"] / prior["fast_s"], 1)
     report = {
         "benchmark": "prior_sampling",
@@ -188,7 +215,8 @@ def main() -> None:
         "cpu_count": os.cpu_count(),
         "machine": platform.machine(),
         "torch": torch.__version__,
-        "prior": {"config": cfg.model_dump(), "params": params},
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "priors": priors,
         "prior_sampling": rows,
         "monai_transformer_8cubed": monai,
     }

@@ -36,9 +36,9 @@ from mri_vqvae.models.autoencoders.vqvae.model import VQVAE
 from mri_vqvae.models.autoencoders.vqvae.model import state_numel as vqvae_numel
 from mri_vqvae.models.priors.base import PriorInputError
 from mri_vqvae.models.priors.pixelcnn.config import PixelCNNConfig
+from mri_vqvae.models.priors.pixelcnn.draw import sample_categorical
 from mri_vqvae.models.priors.pixelcnn.model import GatedPixelCNN3D
 from mri_vqvae.models.priors.pixelcnn.model import state_numel as prior_numel
-from mri_vqvae.models.priors.pixelcnn.sampling import sample_categorical
 from mri_vqvae.tasks.sample import SampleSettings, sample_volumes
 
 SMOKE: ExperimentConfig = load_config("smoke")

@@ -1,25 +1,35 @@
-"""Tests of the 3D gated PixelCNN prior: masks, causality, likelihood, samplers, input errors."""
+"""Tests of the 3D gated PixelCNN prior: masks, causality, reach, likelihood, samplers, errors."""
 
 from __future__ import annotations
 
+import json
 import math
+from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from pydantic import ValidationError
+from safetensors.torch import load_file
 
 from mri_vqvae.config import load_config
 from mri_vqvae.core.errors import MriVqvaeError
 from mri_vqvae.models.priors.base import PriorInputError
 from mri_vqvae.models.priors.pixelcnn.config import PixelCNNConfig
-from mri_vqvae.models.priors.pixelcnn.model import GatedPixelCNN3D, causal_mask
-from mri_vqvae.models.priors.pixelcnn.sampling import sample_categorical, teacher_forced_logits
+from mri_vqvae.models.priors.pixelcnn.draw import sample_categorical
+from mri_vqvae.models.priors.pixelcnn.model import GatedPixelCNN3D, causal_mask, state_numel
+from mri_vqvae.models.priors.pixelcnn.sampling import teacher_forced_logits
+from tests.support.paths import REPO
 
 K = 16
+LEGACY = REPO / "tests/fixtures/legacy_2055c4e"
+LEGACY_PRIOR = LEGACY / "runs/prior/20261201T110515Z-smoke-s0"
 
 
-def tiny(num_layers: int = 3, num_classes: int = 0, kernel_size: int = 3) -> GatedPixelCNN3D:
-    """A seeded CPU-tiny prior (K=16, 8 channels)."""
+def tiny(
+    num_layers: int = 3, num_classes: int = 0, kernel_size: int = 3, **options: Any
+) -> GatedPixelCNN3D:
+    """A seeded CPU-tiny prior (K=16, 8 channels); ``options``: further `PixelCNNConfig` keys."""
     torch.manual_seed(1234)
     cfg = PixelCNNConfig(
         codebook_size=K,
@@ -29,8 +39,18 @@ def tiny(num_layers: int = 3, num_classes: int = 0, kernel_size: int = 3) -> Gat
         kernel_size=kernel_size,
         head_channels=12,
         num_classes=num_classes,
+        **options,
     )
     return GatedPixelCNN3D(cfg).eval()
+
+
+# the new options on a 4-layer prior: dilated stacks and/or the absolute-position embedding
+OPTIONS = {
+    "plain": {},
+    "position": {"position_embedding": True, "max_grid_size": 5},
+    "dilated": {"dilations": [1, 2, 1, 2]},
+    "dilated+position": {"dilations": [1, 2, 3, 1], "position_embedding": True},
+}
 
 
 def gen(seed: int) -> torch.Generator:
@@ -94,17 +114,24 @@ CASES = {
 }
 
 
+def assert_sees_exactly_the_past(grad: torch.Tensor, p: tuple[int, int, int]) -> None:
+    """``grad`` (d, h, w) is non-zero exactly at the positions before ``p`` in raster order."""
+    for q in raster(tuple(grad.shape)):
+        if q >= p:  # tuples compare in raster order
+            assert grad[q] == 0, f"logits at {p} depend on {q}"
+        else:
+            assert grad[q] > 0, f"logits at {p} do not see earlier position {q}"
+
+
+@pytest.mark.parametrize("options", sorted(OPTIONS))
 @pytest.mark.parametrize("shape", sorted(CASES))
-def test_causality_by_gradients_and_no_blind_spot(shape: tuple[int, int, int]) -> None:
-    model = tiny(num_layers=4).double()
-    order = raster(shape)
+def test_causality_by_gradients_and_no_blind_spot(
+    shape: tuple[int, int, int], options: str
+) -> None:
+    model = tiny(num_layers=4, **OPTIONS[options]).double()
     for p in CASES[shape]:
         grad = input_grad(model, shape, p)
-        for q in order:
-            if q >= p:  # tuples compare in raster order
-                assert grad[q] == 0, f"logits at {p} depend on {q}"
-            else:
-                assert grad[q] > 0, f"logits at {p} do not see earlier position {q}"
+        assert_sees_exactly_the_past(grad, p)
         z, y, x = p
         # positions a plain masked-convolution stack misses (the blind spot), asserted explicitly
         blind = [(z, y - 1, xx) for xx in range(x + 1, shape[2])]
@@ -112,6 +139,30 @@ def test_causality_by_gradients_and_no_blind_spot(shape: tuple[int, int, int]) -
         for q in blind:
             if min(q) >= 0:
                 assert grad[q] > 0, f"blind spot at {q} for {p}"
+
+
+# k = 3: a stack reaches back 1 + (a subset sum of the later layers' dilations) along its axis, so
+# with six layers [1, 1, 2, 4, 8, 4] every offset 1..20 (>= 19, the 20 rows) is reached; five
+# layers give at most 2^4 = 16 distinct offsets, too few for the 19 earlier rows.
+REACH = (16, 20, 16)
+
+
+@pytest.mark.parametrize("p", [(15, 19, 15), (15, 0, 0), (8, 10, 7)])
+def test_dilated_stacks_see_every_earlier_latent_of_a_16x20x16_grid(p) -> None:
+    torch.manual_seed(3)
+    cfg = PixelCNNConfig(codebook_size=K, embedding_dim=2, hidden_channels=4, num_layers=6,
+                         head_channels=4, dilations=[1, 1, 2, 4, 8, 4], position_embedding=True)
+    model = GatedPixelCNN3D(cfg).double().eval()
+    assert_sees_exactly_the_past(input_grad(model, REACH, p), p)
+
+
+def test_shorter_reach_misses_the_start_of_the_head() -> None:
+    model = tiny(num_layers=6).double()  # undilated: 6 slices back, no further
+    seen = input_grad(model, REACH, (15, 19, 15)) > 0
+    assert not seen[:9].any() and seen[9:].any()
+    model = tiny(num_layers=5, dilations=[1, 1, 2, 4, 8]).double()  # 16 rows back, not 19
+    seen = input_grad(model, REACH, (15, 19, 15)) > 0
+    assert not seen[:, :3].any() and seen[:15, 3:].all() and seen[15, 3:].any()
 
 
 def test_training_step_keeps_causality() -> None:
@@ -177,12 +228,27 @@ def test_fast_sampler_equals_naive_sampler_exactly(shape, seed, temperature, top
     assert fast.min() >= 0 and fast.max() < K
 
 
-def test_fast_equals_naive_with_class_labels() -> None:
-    model = tiny(num_classes=3)
+@pytest.mark.parametrize("options", sorted(OPTIONS))
+def test_fast_equals_naive_with_class_labels(options: str) -> None:
+    model = tiny(num_layers=4, num_classes=3, **OPTIONS[options])
     labels = torch.tensor([2, 0])
-    fast = model.sample((2, 3, 3, 3), gen(5), labels=labels)
-    assert torch.equal(fast, model.sample((2, 3, 3, 3), gen(5), labels=labels, method="naive"))
-    assert not torch.equal(fast, model.sample((2, 3, 3, 3), gen(5), labels=labels.flip(0)))
+    shape = (2, 3, 4, 3)
+    fast = model.sample(shape, gen(5), labels=labels, top_k=6)
+    assert torch.equal(fast, model.sample(shape, gen(5), labels=labels, top_k=6, method="naive"))
+    assert not torch.equal(fast, model.sample(shape, gen(5), labels=labels.flip(0), top_k=6))
+    stepped = teacher_forced_logits(model, fast, labels)
+    assert torch.allclose(model(fast, labels), stepped, atol=1e-5, rtol=1e-5)
+
+
+def test_position_embedding_makes_the_prior_depend_on_where_it_is() -> None:
+    # period-2 codes: (3, 3, 3) and (5, 5, 5) have the same codes within 3 latents (the reach of
+    # 3 layers), so only the position embedding can tell them apart
+    z, y, x = torch.meshgrid(*[torch.arange(9)] * 3, indexing="ij")
+    grid = ((z % 2) * 4 + (y % 2) * 2 + x % 2 + 5)[None]
+    plain = tiny()(grid)
+    assert torch.allclose(plain[..., 3, 3, 3], plain[..., 5, 5, 5], atol=1e-6)
+    placed = tiny(position_embedding=True, max_grid_size=9)(grid)
+    assert (placed[..., 3, 3, 3] - placed[..., 5, 5, 5]).abs().max() > 1e-3
 
 
 def test_same_seed_same_sample_different_seed_different() -> None:
@@ -277,6 +343,46 @@ def test_bad_labels_and_sampling_arguments_raise_clear_errors() -> None:
     assert issubclass(PriorInputError, MriVqvaeError) and issubclass(PriorInputError, ValueError)
 
 
+def test_grid_beyond_the_position_tables_is_refused() -> None:
+    model = tiny(position_embedding=True, max_grid_size=4)
+    for call in (
+        lambda: model(torch.zeros(1, 2, 5, 2, dtype=torch.long)),
+        lambda: model.sample((1, 5, 2, 2), gen(0)),
+        lambda: teacher_forced_logits(model, torch.zeros(1, 2, 2, 5, dtype=torch.long)),
+    ):
+        with pytest.raises(PriorInputError, match="max_grid_size=4"):
+            call()
+    assert model(torch.zeros(1, 4, 4, 4, dtype=torch.long)).shape == (1, K, 4, 4, 4)
+
+
+def test_old_config_without_the_new_keys_loads_as_the_plain_model() -> None:
+    best = LEGACY_PRIOR / "checkpoints/best"
+    old = json.loads((best / "config.json").read_text())["config"]
+    assert not {"dilations", "position_embedding", "max_grid_size"} & set(old)
+    cfg = PixelCNNConfig.model_validate(old)
+    assert (cfg.dilations, cfg.position_embedding) == (None, False)
+    model = GatedPixelCNN3D(cfg).eval()
+    model.load_state_dict(load_file(best / "model.safetensors"), strict=True)
+    spelled = GatedPixelCNN3D(cfg.model_copy(update={"dilations": (1,) * cfg.num_layers})).eval()
+    spelled.load_state_dict(model.state_dict(), strict=True)
+    idx = torch.randint(0, cfg.codebook_size, (2, 3, 4, 5), generator=gen(0))
+    assert torch.equal(model(idx), spelled(idx))
+    assert torch.equal(model.sample((1, 3, 4, 4), gen(1)), spelled.sample((1, 3, 4, 4), gen(1)))
+    # the bits per latent the code of commit 2055c4e recorded for this checkpoint
+    recorded = json.loads((LEGACY_PRIOR / "likelihood.json").read_text())["splits"]
+    for split, name in (("val", "v"), ("test", "t")):
+        grid = torch.from_numpy(np.load(LEGACY / f"latents/{name}.npy").astype(np.int64))[None]
+        bits = model.grid_bits(grid).mean().item()
+        assert math.isclose(bits, recorded[split]["prior_bits_per_latent"], rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("options", sorted(OPTIONS))
+@pytest.mark.parametrize("num_classes", [0, 2])
+def test_state_numel_is_exact_with_the_new_options(options: str, num_classes: int) -> None:
+    model = tiny(num_layers=4, num_classes=num_classes, kernel_size=5, **OPTIONS[options])
+    assert state_numel(model.config) == sum(t.numel() for t in model.state_dict().values())
+
+
 def test_prior_config_defaults_and_validation() -> None:
     cfg = load_config(overrides=["prior.num_layers=2", "prior.num_classes=4"]).prior
     assert (cfg.num_layers, cfg.num_classes, cfg.codebook_size) == (2, 4, 512)
@@ -286,3 +392,9 @@ def test_prior_config_defaults_and_validation() -> None:
         PixelCNNConfig(codebook_size=8, top_k=9)
     model = tiny(kernel_size=5)
     assert model.layers[0].depth.weight.shape[2:] == (3, 5, 5)
+    for dilations, match in [([1, 2], "one entry per layer"), ([1, 0, 2], ">= 1"),
+                             ([2, 1, 1], "first")]:
+        with pytest.raises(ValidationError, match=match):
+            PixelCNNConfig(num_layers=3, dilations=dilations)
+    cfg = load_config(overrides=["prior.num_layers=3", "prior.dilations=[1,2,4]"]).prior
+    assert cfg.dilations == (1, 2, 4) and not cfg.position_embedding

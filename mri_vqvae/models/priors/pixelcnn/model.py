@@ -17,6 +17,12 @@ Each stack's weight is stored only over the bounding box of its mask-B taps (dep
 taps that are always zero. ``causal_mask`` gives the same masks embedded in the full k x k x k
 window, the form the tests check against a golden pattern.
 
+Options (`PixelCNNConfig`): ``dilations`` spreads a layer's taps r apart along all three axes (a
+tap at offset o reads p + r * o), which keeps every mask causal and, with the first layer at
+r = 1, leaves no blind spot; ``position_embedding`` adds learned tables of z, y and x (summed,
+`AxialPosition`) projected into each stack of every gated layer, like the class conditioning.
+Neither depends on codes, so causality is unchanged.
+
 Sampling (naive and cached) lives in `mri_vqvae.models.priors.pixelcnn.sampling`;
 `GatedPixelCNN3D.sample` is the entry.
 """
@@ -85,18 +91,25 @@ def _support_box(kernel_size: int, stack: str) -> tuple[tuple[int, int], ...]:
 class CausalConv3d(nn.Module):
     """A 3D convolution over one stack's causal taps; ``weight * mask`` is applied in forward.
 
-    (B, C_in, d, h, w) -> (B, C_out, d, h, w); the output at p reads inputs at p + offset for the
-    offsets where `causal_mask` is 1.
+    (B, C_in, d, h, w) -> (B, C_out, d, h, w); the output at p reads inputs at
+    p + dilation * offset for the offsets where `causal_mask` is 1.
     """
 
     def __init__(
-        self, in_channels: int, out_channels: int, kernel_size: int, stack: str, mask_type: str
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stack: str,
+        mask_type: str,
+        dilation: int = 1,
     ) -> None:
         super().__init__()
         full = causal_mask(kernel_size, stack, mask_type)
         self.kernel_size = kernel_size
         self.stack = stack
         self.mask_type = mask_type
+        self.dilation = dilation
         c = kernel_size // 2
         self.box = _support_box(kernel_size, stack)
         index = tuple(slice(lo + c, hi + c + 1) for lo, hi in self.box)
@@ -105,7 +118,7 @@ class CausalConv3d(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_channels))
         self.register_buffer("mask", full[index].reshape(1, 1, *shape).clone())
         (dl, dh), (hl, hh), (wl, wh) = self.box
-        self.pads = (-wl, wh, -hl, hh, -dl, dh)
+        self.pads = tuple(dilation * v for v in (-wl, wh, -hl, hh, -dl, dh))
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
 
     def masked_weight(self) -> Tensor:
@@ -122,16 +135,58 @@ class CausalConv3d(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """(B, C_in, d, h, w) -> (B, C_out, d, h, w), causal along this stack's axis."""
-        return F.conv3d(F.pad(x, self.pads), self.masked_weight(), self.bias)
+        return F.conv3d(
+            F.pad(x, self.pads), self.masked_weight(), self.bias, dilation=self.dilation
+        )
+
+
+def _plus(x: Tensor, *offsets: Tensor | None) -> Tensor:
+    """``x`` plus each offset that is not None (broadcast), left to right."""
+    for offset in offsets:
+        if offset is not None:
+            x = x + offset
+    return x
+
+
+class AxialPosition(nn.Module):
+    """Learned embedding of the absolute latent position: ``depth[z] + height[y] + width[x]``.
+
+    One (max_grid_size, E) table per axis; grids up to ``max_grid_size`` per axis.
+    """
+
+    def __init__(self, max_grid_size: int, dim: int) -> None:
+        super().__init__()
+        self.max_grid_size = max_grid_size
+        self.depth = nn.Embedding(max_grid_size, dim)
+        self.height = nn.Embedding(max_grid_size, dim)
+        self.width = nn.Embedding(max_grid_size, dim)
+
+    def check(self, grid: Sequence[int]) -> None:
+        """Raise `PriorInputError` for a grid (d, h, w) larger than the tables."""
+        if max(grid) > self.max_grid_size:
+            raise PriorInputError(
+                f"latent grid {tuple(grid)} exceeds max_grid_size={self.max_grid_size} of this "
+                "prior's position embedding: use a grid of at most that extent per axis, or "
+                "train a prior with a larger max_grid_size"
+            )
+
+    def slice(self, z: int, h: int, w: int) -> Tensor:
+        """Features of slice z of an (any, h, w) grid: (h, w, E)."""
+        return self.depth.weight[z] + self.height.weight[:h, None] + self.width.weight[None, :w]
+
+    def forward(self, d: int, h: int, w: int) -> Tensor:
+        """Features of every position of a (d, h, w) grid: (d, h, w, E)."""
+        zy = self.depth.weight[:d, None, None] + self.height.weight[None, :h, None]
+        return zy + self.width.weight[None, None, :w]
 
 
 class GatedLayer3D(nn.Module):
     """One gated layer holding the depth, height and width stacks and their links.
 
-    pre-activations (2C channels each):
-        a = depth(D) + c_d
-        b = height(H) + depth_to_height(a) + c_h
-        e = width(W) + height_to_width(b) + c_w
+    pre-activations (2C channels each; c = class offsets, q = position offsets):
+        a = depth(D) + c_d + q_d
+        b = height(H) + depth_to_height(a) + c_h + q_h
+        e = width(W) + height_to_width(b) + c_w + q_w
     outputs: D' = gate(a) [+ D], H' = gate(b) [+ H], o = gate(e),
              [res, skip] = out(dropout(o)), W' = res [+ W].
     The residual terms in brackets exist only for mask-B layers (a mask-A layer's input holds the
@@ -146,17 +201,21 @@ class GatedLayer3D(nn.Module):
         mask_type: str,
         num_classes: int,
         dropout: float,
+        dilation: int = 1,
+        position_dim: int = 0,
     ) -> None:
         super().__init__()
         two = 2 * channels
         self.channels = channels
-        self.depth = CausalConv3d(in_channels, two, kernel_size, "depth", mask_type)
-        self.height = CausalConv3d(in_channels, two, kernel_size, "height", mask_type)
-        self.width = CausalConv3d(in_channels, two, kernel_size, "width", mask_type)
+        self.dilation = dilation
+        self.depth = CausalConv3d(in_channels, two, kernel_size, "depth", mask_type, dilation)
+        self.height = CausalConv3d(in_channels, two, kernel_size, "height", mask_type, dilation)
+        self.width = CausalConv3d(in_channels, two, kernel_size, "width", mask_type, dilation)
         self.depth_to_height = nn.Conv3d(two, two, 1)
         self.height_to_width = nn.Conv3d(two, two, 1)
         self.out = nn.Conv3d(channels, two, 1)
         self.cond = nn.Embedding(num_classes, 3 * two) if num_classes > 0 else None
+        self.position = nn.Linear(position_dim, 3 * two, bias=False) if position_dim else None
         self.dropout = nn.Dropout(dropout)
         self.residual = mask_type == "B"
         if self.residual and in_channels != channels:
@@ -169,20 +228,32 @@ class GatedLayer3D(nn.Module):
         cd, ch, cw = self.cond(labels).chunk(3, dim=1)
         return cd, ch, cw
 
+    def position_offsets(self, position: Tensor | None) -> tuple[Tensor, Tensor, Tensor] | None:
+        """Per-stack position offsets, each (..., 2C), of `AxialPosition` features (..., E)."""
+        if self.position is None or position is None:
+            return None
+        qd, qh, qw = self.position(position).chunk(3, dim=-1)
+        return qd, qh, qw
+
     def forward(
-        self, d: Tensor, h: Tensor, w: Tensor, labels: Tensor | None = None
+        self,
+        d: Tensor,
+        h: Tensor,
+        w: Tensor,
+        labels: Tensor | None = None,
+        position: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Three (B, C_in, d, h, w) stack inputs -> three (B, C, d, h, w) outputs and a skip."""
+        """Three (B, C_in, d, h, w) stack inputs -> three (B, C, d, h, w) outputs and a skip.
+
+        ``labels`` (B,) or None; ``position`` (d, h, w, E) `AxialPosition` features or None.
+        """
         cond = self.conditioning(labels)
-        a = self.depth(d)
-        if cond is not None:
-            a = a + cond[0][:, :, None, None, None]
-        b = self.height(h) + self.depth_to_height(a)
-        if cond is not None:
-            b = b + cond[1][:, :, None, None, None]
-        e = self.width(w) + self.height_to_width(b)
-        if cond is not None:
-            e = e + cond[2][:, :, None, None, None]
+        classes = [None] * 3 if cond is None else [c[:, :, None, None, None] for c in cond]
+        pos = self.position_offsets(position)
+        places = [None] * 3 if pos is None else [q.permute(3, 0, 1, 2) for q in pos]
+        a = _plus(self.depth(d), classes[0], places[0])
+        b = _plus(self.height(h) + self.depth_to_height(a), classes[1], places[1])
+        e = _plus(self.width(w) + self.height_to_width(b), classes[2], places[2])
         res, skip = self.out(self.dropout(gate(e))).chunk(2, dim=1)
         d_new, h_new = gate(a), gate(b)
         if self.residual:
@@ -204,6 +275,7 @@ class GatedPixelCNN3D(nn.Module):
         self.codebook_size = cfg.codebook_size
         self.num_classes = cfg.num_classes
         self.embedding = nn.Embedding(cfg.codebook_size, cfg.embedding_dim)
+        pos_dim = cfg.embedding_dim if cfg.position_embedding else 0
         self.layers = nn.ModuleList(
             GatedLayer3D(
                 cfg.embedding_dim if i == 0 else cfg.hidden_channels,
@@ -212,8 +284,13 @@ class GatedPixelCNN3D(nn.Module):
                 "A" if i == 0 else "B",
                 cfg.num_classes,
                 cfg.dropout,
+                dilation,
+                pos_dim,
             )
-            for i in range(cfg.num_layers)
+            for i, dilation in enumerate(cfg.layer_dilations())
+        )
+        self.position = (
+            AxialPosition(cfg.max_grid_size, cfg.embedding_dim) if cfg.position_embedding else None
         )
         self.head_hidden = nn.Conv3d(cfg.hidden_channels, cfg.head_channels, 1)
         self.head_out = nn.Conv3d(cfg.head_channels, cfg.codebook_size, 1)
@@ -228,18 +305,26 @@ class GatedPixelCNN3D(nn.Module):
         """Validate class labels (B,) against ``num_classes``; return int64 labels or None."""
         return check_labels(labels, batch, self.num_classes)
 
+    def check_grid(self, grid: Sequence[int]) -> None:
+        """Raise `PriorInputError` for a grid (d, h, w) beyond the position embedding's tables."""
+        if self.position is not None:
+            self.position.check(grid)
+
     # ---- likelihood ---------------------------------------------------------------------------
 
     def forward_embedded(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
         """Logits from already-embedded codes: (B, E, d, h, w) float -> (B, K, d, h, w).
 
         The float input path exists for gradient-based causality checks; ``labels`` are assumed
-        valid (use `forward` for checked input).
+        valid (use `forward` for checked input). A grid larger than the position embedding's
+        ``max_grid_size`` raises `PriorInputError`.
         """
+        self.check_grid(x.shape[2:])
+        position = None if self.position is None else self.position(*x.shape[2:])
         d = h = w = x
         skip: Tensor | None = None
         for layer in self.layers:
-            d, h, w, s = layer(d, h, w, labels)
+            d, h, w, s = layer(d, h, w, labels, position)
             skip = s if skip is None else skip + s
         assert skip is not None
         return self.head_out(F.relu(self.head_hidden(F.relu(skip))))
@@ -288,7 +373,7 @@ class GatedPixelCNN3D(nn.Module):
         """Draw code grids (B, d, h, w) int64 for ``shape = (B, d, h, w)`` in raster order.
 
         One uniform per batch row and position comes from ``generator`` (inverse-CDF draw, see
-        `mri_vqvae.models.priors.pixelcnn.sampling.sample_categorical`). ``method="fast"``
+        `mri_vqvae.models.priors.pixelcnn.draw.sample_categorical`). ``method="fast"``
         caches stack activations; ``"naive"`` recomputes everything each position depends on,
         from scratch, per position. Both return identical indices for the same seed.
         ``temperature=0`` or ``greedy`` takes the argmax (an ablation, not a sampler). NaN/±Inf
@@ -312,13 +397,14 @@ class GatedPixelCNN3D(nn.Module):
 
 
 def _layer_numel(in_channels: int, cfg: PixelCNNConfig) -> int:
-    """Values of one `GatedLayer3D` (weights, biases, mask buffers, class embedding)."""
+    """Values of one `GatedLayer3D` (weights, biases, masks, class and position projections)."""
     two, k, c = 2 * cfg.hidden_channels, cfg.kernel_size, cfg.kernel_size // 2
     boxes = ((c + 1) * k * k, (c + 1) * k, c + 1)  # depth, height, width stacks
     stacks = sum(two * in_channels * box + two + box for box in boxes)
     links = 2 * (two * two + two) + (cfg.hidden_channels * two + two)
     cond = cfg.num_classes * 3 * two
-    return stacks + links + cond
+    position = cfg.embedding_dim * 3 * two if cfg.position_embedding else 0
+    return stacks + links + cond + position
 
 
 def state_numel(cfg: PixelCNNConfig) -> int:
@@ -326,4 +412,6 @@ def state_numel(cfg: PixelCNNConfig) -> int:
     total = cfg.codebook_size * cfg.embedding_dim + _layer_numel(cfg.embedding_dim, cfg)
     total += (cfg.num_layers - 1) * _layer_numel(cfg.hidden_channels, cfg)  # closed form: O(1)
     total += cfg.hidden_channels * cfg.head_channels + cfg.head_channels
+    if cfg.position_embedding:
+        total += 3 * cfg.max_grid_size * cfg.embedding_dim
     return total + cfg.head_channels * cfg.codebook_size + cfg.codebook_size

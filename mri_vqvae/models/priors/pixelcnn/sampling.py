@@ -1,17 +1,18 @@
-"""Sampling from `GatedPixelCNN3D`: a categorical draw and the naive and cached samplers.
+"""Sampling from `GatedPixelCNN3D`: the naive and cached samplers.
 
 Both samplers run the same per-position arithmetic (`StepState`): a depth step per slice, a
 height step per row and a width step per voxel, each a fixed-shape computation on a fixed-shape
-window of earlier activations. The cached sampler runs every step once and keeps its outputs; the
-naive sampler, for every position, recomputes from scratch every step that position depends on
-(all slices up to it, all rows of its slice up to it, all voxels of its row up to it). The two
-therefore call the same kernels on bit-identical inputs, so their logits, and with the same
-generator their draws, are bitwise equal; there is no full-versus-incremental rounding gap that
-could flip a draw. The vectorised `GatedPixelCNN3D.forward` (training, nll) agrees with the
-stepped logits to float rounding (tested), not bitwise.
+window of earlier activations (a dilated layer's window holds every r-th earlier slice, row or
+voxel; position offsets are computed per slice from `AxialPosition`). The cached sampler runs
+every step once and keeps its outputs; the naive sampler, for every position, recomputes from
+scratch every step that position depends on (all slices up to it, all rows of its slice up to it,
+all voxels of its row up to it). The two therefore call the same kernels on bit-identical inputs,
+so their logits, and with the same generator their draws, are bitwise equal; there is no
+full-versus-incremental rounding gap that could flip a draw. The vectorised
+`GatedPixelCNN3D.forward` (training, nll) agrees with the stepped logits to float rounding
+(tested), not bitwise.
 
-Each draw consumes exactly one float64 uniform per batch row from the generator (inverse CDF), so
-the random stream stays aligned whatever the logits are.
+Draws come from `mri_vqvae.models.priors.pixelcnn.draw` (one uniform per batch row and position).
 """
 
 from __future__ import annotations
@@ -22,110 +23,40 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mri_vqvae.core.finite import NonFiniteError, describe_nonfinite
-from mri_vqvae.models.priors.pixelcnn.model import (
-    GatedLayer3D,
-    GatedPixelCNN3D,
-    PriorInputError,
-    gate,
-)
+from mri_vqvae.models.priors.base import PriorInputError
+from mri_vqvae.models.priors.pixelcnn.draw import check_draw_args, draw, nonfinite_logits_error
+from mri_vqvae.models.priors.pixelcnn.model import GatedLayer3D, GatedPixelCNN3D, gate
 
 METHODS = ("fast", "naive")
 
 
-def _draw(
-    logits: Tensor,
-    generator: torch.Generator,
-    temperature: float,
-    top_k: int | None,
-    greedy: bool,
-) -> tuple[Tensor, Tensor]:
-    """`sample_categorical` without the host sync: (codes (B,) int64, 0-d bool "all finite").
+def _window(src: Tensor, dim: int, last: int, length: int, step: int = 1) -> Tensor:
+    """Entries ``last - (length - 1) * step, ..., last`` of ``src`` along ``dim``, ``step`` apart.
 
-    The flag covers the logits and, when sampling, ``logits / temperature``.
+    Indices below 0 read zeros (``last >= -step``); the result has ``length`` entries along dim.
     """
-    if logits.ndim != 2:
-        raise PriorInputError(f"logits must be (B, K), received shape {tuple(logits.shape)}")
-    num_classes = logits.shape[1]
-    _check_draw_args(temperature, top_k, num_classes)
-    u = torch.rand(logits.shape[0], generator=generator, dtype=torch.float64, device=logits.device)
-    if greedy or temperature == 0:
-        return logits.argmax(dim=1), torch.isfinite(logits).all()
-    scaled = logits.double() / temperature
-    finite = torch.isfinite(scaled).all()
-    if top_k is not None and top_k < num_classes:
-        keep = torch.zeros_like(scaled, dtype=torch.bool)
-        keep.scatter_(1, scaled.topk(top_k, dim=1).indices, True)
-        scaled = scaled.masked_fill(~keep, float("-inf"))
-    probs = torch.softmax(scaled, dim=1)
-    cdf = probs.cumsum(dim=1)
-    drawn = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]
-    # u * total < total, but rounding could still land on the end: never return a zero-mass class
-    last_positive = num_classes - 1 - (probs > 0).flip(1).to(torch.int8).argmax(dim=1)
-    return torch.minimum(drawn, last_positive), finite
-
-
-def _nonfinite_logits(where: str) -> NonFiniteError:
-    """The error for logits (or logits / temperature) that are NaN/±Inf."""
-    return NonFiniteError(
-        f"the prior's logits hold NaN or Inf {where}, so any code drawn would be garbage: the "
-        "prior's weights diverged or overflowed. Load checkpoints/best or an earlier checkpoint, "
-        "or retrain with a lower learning rate / without bf16"
-    )
-
-
-def sample_categorical(
-    logits: Tensor,
-    generator: torch.Generator,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    greedy: bool = False,
-) -> Tensor:
-    """Draw one class per row of ``logits`` (B, K) -> (B,) int64 by inverse CDF.
-
-    Exactly B uniforms are taken from ``generator`` on every call (also when greedy). With
-    ``top_k`` only the k largest logits of a row can be drawn (ties broken by `torch.topk`);
-    ``temperature == 0`` or ``greedy`` returns the argmax. Probabilities are formed in float64.
-    Non-finite logits raise `NonFiniteError`.
-    """
-    codes, finite = _draw(logits, generator, temperature, top_k, greedy)
-    if not bool(finite):
-        problem = describe_nonfinite(logits) or "values that overflow once divided by temperature"
-        raise _nonfinite_logits(f"({problem})")
-    return codes
-
-
-MIN_TEMPERATURE = 1e-200
-"""Smallest temperature > 0: below it float32 logits / temperature could overflow float64."""
-
-
-def _check_draw_args(temperature: float, top_k: int | None, num_classes: int) -> None:
-    if not temperature >= 0 or temperature == float("inf"):
-        raise PriorInputError(
-            f"temperature must be a finite number >= 0 (0 = argmax), received {temperature}"
-        )
-    if 0 < temperature < MIN_TEMPERATURE:
-        raise PriorInputError(
-            f"temperature {temperature} is too small (logits / temperature would overflow): use "
-            f"temperature=0 for the argmax, or at least {MIN_TEMPERATURE}"
-        )
-    bad_k = not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= num_classes
-    if top_k is not None and bad_k:
-        raise PriorInputError(
-            f"top_k must be None or an integer in [1, {num_classes}] (codebook_size), "
-            f"received {top_k!r}"
-        )
-
-
-def _window(src: Tensor, dim: int, stop: int, length: int) -> Tensor:
-    """The ``length`` entries of ``src`` before index ``stop`` along ``dim``, zeros in front."""
-    start = stop - length
-    part = src.narrow(dim, max(start, 0), stop - max(start, 0))
-    if start >= 0:
+    first = last - (length - 1) * step
+    missing = max(0, (step - 1 - first) // step)  # entries at negative indices
+    part = src[(slice(None),) * dim + (slice(first + missing * step, last + 1, step),)]
+    if missing == 0:
         return part
     pads = [0] * (2 * (src.ndim - dim))
-    pads[-2] = -start
+    pads[-2] = missing
     return F.pad(part, pads)
+
+
+def _row_conv(win: Tensor, weight: Tensor, bias: Tensor, dilation: int) -> Tensor:
+    """The height stack's convolution along a row: (B, C_in, taps, w + 2 * reach) -> (B, 2C, w).
+
+    ``weight`` is (2C, C_in, taps, k). Dilated, it runs as one matmul over unfolded columns:
+    PyTorch's dilated CPU convolution is about 5x slower at these sizes.
+    """
+    if dilation == 1:
+        return F.conv2d(win, weight, bias)[:, :, 0]
+    k = weight.shape[-1]
+    cols = win.unfold(3, (k - 1) * dilation + 1, 1)[..., ::dilation]  # (B, C_in, taps, w, k)
+    cols = cols.transpose(3, 4).reshape(win.shape[0], -1, cols.shape[3])  # (B, C_in*taps*k, w)
+    return torch.matmul(weight.reshape(weight.shape[0], -1), cols) + bias[:, None]
 
 
 class _LayerKernels:
@@ -133,6 +64,9 @@ class _LayerKernels:
 
     def __init__(self, layer: GatedLayer3D, labels: Tensor | None) -> None:
         c = layer.depth.kernel_size // 2
+        self.position_offsets = layer.position_offsets
+        self.dilation = layer.dilation
+        self.reach = c * layer.dilation  # zero padding each side of a window, in latents
         self.residual = layer.residual
         self.taps = c + 1 if layer.residual else c  # mask A: the always-zero current tap dropped
         self.channels = layer.channels
@@ -155,14 +89,18 @@ class _LayerKernels:
 class StepState:
     """Activations of every stack, filled slice by slice, row by row and voxel by voxel.
 
-    Buffers (B = batch, C = hidden channels, E = embedding dim, c = kernel_size // 2):
+    Buffers (B = batch, C = hidden channels, E = embedding dim, P = (kernel_size // 2) times the
+    largest dilation):
         emb        (B, d, h, w, E)   embedded codes (only positions before the current one are read)
         depth_out  L x (B, C, d, h, w)  depth-stack outputs per layer
         h_link     L x (B, 2C, h, w)   depth -> height link for the current slice
+        w_place    L x (h, w, 2C)      width-stack position offsets of the current slice (or None)
         height_out L x (B, C, h, w)    height-stack outputs for the current slice
-        w_link     L x (B, w, 2C)      height -> width link (+ biases, class offset), current row
-        emb_row    (B, c + w, E)       codes of the current row, c zero columns in front
-        width_out  L x (B, c + w, C)   width-stack outputs of the current row, c zero columns
+        w_link     L x w x (B, 2C)     height -> width link (+ biases, class and position), row
+        emb_row    (B, P + w, E)       codes of the current row, P zero columns in front
+        width_out  L x (B, P + w, C)   width-stack outputs of the current row, P zero columns
+    The width step reads fixed views of the row buffers made once (``windows``: a layer's input
+    taps for each column; ``columns``: width_out per column), saving a slicing op per access.
     Every read is of an entry written earlier for the same slice/row (or a zero pad), so the
     result of a step depends only on codes before the step's position.
     """
@@ -173,22 +111,39 @@ class StepState:
         self.model = model
         p = next(model.parameters())
         opts = {"dtype": p.dtype, "device": p.device}
-        self.c = model.config.kernel_size // 2
         self.kernels = [_LayerKernels(layer, labels) for layer in model.layers]
+        self.pad = max(k.reach for k in self.kernels)
         d, h, w = grid
         cfg = model.config
         hid = cfg.hidden_channels
         self.emb = torch.zeros(batch, d, h, w, cfg.embedding_dim, **opts)
         self.depth_out = [torch.zeros(batch, hid, d, h, w, **opts) for _ in self.kernels]
         self.h_link: list[Tensor] = [torch.empty(0)] * len(self.kernels)
+        self.w_place: list[Tensor | None] = [None] * len(self.kernels)
         self.height_out = [torch.zeros(batch, hid, h, w, **opts) for _ in self.kernels]
-        self.w_link: list[Tensor] = [torch.empty(0)] * len(self.kernels)
-        self.emb_row = torch.zeros(batch, self.c + w, cfg.embedding_dim, **opts)
-        self.width_out = [torch.zeros(batch, self.c + w, hid, **opts) for _ in self.kernels]
+        self.w_link: list[Sequence[Tensor]] = [()] * len(self.kernels)
+        self.emb_row = torch.zeros(batch, self.pad + w, cfg.embedding_dim, **opts)
+        self.width_out = [torch.zeros(batch, self.pad + w, hid, **opts) for _ in self.kernels]
+        self.columns = [out.unbind(1) for out in self.width_out]
+        sources = [self.emb_row, *self.width_out[:-1]]
+        self.windows = [
+            self._windows(src, k, w) for src, k in zip(sources, self.kernels, strict=True)
+        ]
         self.head_w1 = model.head_hidden.weight[:, :, 0, 0, 0].t().contiguous()
         self.head_b1 = model.head_hidden.bias
         self.head_w2 = model.head_out.weight[:, :, 0, 0, 0].t().contiguous()
         self.head_b2 = model.head_out.bias
+
+    def _windows(self, src: Tensor, k: _LayerKernels, w: int) -> list[Tensor]:
+        """Views of a layer's input taps in ``src`` (B, P + w, C_in) for each column x.
+
+        Columns x - reach, ..., x (``dilation`` apart), flattened to (B, taps * C_in) where that
+        is a view (dilation 1), else (B, taps, C_in) to be flattened (copied) at each step.
+        """
+        span = (k.taps - 1) * k.dilation + 1
+        starts = [self.pad + x - k.reach for x in range(w)]
+        views = [src[:, s : s + span : k.dilation] for s in starts]
+        return [v.flatten(1) if k.dilation == 1 else v for v in views]
 
     def load(self, codes: Tensor) -> None:
         """Embed a whole code grid (B, d, h, w); only positions before the current one are read."""
@@ -198,25 +153,30 @@ class StepState:
         """Record the codes (B,) drawn at (z, y, x)."""
         vec = self.model.embedding.weight[codes]
         self.emb[:, z, y, x] = vec
-        self.emb_row[:, self.c + x] = vec
+        self.emb_row[:, self.pad + x] = vec
 
     def write_row(self, x: int, codes: Tensor) -> None:
         """Record codes (B,) at column x of the current row only (naive replay of a row)."""
-        self.emb_row[:, self.c + x] = self.model.embedding.weight[codes]
+        self.emb_row[:, self.pad + x] = self.model.embedding.weight[codes]
 
     def depth_step(self, z: int) -> None:
         """Depth stack for slice z (reads codes of slices < z) and its link to the height stack."""
-        c = self.c
+        _, h, w = self.emb.shape[1:4]
+        position = self.model.position
+        features = None if position is None else position.slice(z, h, w)  # (h, w, E)
         for i, k in enumerate(self.kernels):
-            if i == 0:
-                win = _window(self.emb, 1, z, k.taps).permute(0, 4, 1, 2, 3)
+            if i == 0:  # mask A: the slices before z (the first layer is never dilated)
+                win = _window(self.emb, 1, z - 1, k.taps).permute(0, 4, 1, 2, 3)
             else:
-                win = _window(self.depth_out[i - 1], 2, z + 1, k.taps)
-            win = F.pad(win, (c, c, c, c))  # (B, C_in, taps, h + 2c, w + 2c), contiguous
+                win = _window(self.depth_out[i - 1], 2, z, k.taps, k.dilation)
+            win = F.pad(win, (k.reach,) * 4)  # (B, C_in, taps, h + 2P, w + 2P), contiguous
             win = win.reshape(win.shape[0], -1, *win.shape[3:])
-            a = F.conv2d(win, k.depth_w, k.depth_b)  # (B, 2C, h, w)
+            a = F.conv2d(win, k.depth_w, k.depth_b, dilation=k.dilation)  # (B, 2C, h, w)
             if k.cond is not None:
                 a = a + k.cond[0][:, :, None, None]
+            place = k.position_offsets(features)
+            if place is not None:
+                a = a + place[0].permute(2, 0, 1)
             new = gate(a)
             if k.residual:
                 new = new + self.depth_out[i - 1][:, :, z]
@@ -224,17 +184,20 @@ class StepState:
             link = F.conv2d(a, k.d2h_w, k.d2h_b)
             if k.cond is not None:
                 link = link + k.cond[1][:, :, None, None]
+            if place is not None:
+                link = link + place[1].permute(2, 0, 1)
             self.h_link[i] = link
+            self.w_place[i] = None if place is None else place[2]
 
     def height_step(self, z: int, y: int) -> None:
         """Height stack for row y of slice z (after `depth_step(z)`) and its width-stack link."""
-        c = self.c
         for i, k in enumerate(self.kernels):
-            if i == 0:
-                win = _window(self.emb[:, z], 1, y, k.taps).permute(0, 3, 1, 2)
+            if i == 0:  # mask A: the rows before y
+                win = _window(self.emb[:, z], 1, y - 1, k.taps).permute(0, 3, 1, 2)
             else:
-                win = _window(self.height_out[i - 1], 2, y + 1, k.taps)
-            pre = F.conv2d(F.pad(win, (c, c)), k.height_w, k.height_b)[:, :, 0]  # (B, 2C, w)
+                win = _window(self.height_out[i - 1], 2, y, k.taps, k.dilation)
+            win = F.pad(win, (k.reach, k.reach))  # (B, C_in, taps, w + 2 reach)
+            pre = _row_conv(win, k.height_w, k.height_b, k.dilation)  # (B, 2C, w)
             b = pre + self.h_link[i][:, :, y]  # (B, 2C, w)
             new = gate(b)
             if k.residual:
@@ -243,22 +206,25 @@ class StepState:
             link = F.linear(b.transpose(1, 2), k.h2w_w, k.h2w_b)  # (B, w, 2C)
             if k.cond is not None:
                 link = link + k.cond[2][:, None, :]
-            self.w_link[i] = link
+            place = self.w_place[i]
+            if place is not None:
+                link = link + place[y]
+            self.w_link[i] = link.unbind(1)
 
     def width_step(self, x: int) -> Tensor:
         """Logits (B, K) at column x of the current row (needs `height_step` for that row)."""
-        c, batch = self.c, self.emb_row.shape[0]
+        col, batch = self.pad + x, self.emb_row.shape[0]
         skip: Tensor | None = None
         for i, k in enumerate(self.kernels):
-            src = self.emb_row if i == 0 else self.width_out[i - 1]
-            win = src[:, x : x + k.taps]  # columns x - c .. x - c + taps - 1
-            pre = torch.addmm(self.w_link[i][:, x], win.reshape(batch, -1), k.width_wt)
+            win = self.windows[i][x].reshape(batch, -1)  # a copy only when dilated
+            pre = torch.addmm(self.w_link[i][x], win, k.width_wt)
             res_skip = torch.addmm(k.out_b, gate(pre), k.out_wt)
             res, sk = res_skip[:, : k.channels], res_skip[:, k.channels :]
             if k.residual:
-                res = res + self.width_out[i - 1][:, c + x]
-            self.width_out[i][:, c + x] = res
-            skip = sk if skip is None else skip + sk
+                torch.add(res, self.columns[i - 1][col], out=self.columns[i][col])
+            else:
+                self.columns[i][col].copy_(res)
+            skip = sk if skip is None else skip.add_(sk)
         assert skip is not None
         hidden = torch.addmm(self.head_b1, F.relu(skip), self.head_w1).relu_()
         return torch.addmm(self.head_b2, hidden, self.head_w2)
@@ -328,6 +294,7 @@ def teacher_forced_logits(
     """Logits (B, K, d, h, w) of a given grid computed with the samplers' step arithmetic."""
     indices = model.check_indices(indices)
     labels = model.check_labels(labels, indices.shape[0])
+    model.check_grid(indices.shape[1:])
     state = StepState(model, indices.shape[0], indices.shape[1:], labels)
     rows: list[Tensor] = []
 
@@ -370,7 +337,8 @@ def sample_grid(
             f"generator is on {generator.device} but the model is on {device}; create it with "
             f"torch.Generator(device={str(device)!r})"
         )
-    _check_draw_args(temperature, top_k, model.codebook_size)
+    check_draw_args(temperature, top_k, model.codebook_size)
+    model.check_grid((d, h, w))
     labels = model.check_labels(labels, batch)
     if labels is not None:
         labels = labels.to(device)
@@ -382,11 +350,11 @@ def sample_grid(
     def choose(logits: Tensor) -> Tensor:
         # The finiteness flag stays on the device; it is read once per latent slice (one host
         # sync per slice, not per voxel), so a diverged prior stops within one slice.
-        codes, finite = _draw(logits, generator, temperature, top_k, greedy)
+        codes, finite = draw(logits, generator, temperature, top_k, greedy)
         all_finite.logical_and_(finite)
         steps[0] += 1
         if steps[0] % (h * w) == 0 and not bool(all_finite):
-            raise _nonfinite_logits(f"in latent slice {steps[0] // (h * w) - 1}")
+            raise nonfinite_logits_error(f"in latent slice {steps[0] // (h * w) - 1}")
         return codes
 
     run = _run_fast if method == "fast" else _run_naive
