@@ -6,11 +6,12 @@ prior (one folder, one config class, one line in `mri_vqvae.models.registry`) wo
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from mri_vqvae.core.errors import MriVqvaeError
 
@@ -56,6 +57,28 @@ class Prior(Protocol):
         """Draw grids: ``shape`` = (B, d, h, w) -> int64 codes; the same generator state gives
         the same grids."""
         ...
+
+
+class PositionwisePrior(nn.Module):
+    """Base of priors with an exact per-position likelihood: `loss` and `grid_bits` from `bits`.
+
+    A subclass defines ``bits(indices, labels) -> (B, d, h, w)`` and `sample`; the training
+    objective is then the mean of those bits in nats, and each grid's bits per latent their mean.
+    """
+
+    likelihood = "exact"
+
+    def bits(self, indices: Tensor, labels: Tensor | None = None) -> Tensor:
+        """``-log2 p`` at every position: (B, d, h, w) float."""
+        raise NotImplementedError
+
+    def loss(self, indices: Tensor, labels: Tensor | None = None) -> Tensor:
+        """Mean negative log-likelihood in nats per latent (scalar, differentiable)."""
+        return self.bits(indices, labels).mean() * math.log(2.0)
+
+    def grid_bits(self, indices: Tensor, labels: Tensor | None = None) -> Tensor:
+        """Exact bits per latent of each grid: (B, d, h, w) -> (B,)."""
+        return self.bits(indices, labels).flatten(1).mean(1)
 
 
 def check_indices(indices: Tensor, codebook_size: int) -> Tensor:

@@ -36,7 +36,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mri_vqvae.models.priors.base import PriorInputError, check_indices, check_labels
+from mri_vqvae.models.priors.base import (
+    PositionwisePrior,
+    PriorInputError,
+    check_indices,
+    check_labels,
+)
 from mri_vqvae.models.priors.pixelcnn.config import PixelCNNConfig
 
 STACKS = ("depth", "height", "width")
@@ -261,7 +266,7 @@ class GatedLayer3D(nn.Module):
         return d_new, h_new, res, skip
 
 
-class GatedPixelCNN3D(nn.Module):
+class GatedPixelCNN3D(PositionwisePrior):
     """Autoregressive prior p(indices) = prod_p p(i_p | i_<p) over (B, d, h, w) code grids.
 
     ``forward`` gives logits (B, K, d, h, w); the logits at p depend only on codes before p in
@@ -338,25 +343,15 @@ class GatedPixelCNN3D(nn.Module):
 
     # ---- the Prior protocol (mri_vqvae.models.priors.base) ------------------------------------
 
-    likelihood = "exact"
     sample_options = ("temperature", "top_k", "method", "greedy")
 
     def prepare(self, train: Tensor, labels: Tensor | None) -> None:
         """Nothing to set up from data: the network learns everything by gradient."""
 
-    def loss(self, indices: Tensor, labels: Tensor | None = None) -> Tensor:
-        """Mean cross-entropy in nats per latent (scalar): the exact NLL of the grids."""
-        logits = self(indices, labels)
-        return F.cross_entropy(logits.float(), indices.long())
-
     def bits(self, indices: Tensor, labels: Tensor | None = None) -> Tensor:
         """``-log2 p(i_p | i_<p)`` at every position: (B, d, h, w) float."""
         logits = self(indices, labels)
         return F.cross_entropy(logits.float(), indices.long(), reduction="none") / math.log(2.0)
-
-    def grid_bits(self, indices: Tensor, labels: Tensor | None = None) -> Tensor:
-        """Exact bits per latent of each grid: (B, d, h, w) -> (B,)."""
-        return self.bits(indices, labels).flatten(1).mean(1)
 
     @torch.no_grad()
     def sample(

@@ -16,14 +16,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mri_vqvae.models.priors.base import PriorInputError, check_indices, check_labels
+from mri_vqvae.models.priors.base import (
+    PositionwisePrior,
+    PriorInputError,
+    check_indices,
+    check_labels,
+)
 from mri_vqvae.models.priors.unigram.config import UnigramConfig
 
 
-class UnigramPrior(nn.Module):
+class UnigramPrior(PositionwisePrior):
     """Log-probabilities ``logits`` (max(1, num_classes), K): one code distribution per class."""
 
-    likelihood = "exact"
     sample_options = ("temperature", "top_k")
 
     def __init__(self, config: UnigramConfig | None = None) -> None:
@@ -64,14 +68,6 @@ class UnigramPrior(nn.Module):
         rows = self._rows(labels, indices.shape[0])  # (B, K)
         logp = torch.gather(rows, 1, indices.flatten(1)).view(indices.shape)
         return -logp / math.log(2.0)
-
-    def loss(self, indices: Tensor, labels: Tensor | None = None) -> Tensor:
-        """Mean negative log-likelihood in nats per latent (scalar)."""
-        return self.bits(indices, labels).mean() * math.log(2.0)
-
-    def grid_bits(self, indices: Tensor, labels: Tensor | None = None) -> Tensor:
-        """Exact bits per latent of each grid: (B, d, h, w) -> (B,)."""
-        return self.bits(indices, labels).flatten(1).mean(1)
 
     @torch.no_grad()
     def sample(
