@@ -70,3 +70,34 @@ def test_no_test_module_imports_another() -> None:
     offenders = [str(p.relative_to(REPO)) for p in tests.rglob("*.py")
                  if pattern.search(p.read_text(encoding="utf-8"))]
     assert offenders == []
+
+
+def _module_imports() -> dict[str, set[str]]:
+    """Top-level imports between modules of the package: {module: modules it imports}."""
+    modules = {".".join(p.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__"): p
+               for p in PACKAGE.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        targets = set()
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("mri_vqvae"):
+                targets |= {node.module, *(f"{node.module}.{a.name}" for a in node.names)}
+        graph[name] = {t for t in targets if t in modules and t != name}
+    return graph
+
+
+def test_no_import_cycles_between_modules() -> None:
+    graph, done, cycles = _module_imports(), set(), []
+
+    def visit(module: str, path: list[str]) -> None:
+        for target in graph[module]:
+            if target in path:
+                cycles.append(path[path.index(target):] + [target])
+            elif target not in done:
+                visit(target, [*path, target])
+        done.add(module)
+
+    for module in graph:
+        if module not in done:
+            visit(module, [module])
+    assert cycles == []
