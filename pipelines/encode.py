@@ -30,8 +30,12 @@ from pipelines.common import (
 @data_root_option
 @device_option
 @preprocessed_option
+@click.option("--augment", "augment", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Also encode N augmented views of each train case (<case_id>~aug<k>.npy), "
+              "drawn by the run's seeded training augmentation: more grids for train-prior. "
+              "Val and test cases are never augmented.")
 def encode(vqvae_run: str, manifest_path: str, out_dir: str, split: str | None, strict: bool,
-           data_root: str | None, device: str, preprocessed: str | None) -> None:
+           data_root: str | None, device: str, preprocessed: str | None, augment: int) -> None:
     """Encode each case with the VQ-VAE: <case_id>.npy grids, index.json, failures.csv.
 
     Under torchrun the cases are shared among the processes; rank 0 writes index.json.
@@ -44,11 +48,12 @@ def encode(vqvae_run: str, manifest_path: str, out_dir: str, split: str | None, 
     with distributed.process_group(device):  # under torchrun: each rank encodes a share
         result = encode_manifest(vqvae_run, manifest, out_dir, split=split, strict=strict,
                                  device=device, manifest_path=manifest_path,
-                                 preprocessed=preprocessed)
+                                 preprocessed=preprocessed, augment=augment)
         main = distributed.is_main()
     if not main:
         return
-    click.echo(f"encoded {len(result.encoded)} case(s), kept {len(result.reused)} already "
+    what = f"grid(s) (cases and {augment} view(s) of each train case)" if augment else "case(s)"
+    click.echo(f"encoded {len(result.encoded)} {what}, kept {len(result.reused)} already "
                f"encoded, into {Path(out_dir).resolve()} (index.json, <case_id>.npy)")
     report_failures(result.failures, strict, "case(s)")
 

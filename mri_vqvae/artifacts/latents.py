@@ -1,19 +1,26 @@
-"""The latents store: one folder of code grids made by `mri_vqvae.tasks.encode`, read back here.
+"""The latents store: one folder of code grids; its format, written and read back here.
 
 On disk (by convention ``runs/latents/<vqvae-run>/``)::
 
     <case_id>.npy   one uint16 grid (d, h, w) of code indices per case (np.save, no pickle)
+    <case_id>~aug<k>.npy   with ``encode --augment N``: view k (1..N) of a train case, its k-th
+                    seeded training augmentation (``~`` never occurs in a manifest case_id)
     index.json      provenance (the VQ-VAE, its weights' sha256, the manifest digest,
-                    latent_shape, codebook_size, data config) plus one entry per case:
-                    case_id, subject_id, split, file, sha256 (of the .npy), source_sha256 (of the
-                    input), and (written since cases carry labels) modality, source_id
-    index.journal   only while an encode runs or after it was killed: one JSON line per case
+                    latent_shape, codebook_size, data config; with views also augment_views N,
+                    augment_digest and augment_seed) plus one entry per grid: case_id,
+                    subject_id, split, file, sha256 (of the .npy), source_sha256 (of the input),
+                    and (written since cases carry labels) modality, source_id; a view's entry
+                    adds view k and source_case (the case_id it was drawn from)
+    index.journal   only while an encode runs or after it was killed: one JSON line per grid
                     encoded since index.json was last written (see `mri_vqvae.tasks.encode`)
     failures.csv    cases that could not be encoded: case_id, path, reason
 
+`mri_vqvae.tasks.encode` writes a folder through `IndexWriter` (index.json, the journal) after
+`previous_entries` has checked that the folder's grids were made the same way (`IDENTITY`).
 `load_latents` validates a folder (shape, dtype, range, sha256) and `LatentDataset` serves the
-grids of one split to the prior. Folders written before modality / source_id were recorded
-load with those fields None.
+grids of one split to the prior; a split's grids include its views (only train has any).
+Folders written before modality / source_id were recorded load with those fields None, and
+before views existed with every grid view 0.
 """
 
 from __future__ import annotations
@@ -22,17 +29,21 @@ import hashlib
 import io
 import json
 import logging
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from mri_vqvae.core import distributed
+from mri_vqvae.core.atomic import atomic_write_text
 from mri_vqvae.core.errors import MriVqvaeError
+from mri_vqvae.core.provenance import utc_iso
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +54,11 @@ JOURNAL = "index.journal"
 FAILURES = "failures.csv"
 DTYPE = np.dtype("<u2")  # uint16, little-endian on disk whatever the machine
 MAX_CODEBOOK = 2**16
-IDENTITY = ("vqvae_sha256", "latent_shape", "codebook_size", "dtype", "data")
-"""index.json fields that must agree before a rerun may reuse the grids already in a folder."""
+IDENTITY = ("vqvae_sha256", "latent_shape", "codebook_size", "dtype", "data", "augment_views",
+            "augment_digest", "augment_seed")
+"""index.json fields that must agree before a rerun may reuse the grids already in a folder (the
+augment_* ones are absent, i.e. None, in folders without views)."""
+VIEW_MARK = "~aug"  # a view's case_id: <case_id>~aug<k>
 _CASE_KEYS = ("case_id", "subject_id", "split", "file", "sha256", "source_sha256")
 _LABEL_KEYS = ("modality", "source_id")  # optional: absent from folders of older versions
 _HEADER_KEYS = ("vqvae_checkpoint", "vqvae_sha256", "manifest_digest", "latent_shape",
@@ -62,6 +76,11 @@ def npy_bytes(grid: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def view_id(case_id: str, view: int) -> str:
+    """The case_id (and file stem) of view `view` of `case_id`; view 0 is the case itself."""
+    return case_id if view == 0 else f"{case_id}{VIEW_MARK}{view}"
+
+
 def read_index(path: Path) -> dict[str, Any]:
     """The parsed index.json at `path`; `LatentsError` unless it is a latents index."""
     try:
@@ -75,6 +94,89 @@ def read_index(path: Path) -> dict[str, Any]:
     return doc
 
 
+# --- writing (by `mri_vqvae.tasks.encode`) ------------------------------------------------------
+
+
+def _journal_entries(path: Path) -> list[dict[str, Any]]:
+    """The case entries of a journal; a line cut short by a kill is skipped."""
+    if not path.is_file():
+        return []
+    entries = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(entry, dict) and "case_id" in entry:
+            entries.append(entry)
+    return entries
+
+
+def _shown(value: Any) -> str:
+    """A header value for an error message: at most 40 characters, None as absent."""
+    return "absent" if value is None else str(value)[:40]
+
+
+def previous_entries(out_dir: Path, header: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Entries of earlier encodes into `out_dir` (index.json plus journal), by case_id.
+
+    Raises `LatentsError` naming each difference when index.json's `IDENTITY` fields differ from
+    `header` (another model, preprocessing or augmentation): its grids cannot be reused.
+    """
+    path = out_dir / INDEX
+    if not path.is_file():
+        return {}
+    doc = read_index(path)
+    changed = [k for k in IDENTITY if doc.get(k) != header.get(k)]
+    if changed:
+        diffs = "; ".join(f"{k} {_shown(doc.get(k))} there vs {_shown(header.get(k))} now"
+                          for k in changed)
+        raise LatentsError(
+            f"{out_dir} already holds latents made differently (index.json differs in "
+            f"{changed}: {diffs}): choose another --out or delete that folder"
+        )
+    cases = [e for e in doc.get("cases", []) if isinstance(e, dict)]
+    return {str(e["case_id"]): dict(e) for e in cases + _journal_entries(out_dir / JOURNAL)}
+
+
+class IndexWriter:
+    """index.json and its journal as an encode keeps them: `entries` by case_id in memory on every
+    rank, the files on rank 0 only (other ranks' writes do nothing)."""
+
+    def __init__(self, out: Path, header: dict[str, Any], entries: dict[str, dict[str, Any]]):
+        self.out, self.header, self.entries = out, header, entries
+        self.main = distributed.is_main()
+        self._journal: IO[str] | None = None
+
+    def write(self, failures: list[dict[str, str]]) -> None:
+        """Write index.json with every entry and `failures`, then drop the journal it now holds."""
+        if not self.main:
+            return
+        self.close()
+        doc = {**self.header, "updated_utc": utc_iso(),
+               "cases": [self.entries[k] for k in sorted(self.entries)],
+               "failures": failures}
+        atomic_write_text(self.out / INDEX, json.dumps(doc, indent=2) + "\n")
+        (self.out / JOURNAL).unlink(missing_ok=True)
+
+    def append(self, entry: dict[str, Any]) -> None:
+        """Record one encoded grid: in memory, and on rank 0 as a fsynced journal line."""
+        self.entries[entry["case_id"]] = entry
+        if not self.main:
+            return
+        if self._journal is None:
+            self._journal = open(self.out / JOURNAL, "a", encoding="utf-8")  # noqa: SIM115
+        self._journal.write(json.dumps(entry) + "\n")
+        self._journal.flush()
+        os.fsync(self._journal.fileno())
+
+    def close(self) -> None:
+        if self._journal is not None:
+            self._journal.close()
+            self._journal = None
+
+
+
 # --- reading -------------------------------------------------------------------------------------
 
 
@@ -83,7 +185,8 @@ class LatentCase:
     """One index.json entry; ``file`` is relative to the latents folder.
 
     ``modality`` and ``source_id`` come from the manifest case (prior labels, see
-    ``prior.label_field``); None in folders encoded before they were recorded.
+    ``prior.label_field``); None in folders encoded before they were recorded. ``view`` is 0 for
+    a case's own grid, k >= 1 for its k-th augmented view, whose ``source_case`` names the case.
     """
 
     case_id: str
@@ -94,6 +197,8 @@ class LatentCase:
     source_sha256: str
     modality: str | None = None
     source_id: str | None = None
+    view: int = 0
+    source_case: str | None = None
 
 
 @dataclass(frozen=True)
@@ -144,7 +249,12 @@ def _parse_case(entry: Any, path: Path, n: int) -> LatentCase:
     if not isinstance(entry, dict) or any(k not in entry for k in _CASE_KEYS):
         raise LatentsError(f"{path}: cases[{n}] lacks some of the keys {list(_CASE_KEYS)}")
     labels = {k: None if entry.get(k) is None else str(entry[k]) for k in _LABEL_KEYS}
-    case = LatentCase(**{k: str(entry[k]) for k in _CASE_KEYS}, **labels)
+    view, source = entry.get("view", 0), entry.get("source_case")
+    if type(view) is not int or view < 0 or (view > 0) != isinstance(source, str):
+        raise LatentsError(f"{path}: cases[{n}] has view {view!r} and source_case {source!r}: "
+                           "a view k >= 1 names its source_case, a case (view 0) none")
+    case = LatentCase(**{k: str(entry[k]) for k in _CASE_KEYS}, **labels, view=view,
+                      source_case=source)
     if Path(case.file).name != case.file or not case.file.endswith(".npy"):
         raise LatentsError(f"{path}: cases[{n}].file {case.file!r} must be a plain .npy name")
     return case

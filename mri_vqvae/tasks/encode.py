@@ -1,11 +1,12 @@
 """Encode a manifest with a trained autoencoder into a latents folder (`artifacts.latents`).
 
 Resumable without quadratic rewrites: index.json is written once when the encode starts (the
-entries still valid from earlier runs) and once at the end; in between, each encoded case is
+entries still valid from earlier runs) and once at the end; in between, each encoded grid is
 appended to ``index.journal`` as one JSON line (flushed and fsynced) after its .npy is written
-atomically. A killed encode so loses nothing: a rerun reads index.json plus the journal (a line
-cut short by the kill is skipped), keeps each grid whose file still matches its recorded sha256,
-encodes only the rest, and folds the journal into index.json.
+atomically (both kept by `artifacts.latents.IndexWriter`). A killed encode so loses nothing: a
+rerun reads index.json plus the journal (a line cut short by the kill is skipped), keeps each
+grid whose file still matches its recorded sha256, encodes only the rest, and folds the journal
+into index.json.
 
 Under ``torchrun`` (`mri_vqvae.core.distributed`) the cases are sharded: rank r encodes its
 contiguous share and writes only those .npy files (atomically); rank 0 journals its own cases as
@@ -13,52 +14,65 @@ it goes, then gathers every rank's entries and failures and writes index.json an
 the same documents a single process would write. A kill mid-run loses at most the entries of
 other ranks' cases: their grids are re-encoded by the rerun (the sha256 check never trusts a
 file that index.json and the journal do not vouch for).
+
+Augmented views (``augment`` N > 0): each train case is also encoded as N views, its
+preprocessed volume through the training augmentation of the VQ-VAE run (the ``augment`` section
+and ``seed`` of the experiment config its checkpoint recorded, the random steps train-vqvae
+applies), reseeded per view from (seed, case_id, k). A view is replayable anywhere and is its
+own grid: file, index entry, journal line and resume check; a case is preprocessed once for
+itself and all its views, which travel with it (same rank, failed together). Val and test cases
+are never augmented. The header records augment_views, augment_digest and augment_seed, part of
+the identity a rerun must match; N = 0 writes exactly what an encode without views writes.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
-import json
 import logging
-import os
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import torch
 from monai.transforms import Compose
+from pydantic import ValidationError
 
+from mri_vqvae.artifacts.checkpoint_folder import read_meta
 from mri_vqvae.artifacts.latents import (
     DTYPE,
     FAILURES,
     FORMAT,
     FORMAT_VERSION,
-    IDENTITY,
     INDEX,
-    JOURNAL,
     MAX_CODEBOOK,
+    IndexWriter,
     LatentsError,
     npy_bytes,
-    read_index,
+    previous_entries,
+    view_id,
 )
 from mri_vqvae.artifacts.loading import AutoencoderRun, open_autoencoder_run
+from mri_vqvae.config import AugmentConfig, config_digest
 from mri_vqvae.core import distributed
-from mri_vqvae.core.atomic import atomic_write_bytes, atomic_write_text
+from mri_vqvae.core.atomic import atomic_write_bytes
 from mri_vqvae.core.device import resolve_device
 from mri_vqvae.core.errors import MriVqvaeError, innermost_error
 from mri_vqvae.core.outputs import ensure_writable
-from mri_vqvae.core.provenance import sha256_file, utc_iso
+from mri_vqvae.core.provenance import sha256_file
 from mri_vqvae.data.case import Case
 from mri_vqvae.data.datasets import case_items, plain_volume
 from mri_vqvae.data.manifest import Manifest
 from mri_vqvae.data.preprocessed import with_store
-from mri_vqvae.data.transforms import IMAGE, build_transforms
+from mri_vqvae.data.transforms import IMAGE, augment_only, augmentation_steps, build_transforms
 from mri_vqvae.models.autoencoders.base import DiscreteAutoencoder
 from mri_vqvae.tasks.cases import Failure, run_batch, write_failures
 
 log = logging.getLogger(__name__)
+
+_VIEW_STREAM = 3  # seed stream of views, apart from training's item / permutation / dropout ones
 
 
 @dataclass(frozen=True)
@@ -75,17 +89,102 @@ class EncodeResult:
         return self.out_dir / INDEX
 
 
+def view_seed(seed: int, case_id: str, view: int) -> int:
+    """The augmentation seed of view `view` of case `case_id` under config `seed`, in [0, 2**32).
+
+    A pure function of its arguments: every run, resume, rank and machine draws the same view.
+    """
+    case_word = int.from_bytes(hashlib.sha256(case_id.encode()).digest()[:8], "little")
+    words = [int(seed) & 0xFFFF_FFFF_FFFF_FFFF, _VIEW_STREAM, case_word, int(view)]
+    return int(np.random.SeedSequence(words).generate_state(1)[0])
+
+
+@dataclass(frozen=True)
+class Views:
+    """N augmented views per train case (`count` 0: none), drawn by the random training steps
+    `chain` of `augment`, reseeded per view from (`seed`, case_id, view)."""
+
+    count: int = 0
+    augment: AugmentConfig | None = None
+    seed: int = 0
+    chain: Compose | None = field(default=None, repr=False, compare=False)
+
+    def of(self, item: Mapping[str, Any]) -> list[int]:
+        """The views of a case item: [0] (itself), then 1..count when it is a train case."""
+        return list(range(self.count + 1 if item["split"] == "train" else 1))
+
+    def header(self) -> dict[str, Any]:
+        """The index.json fields of the views (none without views)."""
+        if self.augment is None:
+            return {}
+        return {"augment_views": self.count, "augment_digest": config_digest(self.augment),
+                "augment_seed": self.seed}
+
+    def volume(self, prepped: Mapping[str, Any], case_id: str, view: int) -> torch.Tensor:
+        """View `view` >= 1 of a preprocessed item: a copy through the seeded steps.
+
+        -> (1, D, H, W) float32.
+        """
+        if self.chain is None:
+            raise ValueError(f"view {view} of {case_id!r} asked for without an augmentation")
+        self.chain.set_random_state(seed=view_seed(self.seed, case_id, view))
+        return plain_volume(self.chain(copy.deepcopy(dict(prepped)))[IMAGE])
+
+
 def encode_item(
-    model: DiscreteAutoencoder, chain: Compose, item: Mapping[str, Any], device: torch.device
-) -> np.ndarray:
-    """Preprocess one case item with `chain` and encode it: -> (d, h, w) uint16 code indices.
+    model: DiscreteAutoencoder,
+    chain: Compose,
+    item: Mapping[str, Any],
+    device: torch.device,
+    views: Sequence[int] = (0,),
+    spec: Views | None = None,
+) -> dict[int, np.ndarray]:
+    """Preprocess one case item with `chain` once and encode `views` of it (0: the case itself,
+    k: its k-th augmented view of `spec`): -> {view: (d, h, w) uint16 code indices}.
 
     `model` must be in eval mode; `encode_indices` never moves the codebook.
     """
-    volume = plain_volume(chain(dict(item))[IMAGE])  # (1, D, H, W)
-    indices = model.encode_indices(volume[None].to(device))[0].cpu()  # (d, h, w) int64
-    assert int(indices.max()) < MAX_CODEBOOK and int(indices.min()) >= 0
-    return indices.numpy().astype(DTYPE)
+    prepped = chain(dict(item))
+    spec = spec or Views()
+    grids = {}
+    for k in views:
+        volume = (plain_volume(prepped[IMAGE]) if k == 0
+                  else spec.volume(prepped, str(item["case_id"]), k))  # (1, D, H, W)
+        indices = model.encode_indices(volume[None].to(device))[0].cpu()  # (d, h, w) int64
+        assert int(indices.max()) < MAX_CODEBOOK and int(indices.min()) >= 0
+        grids[k] = indices.numpy().astype(DTYPE)
+    return grids
+
+
+def training_views(source: AutoencoderRun, count: int) -> Views:
+    """`count` views drawn with the augmentation and seed the run's checkpoint recorded.
+
+    The affine step fires for every view (its probability set to 1): each view is a new pose of
+    the case; the other steps keep their training probabilities.
+
+    Raises `LatentsError` when `count` > 0 and the checkpoint records no usable ``augment``
+    section and ``seed``, or its augmentation draws nothing (every view would be the case).
+    """
+    if count == 0:
+        return Views()
+    where = source.checkpoint / "config.json"
+    experiment = (read_meta(source.checkpoint).get("extra") or {}).get("experiment")
+    try:
+        augment = AugmentConfig.model_validate(experiment["augment"])  # type: ignore[index]
+        seed = int(experiment["seed"])  # type: ignore[index]
+    except (KeyError, TypeError, ValueError, ValidationError) as exc:
+        raise LatentsError(
+            f"{where} records no usable training augmentation (extra.experiment.augment and "
+            f".seed: {str(exc)[:200]}); --augment needs a run saved by `mri-vqvae train-vqvae`"
+        ) from None
+    # every view draws a new pose (affine step always on): a view equal to its case is wasted
+    augment = augment.model_copy(update={"affine": augment.affine.model_copy(update={"prob": 1.0})})
+    if not augmentation_steps(augment):
+        raise LatentsError(
+            f"{where}: the run's augmentation is switched off (augment.enabled false or every "
+            "prob 0), so each view would equal its case; encode with --augment 0"
+        )
+    return Views(count, augment, seed, augment_only(augment, seed=0))
 
 
 def _open_source(vqvae_run: str | Path) -> AutoencoderRun:
@@ -110,7 +209,7 @@ def _case_error(item: Mapping[str, Any], exc: BaseException) -> MriVqvaeError:
 
 
 def _header(
-    source: AutoencoderRun, manifest: Manifest, manifest_path: str | Path | None
+    source: AutoencoderRun, manifest: Manifest, manifest_path: str | Path | None, views: Views
 ) -> dict[str, Any]:
     return {
         "format": FORMAT,
@@ -126,39 +225,13 @@ def _header(
         "codebook_size": source.codebook_size,
         "dtype": "uint16",
         "data": source.data.model_dump(mode="json"),
+        **views.header(),
     }
 
 
-def _journal_entries(path: Path) -> list[dict[str, Any]]:
-    """The case entries of a journal; a line cut short by a kill is skipped."""
-    if not path.is_file():
-        return []
-    entries = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(entry, dict) and "case_id" in entry:
-            entries.append(entry)
-    return entries
-
-
-def _previous_entries(out_dir: Path, header: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    """Case entries of earlier encodes into `out_dir` by the same model and preprocessing."""
-    path = out_dir / INDEX
-    if not path.is_file():
-        return {}
-    doc = read_index(path)
-    changed = [k for k in IDENTITY if doc.get(k) != header[k]]
-    if changed:
-        raise LatentsError(
-            f"{out_dir} already holds latents made differently (index.json differs in "
-            f"{changed}: e.g. vqvae_sha256 {str(doc.get('vqvae_sha256'))[:12]}... vs "
-            f"{str(header['vqvae_sha256'])[:12]}...): choose another --out or delete that folder"
-        )
-    cases = [e for e in doc.get("cases", []) if isinstance(e, dict)]
-    return {str(e["case_id"]): dict(e) for e in cases + _journal_entries(out_dir / JOURNAL)}
+def _source_case(entry: Mapping[str, Any], by_id: Mapping[str, Case]) -> Case | None:
+    """The manifest case of an entry (a view's is its source_case), None when unlisted."""
+    return by_id.get(str(entry.get("source_case") or entry["case_id"]))
 
 
 def _still_listed(entry: Mapping[str, Any], case: Case | None) -> bool:
@@ -177,45 +250,19 @@ def _reusable(entry: Mapping[str, Any] | None, item: Mapping[str, Any], out_dir:
     return path.is_file() and sha256_file(path) == entry.get("sha256")
 
 
-class _Index:
-    """index.json and its journal, kept by rank 0 only (other ranks' calls do nothing)."""
-
-    def __init__(self, out: Path, header: dict[str, Any], entries: dict[str, dict[str, Any]]):
-        self.out, self.header, self.entries = out, header, entries
-        self.main = distributed.is_main()
-        self._journal: IO[str] | None = None
-
-    def write(self, failures: list[Failure]) -> None:
-        """Write index.json with every entry, then drop the journal it now holds."""
-        if not self.main:
-            return
-        self.close()
-        doc = {**self.header, "updated_utc": utc_iso(),
-               "cases": [self.entries[k] for k in sorted(self.entries)],
-               "failures": [asdict(f) for f in failures]}
-        atomic_write_text(self.out / INDEX, json.dumps(doc, indent=2) + "\n")
-        (self.out / JOURNAL).unlink(missing_ok=True)
-
-    def append(self, entry: dict[str, Any]) -> None:
-        """Record one encoded case: in memory, and on rank 0 as a fsynced journal line."""
-        self.entries[entry["case_id"]] = entry
-        if not self.main:
-            return
-        if self._journal is None:
-            self._journal = open(self.out / JOURNAL, "a", encoding="utf-8")  # noqa: SIM115
-        self._journal.write(json.dumps(entry) + "\n")
-        self._journal.flush()
-        os.fsync(self._journal.fileno())
-
-    def close(self) -> None:
-        if self._journal is not None:
-            self._journal.close()
-            self._journal = None
-
-
 def _labels(case: Case) -> dict[str, str]:
     """The manifest labels an entry records (prior classes, see ``prior.label_field``)."""
     return {"modality": case.modality, "source_id": case.source_id}
+
+
+def _entry(item: Mapping[str, Any], case: Case, view: int, content: bytes) -> dict[str, Any]:
+    """The index entry of view `view` of a case item (0: the case itself) whose .npy is
+    `content`."""
+    gid = view_id(item["case_id"], view)
+    entry = {"case_id": gid, "subject_id": item["subject_id"], "split": item["split"],
+             "file": f"{gid}.npy", "sha256": hashlib.sha256(content).hexdigest(),
+             "source_sha256": item["sha256"], **_labels(case)}
+    return {**entry, "view": view, "source_case": item["case_id"]} if view else entry
 
 
 def encode_manifest(
@@ -227,27 +274,33 @@ def encode_manifest(
     device: str | torch.device = "auto",
     manifest_path: str | Path | None = None,
     preprocessed: str | Path | None = None,
+    augment: int = 0,
 ) -> EncodeResult:
     """Encode the cases of `split` (all if None) into uint16 grids under `out_dir`.
 
     The VQ-VAE is ``vqvae_run/checkpoints/best`` (else ``last``) in eval mode; each case goes
     through the deterministic preprocessing chain of the data config stored in that checkpoint,
-    or is read from `preprocessed` (a `preprocess` folder of that config; verified). index.json:
-    see `mri_vqvae.artifacts.latents`. Resumable: a case whose entry and file still match is
-    kept, not recomputed. A bad case is listed in failures.csv and skipped, or raised when
-    `strict`. Under DDP each rank encodes its share of the cases, rank 0 writes index.json and
-    failures.csv, and every rank returns the result of the whole encode.
+    or is read from `preprocessed` (a `preprocess` folder of that config; verified). Each train
+    case also gives `augment` seeded augmented views (`training_views`). index.json: see
+    `mri_vqvae.artifacts.latents`. Resumable: a grid whose entry and file still match is kept,
+    not recomputed. A bad case (with its views) is listed in failures.csv and skipped, or raised
+    when `strict`. Under DDP each rank encodes its share of the cases, rank 0 writes index.json
+    and failures.csv, and every rank returns the result of the whole encode (``encoded`` and
+    ``reused`` list grid ids: case_ids and view ids).
     """
+    if augment < 0:
+        raise LatentsError(f"augment={augment}: the number of views per train case is >= 0")
     out = Path(out_dir)
     source = _open_source(vqvae_run)
-    header = _header(source, manifest, manifest_path)
+    views = training_views(source, augment)
+    header = _header(source, manifest, manifest_path, views)
     ensure_writable(out)  # a read-only or full folder is a clear error before any case
-    previous = _previous_entries(out, header)
+    previous = previous_entries(out, header)
     items = case_items(manifest, source.data, split)
     by_id = {c.case_id: c for c in manifest.cases}
-    index = _Index(out, header, {  # other splits' entries stay while the manifest lists them
-        cid: {**e, **_labels(by_id[cid])} for cid, e in previous.items()
-        if _still_listed(e, by_id.get(cid))
+    index = IndexWriter(out, header, {  # other splits' entries stay while the manifest lists them
+        cid: {**e, **_labels(case)} for cid, e in previous.items()
+        if _still_listed(e, case := _source_case(e, by_id))
     })
     distributed.barrier()  # every rank has read the old index.json before rank 0 rewrites it
     dev = resolve_device(device)
@@ -256,23 +309,27 @@ def encode_manifest(
     encoded: list[str] = []
     reused: list[str] = []
 
+    def grid_ids(item: Mapping[str, Any]) -> dict[int, str]:
+        return {k: view_id(item["case_id"], k) for k in views.of(item)}
+
     def process(item: dict[str, Any]) -> str:
-        cid = item["case_id"]
-        if _reusable(index.entries.get(cid), item, out):
-            reused.append(cid)
-            return cid
-        index.entries.pop(cid, None)
+        ids = grid_ids(item)
+        todo = [k for k, gid in ids.items() if not _reusable(index.entries.get(gid), item, out)]
+        for k in todo:
+            index.entries.pop(ids[k], None)
         try:
-            grid = encode_item(model, chain, item, dev)
-        except (OSError, RuntimeError, ValueError) as exc:
+            grids = encode_item(model, chain, item, dev, todo, views) if todo else {}
+        except (MriVqvaeError, OSError, RuntimeError, ValueError) as exc:
+            for gid in ids.values():
+                index.entries.pop(gid, None)  # a bad case keeps none of its grids
             raise _case_error(item, exc) from None  # the case error says what the cause was
-        content = npy_bytes(grid)
-        atomic_write_bytes(out / f"{cid}.npy", content)
-        index.append({"case_id": cid, "subject_id": item["subject_id"], "split": item["split"],
-                      "file": f"{cid}.npy", "sha256": hashlib.sha256(content).hexdigest(),
-                      "source_sha256": item["sha256"], **_labels(by_id[cid])})
-        encoded.append(cid)
-        return cid
+        for k in todo:
+            content = npy_bytes(grids[k])
+            atomic_write_bytes(out / f"{ids[k]}.npy", content)
+            index.append(_entry(item, by_id[item["case_id"]], k, content))
+            encoded.append(ids[k])
+        reused.extend(gid for k, gid in ids.items() if k not in todo)
+        return str(item["case_id"])
 
     index.write([])
     mine = distributed.shard(items)
@@ -281,12 +338,13 @@ def encode_manifest(
     finally:
         index.close()
     if distributed.is_distributed():
-        encoded, reused, failures = _merge(index, items, mine, encoded, reused, failures)
-    index.write(failures)
+        encoded, reused, failures = _merge(index, items, mine, grid_ids,
+                                           (encoded, reused, failures))
+    index.write([asdict(f) for f in failures])
     if index.main:
         write_failures(out / FAILURES, failures)
-    log.info("encoded %d case(s), reused %d, %d failed, into %s", len(encoded), len(reused),
-             len(failures), out)
+    log.info("encoded %d grid(s), reused %d, %d case(s) failed, into %s", len(encoded),
+             len(reused), len(failures), out)
     return EncodeResult(out, encoded, reused, failures)
 
 
@@ -297,26 +355,29 @@ def _ids(case_ids: list[str], most: int = 10) -> str:
 
 
 def _merge(
-    index: _Index,
+    index: IndexWriter,
     items: list[dict[str, Any]],
     mine: list[dict[str, Any]],
-    encoded: list[str],
-    reused: list[str],
-    failures: list[Failure],
+    grid_ids: Callable[[Mapping[str, Any]], dict[int, str]],
+    outcome: tuple[list[str], list[str], list[Failure]],
 ) -> tuple[list[str], list[str], list[Failure]]:
-    """Every rank's outcome; `index.entries` becomes the whole encode's.
+    """Every rank's outcome (encoded, reused, failures); `index.entries` becomes the whole
+    encode's.
 
     Entries of cases outside `items` are the same on every rank (read before the encode); each
-    case of `items` takes the entry of the rank that processed it, or none when it failed.
+    grid of a case of `items` takes the entry of the rank that processed the case, or none when
+    it failed.
     """
+    encoded, reused, failures = outcome
     log.info("rank %d of %d: encoded %s, reused %s, %d failed", distributed.rank(),
              distributed.world_size(), _ids(encoded), _ids(reused), len(failures))
-    ours = {it["case_id"]: index.entries[it["case_id"]] for it in mine
-            if it["case_id"] in index.entries}
+    ours = {gid: index.entries[gid] for it in mine for gid in grid_ids(it).values()
+            if gid in index.entries}
     entries, encoded, reused, failures = distributed.merge_shards(
         (ours, encoded, reused, failures)
     )
     for item in items:
-        index.entries.pop(item["case_id"], None)
+        for gid in grid_ids(item).values():
+            index.entries.pop(gid, None)
     index.entries.update(entries)
     return encoded, reused, failures

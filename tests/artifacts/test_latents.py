@@ -134,3 +134,45 @@ def test_an_interrupted_encode_is_reported(
     with caplog.at_level(logging.WARNING):
         assert len(load_latents(out).cases) == len(SPLITS)
     assert "interrupted" in caplog.text
+
+
+def _add_view(folder: Path, source: str, k: int, **fields: object) -> np.ndarray:
+    """Write view `k` of case `source` and its index entry (`fields` override the entry)."""
+    grid = (np.load(folder / f"{source}.npy") + k) % 32
+    content = npy_bytes(grid.astype(np.uint16))
+    (folder / f"{source}~aug{k}.npy").write_bytes(content)
+    doc = json.loads((folder / "index.json").read_text())
+    doc["cases"].append({"case_id": f"{source}~aug{k}", "subject_id": f"sub-{source}",
+                         "split": "train", "file": f"{source}~aug{k}.npy",
+                         "sha256": hashlib.sha256(content).hexdigest(), "source_sha256": "0" * 64,
+                         "modality": "T1w", "source_id": f"src-{source}", "view": k,
+                         "source_case": source, **fields})
+    (folder / "index.json").write_text(json.dumps(doc))
+    return grid
+
+
+def test_views_load_with_their_source_and_cases_without_view_fields_are_view_0(
+    folder: Path, tmp_path: Path
+) -> None:
+    out = _copy(folder, tmp_path)
+    grid = _add_view(out, "a", 2)
+    index = load_latents(out)
+    by_id = {c.case_id: c for c in index.cases}
+    assert (by_id["a~aug2"].view, by_id["a~aug2"].source_case) == (2, "a")
+    assert all((by_id[c].view, by_id[c].source_case) == (0, None) for c in SPLITS)
+    assert np.array_equal(index.grids["a~aug2"], grid)
+    train = LatentDataset(index, "train")
+    assert [c.case_id for c in train.cases] == ["a", "b", "c", "a~aug2"]  # index.json's order
+    assert torch.equal(train[3], torch.from_numpy(grid.astype(np.int64)))
+    assert [c.case_id for c in index.split_cases("val")] == ["v"]
+
+
+@pytest.mark.parametrize("fields", [{"source_case": None}, {"view": 0}, {"view": "2"},
+                                    {"view": True}, {"view": -1, "source_case": None}])
+def test_a_view_entry_must_name_its_source_case(
+    folder: Path, tmp_path: Path, fields: dict[str, object]
+) -> None:
+    out = _copy(folder, tmp_path)
+    _add_view(out, "a", 2, **fields)
+    with pytest.raises(LatentsError, match=r"cases\[5\] has view .* source_case"):
+        load_latents(out)

@@ -7,6 +7,7 @@ encoded once into a shared folder, and tests that change a folder work on a copy
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import sys
@@ -17,18 +18,20 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from mri_vqvae.artifacts import latents as latents_mod
 from mri_vqvae.artifacts.checkpoint import load_checkpoint
 from mri_vqvae.artifacts.latents import LatentsError, load_latents
-from mri_vqvae.config import load_config
+from mri_vqvae.config import AugmentConfig, config_digest, load_config
 from mri_vqvae.core.errors import CheckpointError
 from mri_vqvae.core.outputs import OutputError
 from mri_vqvae.core.provenance import sha256_file
 from mri_vqvae.data.manifest import load_manifest
-from mri_vqvae.data.transforms import build_transforms
+from mri_vqvae.data.transforms import augment_only, build_transforms
 from mri_vqvae.models.autoencoders.vqvae.config import VQVAEConfig
 from mri_vqvae.models.autoencoders.vqvae.model import VQVAE
 from mri_vqvae.tasks import encode as encode_mod
-from mri_vqvae.tasks.encode import encode_manifest
+from mri_vqvae.tasks.encode import encode_manifest, view_seed
+from mri_vqvae.training.prior_data import load_prior_data
 from pipelines.cli import cli, main
 from tests.support.runs import HEAD_SPLITS as SPLITS
 from tests.support.runs import save_vqvae_run, write_cases
@@ -112,7 +115,7 @@ def test_encoding_never_moves_the_codebook(
     seen: list[tuple[VQVAE, bool, dict[str, torch.Tensor]]] = []
     real = encode_mod.encode_item
 
-    def spy(model: VQVAE, *args: object) -> np.ndarray:
+    def spy(model: VQVAE, *args: object) -> dict[int, np.ndarray]:
         if not seen:
             state = {k: v.clone() for k, v in model.state_dict().items()}
             seen.append((model, model.training, state))
@@ -131,13 +134,13 @@ def test_index_json_is_written_twice_per_encode_not_once_per_case(
     manifest: Path, vqvae_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     writes: list[str] = []
-    real = encode_mod.atomic_write_text
+    real = latents_mod.atomic_write_text
 
     def counting(path: Path, text: str) -> None:
         writes.append(Path(path).name)
         real(path, text)
 
-    monkeypatch.setattr(encode_mod, "atomic_write_text", counting)
+    monkeypatch.setattr(latents_mod, "atomic_write_text", counting)
     encode_manifest(vqvae_run, load_manifest(manifest), tmp_path / "lat", device="cpu")
     assert writes.count("index.json") == 2  # at the start and at the end, for 5 cases
     assert [c.case_id for c in load_latents(tmp_path / "lat").cases] == sorted(SPLITS)
@@ -173,11 +176,11 @@ def test_a_kill_mid_encode_loses_no_finished_case(
     calls: list[str] = []
     real = encode_mod.encode_item
 
-    def dies_on_third(model: VQVAE, chain: object, item: dict, device: torch.device) -> np.ndarray:
+    def dies_on_third(model: VQVAE, chain: object, item: dict, *rest: object) -> dict:
         calls.append(item["case_id"])
         if len(calls) == 3:
             raise KeyboardInterrupt  # like a kill: nothing after this runs
-        return real(model, chain, item, device)
+        return real(model, chain, item, *rest)
 
     monkeypatch.setattr(encode_mod, "encode_item", dies_on_third)
     with pytest.raises(KeyboardInterrupt):
@@ -268,3 +271,164 @@ def test_a_codebook_too_large_for_uint16_is_refused(manifest: Path, tmp_path: Pa
 def test_a_run_without_checkpoints_is_refused(manifest: Path, tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="no complete checkpoints/best or checkpoints/last"):
         encode_manifest(tmp_path, load_manifest(manifest), tmp_path / "lat", device="cpu")
+
+
+# --- augmented views (--augment N) ---------------------------------------------------------------
+
+
+def _with_augment(run: Path, out: Path, **edits: dict[str, object]) -> Path:
+    """A copy of `run` whose checkpoint records the augment sections updated by `edits`."""
+    copy = Path(shutil.copytree(run, out))
+    path = copy / "checkpoints" / "best" / "config.json"
+    meta = json.loads(path.read_text())
+    augment = meta["extra"]["experiment"]["augment"]
+    for name, values in edits.items():
+        augment[name] = {**augment[name], **values} if isinstance(augment[name], dict) else values
+    path.write_text(json.dumps(meta))
+    return copy
+
+
+@pytest.fixture(scope="module")
+def affine_run(vqvae_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The module's VQ-VAE recording an affine step drawn every time: on these untrained 4^3
+    grids the smoke intensity steps alone seldom move a code, so each view here differs."""
+    return _with_augment(vqvae_run, tmp_path_factory.mktemp("affine") / "run",
+                         affine={"prob": 1.0})
+
+
+@pytest.fixture(scope="module")
+def augmented(manifest: Path, affine_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every case encoded with --augment 2 through the CLI; returns the latents folder."""
+    out = tmp_path_factory.mktemp("augmented") / "lat"
+    result = CliRunner().invoke(cli, ["encode", "--vqvae", str(affine_run), "--manifest",
+                                      str(manifest), "--out", str(out), "--device", "cpu",
+                                      "--augment", "2"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "encoded 11 grid(s) (cases and 2 view(s) of each train case)" in result.output
+    return out
+
+
+def _doc(folder: Path) -> dict:
+    doc = json.loads((folder / "index.json").read_text())
+    doc.pop("updated_utc")
+    return doc
+
+
+def _bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.glob("*.npy")}
+
+
+def test_augment_0_writes_exactly_what_an_encode_without_views_writes(
+    manifest: Path, vqvae_run: Path, encoded: Path, tmp_path: Path
+) -> None:
+    encode_manifest(vqvae_run, load_manifest(manifest), tmp_path / "lat", device="cpu",
+                    manifest_path=manifest, augment=0)
+    doc = _doc(tmp_path / "lat")
+    assert doc == _doc(encoded) and _bytes(tmp_path / "lat") == _bytes(encoded)
+    assert not [k for k in doc if k.startswith("augment")]
+    assert all(set(c) == {"case_id", "subject_id", "split", "file", "sha256", "source_sha256",
+                          "modality", "source_id"} for c in doc["cases"])
+
+
+def test_views_are_the_seeded_training_augmentation_of_each_train_case(
+    manifest: Path, affine_run: Path, augmented: Path
+) -> None:
+    doc = json.loads((augmented / "index.json").read_text())
+    recorded = load_checkpoint(affine_run / "checkpoints" / "best").extra["experiment"]
+    augment = AugmentConfig.model_validate(recorded["augment"])
+    assert (doc["augment_views"], doc["augment_seed"]) == (2, recorded["seed"])
+    assert doc["augment_digest"] == config_digest(augment)
+    views = {c: [c, f"{c}~aug1", f"{c}~aug2"] if s == "train" else [c] for c, s in SPLITS.items()}
+    assert [c["case_id"] for c in doc["cases"]] == sorted(sum(views.values(), []))
+    model = load_checkpoint(affine_run / "checkpoints" / "best").model
+    chain, steps = build_transforms(load_config("smoke").data), augment_only(augment, 0)
+    m = load_manifest(manifest)
+    index = load_latents(augmented)
+    for case in m.cases:
+        prepped = chain({"image": str(m.data_root / case.path)})
+        for k, gid in enumerate(views[case.case_id]):
+            entry = next(c for c in index.cases if c.case_id == gid)
+            assert (entry.view, entry.source_case) == (k, case.case_id if k else None)
+            assert (entry.subject_id, entry.split, entry.modality, entry.source_id,
+                    entry.source_sha256) == (case.subject_id, case.split, "T1w", "synthetic",
+                                             case.sha256)
+            if k:
+                steps.set_random_state(seed=view_seed(recorded["seed"], case.case_id, k))
+            volume = steps(copy.deepcopy(prepped)) if k else prepped
+            expected = model.encode_indices(volume["image"].as_tensor()[None].float())[0]
+            assert torch.equal(torch.from_numpy(index.grids[gid].astype(np.int64)), expected)
+        grids = [index.grids[g].tobytes() for g in views[case.case_id]]
+        assert len(set(grids)) == len(grids), case.case_id  # views differ from it and each other
+
+
+def test_a_second_encode_replays_the_same_views(
+    manifest: Path, affine_run: Path, augmented: Path, tmp_path: Path
+) -> None:
+    result = encode_manifest(affine_run, load_manifest(manifest), tmp_path / "again",
+                             device="cpu", manifest_path=manifest, augment=2)
+    assert len(result.encoded) == 11 and not result.reused
+    assert _doc(tmp_path / "again") == _doc(augmented)
+    assert _bytes(tmp_path / "again") == _bytes(augmented)
+
+
+def test_a_rerun_recomputes_only_a_deleted_view(
+    manifest: Path, affine_run: Path, augmented: Path, tmp_path: Path
+) -> None:
+    out = _copy(augmented, tmp_path)
+    original = _bytes(out)
+    (out / "a~aug2.npy").unlink()
+    before = _mtimes(out)
+    result = encode_manifest(affine_run, load_manifest(manifest), out, device="cpu",
+                             manifest_path=manifest, augment=2)
+    assert result.encoded == ["a~aug2"] and len(result.reused) == 10
+    assert all(_mtimes(out)[n] == t for n, t in before.items())
+    assert _bytes(out) == original and _doc(out) == _doc(augmented)
+
+
+@pytest.mark.parametrize(("views", "edit", "message"), [
+    (3, {}, r"\['augment_views'\]: augment_views 2 there vs 3 now"),
+    (0, {}, r"augment_views 2 there vs absent now"),
+    (2, {"noise": {"std": 0.05}}, r"\['augment_digest'\]"),
+])
+def test_a_folder_of_other_views_is_refused_naming_the_difference(
+    manifest: Path, affine_run: Path, augmented: Path, tmp_path: Path,
+    views: int, edit: dict, message: str,
+) -> None:
+    out = _copy(augmented, tmp_path)
+    run = _with_augment(affine_run, tmp_path / "run", **edit)
+    with pytest.raises(LatentsError, match=message):
+        encode_manifest(run, load_manifest(manifest), out, device="cpu", augment=views)
+    assert _bytes(out) == _bytes(augmented)
+
+
+def test_a_bad_train_case_skips_its_views(
+    manifest: Path, affine_run: Path, tmp_path: Path
+) -> None:
+    root = tmp_path / "heads"
+    shutil.copytree(manifest.parent, root)
+    bad = write_cases(root, {**SPLITS, "broken": "train"}, name="bad.json", bad=("broken",))
+    result = encode_manifest(affine_run, load_manifest(bad), tmp_path / "lat", device="cpu",
+                             augment=2)
+    assert [f.case_id for f in result.failures] == ["broken"]
+    assert not list((tmp_path / "lat").glob("broken*"))
+    assert not [c for c in load_latents(tmp_path / "lat").cases if "broken" in c.case_id]
+    assert len(result.encoded) == 11
+
+
+def test_augment_needs_a_run_whose_augmentation_draws(
+    manifest: Path, vqvae_run: Path, tmp_path: Path
+) -> None:
+    off = _with_augment(vqvae_run, tmp_path / "off", enabled=False)
+    with pytest.raises(LatentsError, match="augmentation is switched off"):
+        encode_manifest(off, load_manifest(manifest), tmp_path / "lat", device="cpu", augment=1)
+    encode_manifest(off, load_manifest(manifest), tmp_path / "lat", device="cpu")  # N=0: fine
+
+
+def test_train_prior_data_holds_every_view(augmented: Path) -> None:
+    """`train-prior` reads `load_prior_data`, whose train split is every train grid."""
+    data = load_prior_data(load_latents(augmented), "modality")
+    assert sorted(data.train.case_ids) == sorted(
+        f"{c}{v}" for c in ("a", "b", "c") for v in ("", "~aug1", "~aug2"))
+    assert data.train.grids.shape == (9, 4, 4, 4) and data.label_names == ("T1w",)
+    assert torch.equal(data.train.labels, torch.zeros(9, dtype=torch.long))
+    assert (data.val.case_ids, data.splits["test"].case_ids) == (("v",), ("t",))
