@@ -3,10 +3,11 @@
 `evaluate_runs` refuses anything but a held-out split of the manifest the VQ-VAE was trained on
 (`heldout.check_held_out`), then runs the per-case passes (`passes`): every held-out case is
 preprocessed, reconstructed and measured once (`quality`), its grid scored under the prior; with a
-prior it draws samples (`samples`), scores the training grids and finds each volume's nearest
-training scan. The numbers go to metrics.json (`blocks`; per-case summaries by `statistics`),
-per_case.csv and failures.csv, and report.html (`report.evaluation_report`) shows them with the
-figures of what the held-out pass kept.
+prior it draws samples (`samples`), scores the training grids, finds each volume's nearest
+training scan and checks the samples' anatomical plausibility against the held-out scans. The
+numbers go to metrics.json (`blocks`; per-case summaries by `statistics`), per_case.csv,
+failures.csv and (with samples) plausibility.csv, and report.html (`report.evaluation_report`)
+shows them with the figures of what the held-out pass kept.
 """
 
 from __future__ import annotations
@@ -51,8 +52,13 @@ from mri_vqvae.evaluation.passes import (
     train_pass,
 )
 from mri_vqvae.evaluation.report.evaluation_report import RunCurves, evaluation_report
-from mri_vqvae.evaluation.samples import draw_and_measure
+from mri_vqvae.evaluation.samples import (
+    draw_and_measure,
+    plausibility_block,
+    write_plausibility_csv,
+)
 from mri_vqvae.metrics.image import CASE_METRICS
+from mri_vqvae.metrics.plausibility import RegistrationSettings
 from mri_vqvae.metrics.sets import NearestScan
 from mri_vqvae.metrics.statistics import BOOTSTRAP_RESAMPLES
 from mri_vqvae.tasks.cases import Failure, write_failures
@@ -178,6 +184,8 @@ def evaluate_runs(
         write_per_case(out / "per_case.csv", held, train, nearest, s.num_samples,
                        source.codebook_size)
         write_failures(out / "failures.csv", failures)
+        if metrics["samples"] is not None:
+            write_plausibility_csv(out / "plausibility.csv", metrics["samples"]["plausibility"])
         runs = [RunCurves.of("vqvae", source.run_dir)]
         runs += [] if prior is None else [RunCurves.of("prior", prior.paths.run_dir)]
         evaluation_report(out, metrics, held.cases, held.views, runs, source.data.spacing)
@@ -204,8 +212,9 @@ def _prior_passes(prior: PriorRun, scorer: Scorer, model: Any, held: HeldOut,
                   manifest: Manifest, source: AutoencoderRun, s: EvaluateSettings, out: Path,
                   device: torch.device
                   ) -> tuple[NearestScan, TrainPass, dict[str, Any], dict[str, Any] | None]:
-    """Samples (rank 0), training bits and nearest scans: (nearest, train pass, the likelihood
-    block, the samples block or None without samples)."""
+    """Samples (rank 0), training bits and nearest scans, the samples' plausibility checks
+    (rank 0): (nearest, train pass, the likelihood block, the samples block or None without
+    samples)."""
     drawn: tuple[np.ndarray, dict[str, Any] | None] = (
         np.zeros((0, *held.volumes[0].shape), np.float32), None)
     if s.num_samples > 0:
@@ -221,6 +230,11 @@ def _prior_passes(prior: PriorRun, scorer: Scorer, model: Any, held: HeldOut,
                                   s.num_resamples, s.seed)
     if samples_block is not None:
         samples_block["memorisation"] = memorisation_block(nearest, s.num_samples, held)
+        plausible = plausibility_block(
+            sample_volumes, np.stack(held.volumes), [c.case_id for c in held.cases],
+            train.mean_volume(), train.num_volumes, source.data.spacing,
+            RegistrationSettings(seed=s.seed)) if distributed.is_main() else None
+        samples_block["plausibility"] = distributed.broadcast_object(plausible)
     return nearest, train, likelihood, samples_block
 
 

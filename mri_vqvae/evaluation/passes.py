@@ -4,8 +4,8 @@ The held-out pass reconstructs each case once and keeps everything later steps u
 (`CaseQuality`), its volume (D, H, W) and code grid (d, h, w), pooled encoder features and, with
 a prior, its bits per latent; for the first ``report_cases`` cases also the reconstruction and
 the prior's bits map (each latent filling its voxel block), so the report needs no second pass.
-The training pass scores the training grids under the prior and streams each training scan into
-a `NearestScan`.
+The training pass scores the training grids under the prior, streams each training scan into
+a `NearestScan` and sums the scans (their mean is the plausibility checks' reference brain).
 
 A conditional prior scores a case under the class named by its manifest field (``classes``:
 case_id -> class index); a case whose class the prior does not know gets NaN bits (left out of
@@ -121,6 +121,20 @@ class TrainPass:
     bits: list[float] = field(default_factory=list)
     grids: list[Tensor] = field(default_factory=list)
     failures: list[Failure] = field(default_factory=list)
+    volume_sum: np.ndarray | None = None  # (D, H, W) float64 sum of the scans read
+    num_volumes: int = 0
+
+    def add_volume(self, volume: np.ndarray) -> None:
+        """Add a scan (D, H, W) to the running sum behind `mean_volume`."""
+        v = np.asarray(volume, np.float64)
+        self.volume_sum = v.copy() if self.volume_sum is None else self.volume_sum + v
+        self.num_volumes += 1
+
+    def mean_volume(self) -> np.ndarray | None:
+        """The mean (D, H, W) float32 of the training scans read; None when none was."""
+        if self.volume_sum is None or not self.num_volumes:
+            return None
+        return (self.volume_sum / self.num_volumes).astype(np.float32)
 
 
 def held_out_pass(model: VQVAE, data: DataConfig, items: list[dict[str, Any]],
@@ -199,15 +213,21 @@ def train_pass(model: VQVAE, scorer: Scorer, data: DataConfig, items: list[dict[
     if not distributed.is_distributed():
         return _train(model, scorer, data, items, nearest, s, device)
     mine = _train(model, scorer, data, distributed.shard(items), nearest, s, device)
-    bits, grids, failures, found = distributed.merge_shards(
-        (mine.bits, mine.grids, mine.failures, [(nearest.best, nearest.best_id)]))
+    bits, grids, failures, found, sums = distributed.merge_shards(
+        (mine.bits, mine.grids, mine.failures, [(nearest.best, nearest.best_id)],
+         [(mine.volume_sum, mine.num_volumes)]))
     nearest.best = np.full(len(nearest.queries), -np.inf)
     nearest.best_id = [None] * len(nearest.queries)
     for best, best_id in found:  # one (best, best_id) per rank, in rank order
         for i in np.flatnonzero(best > nearest.best):
             nearest.best[i] = float(best[i])
             nearest.best_id[i] = best_id[i]
-    return TrainPass(bits, grids, failures)
+    merged = TrainPass(bits, grids, failures)
+    for total, count in sums:  # one (sum, count) per rank
+        if total is not None:
+            merged.volume_sum = total if merged.volume_sum is None else merged.volume_sum + total
+            merged.num_volumes += count
+    return merged
 
 
 @torch.no_grad()
@@ -227,4 +247,5 @@ def _train(model: VQVAE, scorer: Scorer, data: DataConfig, items: list[dict[str,
             done.bits.append(scorer.grid_bits(str(item["case_id"]), indices))
             done.grids.append(indices[0].cpu())
             nearest.update(str(item["case_id"]), prepared.volume)
+            done.add_volume(prepared.volume)
     return done

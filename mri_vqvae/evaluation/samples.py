@@ -3,18 +3,46 @@
 `draw_and_measure` writes ``num_samples`` samples into ``out/samples/`` with
 `mri_vqvae.tasks.sample.sample_volumes` (a conditional prior draws its classes in turn) and uses
 the volumes it decoded, clipped to [0, 1]: diversity (mean pairwise MS-SSIM, also of as many
-held-out scans) and the MMD between VQ-VAE encoder features of samples and held-out scans.
+held-out scans), the MMD between VQ-VAE encoder features of samples and held-out scans, and a
+montage of the samples beside as many held-out scans (``figures/samples_vs_held_out.png``).
+
+`plausibility_block` runs the anatomical checks of `mri_vqvae.metrics.plausibility` on every
+sample and every held-out scan, against a reference brain (the mean of the training scans the
+evaluation read) and the pooled held-out intensities, and says how many samples fall inside the
+range of the real scans (leave-one-out for the real scans themselves).
 """
 
 from __future__ import annotations
 
+import csv
+import io
+import math
+import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+from mri_vqvae.core.atomic import atomic_write_text
 from mri_vqvae.evaluation.passes import HeldOut
+from mri_vqvae.evaluation.report.figures import paired_montage
+from mri_vqvae.metrics.plausibility import (
+    RegistrationSettings,
+    foreground_fraction,
+    inside_fraction,
+    intensity_histogram,
+    largest_component_fraction,
+    leave_one_out_inside,
+    mirror_symmetry,
+    others_range,
+    real_range,
+    reference_correlation,
+    register_affine,
+    wasserstein1,
+)
+from mri_vqvae.metrics.quality import FOREGROUND
 from mri_vqvae.metrics.sets import (
     FEATURE_GRID,
     gaussian_mmd2,
@@ -34,6 +62,21 @@ NOT_FID = (
     "the VQ-VAE."
 )
 
+MONTAGE = Path("figures") / "samples_vs_held_out.png"
+CHECKS = {
+    "reference_r": "Pearson r with the reference brain inside its head (reference > "
+                   "foreground), after affine registration to it",
+    "symmetry_r": "Pearson r of the registered volume and its left-right mirror (about the "
+                  "grid's mid-sagittal plane) inside the head and its mirror",
+    "largest_component": "fraction of the head (voxels > foreground) in its largest "
+                         "26-connected component",
+    "foreground_fraction": "fraction of the grid's voxels above the foreground threshold",
+    "intensity_w1": "Wasserstein-1 (intensity units) between the head intensities and those of "
+                    "the held-out scans pooled (each held-out scan: the others pooled)",
+}
+
+FLOORS = {"intensity_w1": 0.0}  # a distance: its range runs from 0 to the real maximum
+
 
 def draw_and_measure(run: PriorRun, model: VQVAE, held: HeldOut, num_samples: int, seed: int,
                      out: Path, batch_size: int = 8, threads: int | None = 1
@@ -45,6 +88,9 @@ def draw_and_measure(run: PriorRun, model: VQVAE, held: HeldOut, num_samples: in
     volumes = np.clip(drawn.volumes, 0.0, 1.0)
     real = np.stack(held.volumes)
     pick = np.sort(np.random.default_rng(seed).permutation(len(real))[:num_samples])
+    montage = paired_montage([(f"sample {i}", v) for i, v in enumerate(volumes)],
+                             [(held.cases[i].case_id, real[i]) for i in pick], run.data.spacing,
+                             out / MONTAGE, ("samples", "held-out scans"))
     sample_features = pooled_features(model, torch.from_numpy(volumes)[:, None])
     mmd2, bandwidth = gaussian_mmd2(sample_features, np.stack(held.features))
     resolved = settings.resolved(run)
@@ -64,9 +110,115 @@ def draw_and_measure(run: PriorRun, model: VQVAE, held: HeldOut, num_samples: in
             "held_out": mean_pairwise_ms_ssim(real[pick]),
             "num_held_out_used": int(len(pick)),
         },
+        "montage": {"figure": str(montage.relative_to(out)),
+                    "held_out_cases": [held.cases[i].case_id for i in pick]},
         "mmd": {"mmd2": mmd2, "bandwidth": bandwidth, "kernel": "gaussian, median heuristic",
                 "estimator": "biased (V-statistic), >= 0",
                 "features": f"VQ-VAE z_e average-pooled to {FEATURE_GRID}^3, flattened",
                 "num_samples": len(sample_features), "num_held_out": len(held.features),
                 "note": NOT_FID},
     }
+
+
+def _volume_checks(volume: np.ndarray, reference: np.ndarray | None, spacing: Sequence[float],
+                   settings: RegistrationSettings) -> tuple[dict[str, float], float]:
+    """The checks of one volume (X, Y, Z) but the histogram distance, and seconds registering."""
+    start = time.perf_counter()
+    registered = None if reference is None else register_affine(volume, reference, spacing,
+                                                                 settings)
+    seconds = time.perf_counter() - start
+    return {
+        "reference_r": math.nan if reference is None
+        else reference_correlation(registered, reference),
+        "symmetry_r": mirror_symmetry(registered),
+        "largest_component": largest_component_fraction(volume),
+        "foreground_fraction": foreground_fraction(volume),
+    }, seconds
+
+
+def _check_summary(name: str, sample_values: list[float], real_values: list[float]
+                   ) -> dict[str, Any]:
+    low, high = real_range(real_values)
+    floor = FLOORS.get(name)
+    low = low if floor is None or not math.isfinite(low) else floor
+    return {
+        "measure": CHECKS[name],
+        "samples": sample_values,
+        "held_out": real_values,
+        "real_range": [low, high],
+        "samples_inside_real_range": inside_fraction(sample_values, low, high),
+        "held_out_inside_leave_one_out_range": leave_one_out_inside(real_values, floor),
+        "num_nan": {"samples": int(np.sum(~np.isfinite(sample_values))),
+                    "held_out": int(np.sum(~np.isfinite(real_values)))},
+    }
+
+
+def plausibility_block(samples: np.ndarray, real: np.ndarray, real_ids: Sequence[str],
+                       reference: np.ndarray | None, num_reference: int,
+                       spacing: Sequence[float], settings: RegistrationSettings | None = None
+                       ) -> dict[str, Any]:
+    """The plausibility checks of samples (N, X, Y, Z) and held-out scans (M, X, Y, Z), both in
+    [0, 1] on the preprocessed grid, against `reference` (X, Y, Z; the mean of `num_reference`
+    training scans, None when there is none: the registered checks are then NaN).
+
+    Each check (`CHECKS`) lists per-sample and per-scan values, the real range (min..max over
+    the held-out scans; from 0 for the distance, `FLOORS`), the fraction of samples inside it and
+    of held-out scans inside the range of the others; a failed registration is NaN (counted, and
+    outside every range).
+    """
+    s = settings or RegistrationSettings()
+    done = [_volume_checks(v, reference, spacing, s) for v in (*samples, *real)]
+    values = {k: [d[k] for d, _ in done] for k in CHECKS if k != "intensity_w1"}
+    hists = [intensity_histogram(v) for v in (*samples, *real)]
+    n = len(samples)
+    pool = np.sum(hists[n:], axis=0) if len(real) else np.zeros_like(hists[0])
+    values["intensity_w1"] = [wasserstein1(h, pool) for h in hists[:n]] + \
+        [wasserstein1(h, pool - h) for h in hists[n:]]
+    checks = {k: _check_summary(k, v[:n], v[n:]) for k, v in values.items()}
+    ranges = [c["real_range"] for c in checks.values()]
+    inside_all = [all(low <= c["samples"][i] <= high for c, (low, high)
+                      in zip(checks.values(), ranges, strict=True)) for i in range(n)]
+    seconds = [t for _, t in done]
+    failed = [reference is not None and not math.isfinite(values["reference_r"][i])
+              for i in range(len(done))]
+    return {
+        "reference": f"mean of the {num_reference} training scans read by this evaluation "
+                     "(preprocessed grid)" if reference is not None
+                     else "none: no training scan could be read",
+        "foreground_threshold": FOREGROUND,
+        "registration": {**s.as_dict(), "seconds_per_volume": float(np.mean(seconds)),
+                         "max_seconds": float(np.max(seconds)),
+                         "num_failed": {"samples": int(sum(failed[:n])),
+                                        "held_out": int(sum(failed[n:]))}},
+        "held_out_cases": list(real_ids),
+        "checks": checks,
+        "samples_inside_every_range": float(np.mean(inside_all)) if n else math.nan,
+    }
+
+
+def write_plausibility_csv(path: Path, block: dict[str, Any]) -> None:
+    """plausibility.csv: one row per sample, then per held-out scan: each check's value and
+    whether it lies inside the real range (held-out scans: the range of the others)."""
+    checks = block["checks"]
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["set", "id", *checks, *(f"{k}_inside" for k in checks)])
+    first = next(iter(checks.values()))
+    for kind, ids in (("samples", range(len(first["samples"]))),
+                      ("held_out", block["held_out_cases"])):
+        for i, name in enumerate(ids):
+            row = [checks[k][kind][i] for k in checks]
+            inside = [_inside(k, checks[k], kind, i) for k in checks]
+            writer.writerow([kind, name, *row, *inside])
+    atomic_write_text(path, buf.getvalue())
+
+
+def _inside(name: str, check: dict[str, Any], kind: str, i: int) -> bool:
+    values = np.asarray(check[kind], np.float64)  # null (NaN in JSON) reads as NaN
+    low, high = check["real_range"] if kind == "samples" else \
+        others_range(values, i, FLOORS.get(name))
+    return inside_fraction(values[i:i + 1], _number(low), _number(high)) == 1.0
+
+
+def _number(value: float | None) -> float:
+    return math.nan if value is None else float(value)

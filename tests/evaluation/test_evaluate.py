@@ -36,6 +36,19 @@ from mri_vqvae.metrics.image import (
     psnr,
     ssim,
 )
+from mri_vqvae.metrics.plausibility import (
+    RegistrationSettings,
+    foreground_fraction,
+    inside_fraction,
+    intensity_histogram,
+    largest_component_fraction,
+    leave_one_out_inside,
+    mirror_symmetry,
+    real_range,
+    reference_correlation,
+    register_affine,
+    wasserstein1,
+)
 from mri_vqvae.metrics.quality import CaseQuality, quality_of
 from mri_vqvae.metrics.sets import (
     NearestScan,
@@ -362,14 +375,78 @@ def test_metrics_json_and_per_case_csv(evaluated: Path, world: dict[str, Path]) 
     assert len(sidecars) == len(list((evaluated / "samples").glob("sample_*.nii.gz"))) == 3
 
 
+def _same(recorded: float | None, direct: float) -> bool:
+    """A metrics.json number (NaN written as null) equals a direct computation."""
+    if recorded is None or (isinstance(recorded, float) and math.isnan(recorded)):
+        return math.isnan(direct)
+    return recorded == pytest.approx(direct, rel=1e-5, abs=1e-7)
+
+
+def test_plausibility_block_holds_the_functions_values(evaluated: Path,
+                                                       world: dict[str, Path]) -> None:
+    import nibabel as nib
+
+    plaus = json.loads((evaluated / "metrics.json").read_text())["samples"]["plausibility"]
+    _, encoded = _encoded(world, ["te0", "te1", "tr0", "tr1", "tr2"])
+    real = [encoded[c][0][0, 0].numpy() for c in ("te0", "te1")]
+    total = np.zeros(real[0].shape, np.float64)
+    for c in ("tr0", "tr1", "tr2"):  # the mean of the training scans the evaluation read
+        total = total + encoded[c][0][0, 0].numpy()
+    reference = (total / 3).astype(np.float32)
+    samples = [np.clip(np.asarray(nib.load(p).dataobj, np.float32), 0, 1)
+               for p in sorted((evaluated / "samples").glob("sample_*.nii.gz"))]
+    settings = RegistrationSettings(seed=5)
+    assert plaus["registration"]["seed"] == 5 and plaus["held_out_cases"] == ["te0", "te1"]
+    assert "3 training scans" in plaus["reference"]
+    hists = [intensity_histogram(v) for v in samples + real]
+    pool = hists[3] + hists[4]
+    direct: dict[str, list[float]] = {"intensity_w1": [
+        *(wasserstein1(h, pool) for h in hists[:3]), wasserstein1(hists[3], hists[4]),
+        wasserstein1(hists[4], hists[3])]}
+    registered = [register_affine(v, reference, CFG.data.spacing, settings)
+                  for v in samples + real]
+    direct["reference_r"] = [reference_correlation(r, reference) for r in registered]
+    direct["symmetry_r"] = [mirror_symmetry(r) for r in registered]
+    direct["largest_component"] = [largest_component_fraction(v) for v in samples + real]
+    direct["foreground_fraction"] = [foreground_fraction(v) for v in samples + real]
+    assert set(plaus["checks"]) == set(direct)
+    rows = _csv_rows(evaluated / "plausibility.csv")
+    assert [(r["set"], r["id"]) for r in rows] == [("samples", "0"), ("samples", "1"),
+                                                   ("samples", "2"), ("held_out", "te0"),
+                                                   ("held_out", "te1")]
+    for name, values in direct.items():
+        check = plaus["checks"][name]
+        recorded = check["samples"] + check["held_out"]
+        assert all(_same(a, b) for a, b in zip(recorded, values, strict=True)), (name, recorded)
+        assert all(_same(float(r[name]) if r[name] else None, b)
+                   for r, b in zip(rows, values, strict=True)), name
+        low, high = real_range(values[3:])
+        floor = 0.0 if name == "intensity_w1" else None  # a distance: 0 .. the real maximum
+        low = low if floor is None else floor
+        assert _same(check["real_range"][0], low) and _same(check["real_range"][1], high)
+        assert _same(check["samples_inside_real_range"], inside_fraction(values[:3], low, high))
+        assert _same(check["held_out_inside_leave_one_out_range"],
+                     leave_one_out_inside(values[3:], floor))
+        assert check["num_nan"]["samples"] == sum(math.isnan(v) for v in values[:3])
+    assert plaus["registration"]["num_failed"]["held_out"] == sum(r is None for r in registered[3:])
+    montage = json.loads((evaluated / "metrics.json").read_text())["samples"]["montage"]
+    assert (evaluated / montage["figure"]).is_file() and len(montage["held_out_cases"]) == 2
+
+
+def _csv_rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
 def test_report_is_self_contained_and_renders(evaluated: Path, tmp_path: Path) -> None:
     page = (evaluated / "report.html").read_text()
     srcs = re.findall(r'<img[^>]*\ssrc="([^"]*)"', page)
-    assert len(srcs) == 2 + 2 + 2 + 2  # case views, likelihood maps, samples + real, curves
+    assert len(srcs) == 2 + 2 + 1 + 1 + 2  # case views, likelihood maps, samples beside real
+    # scans, plausibility strips, curves
     assert all(s.startswith("data:image/png;base64,") for s in srcs)
     assert not re.search(r"<script|<link|https?://|url\(", page)
     for section in ("Reconstruction", "Per-case views", "Likelihood maps", "Samples",
-                    "Training curves", "Per-case metrics"):
+                    "Anatomical plausibility", "Training curves", "Per-case metrics"):
         assert f">{section}</h2>" in page
     assert "±" in page and "NOT an FID" in page
     widths = rendered_image_widths(evaluated / "report.html", tmp_path)

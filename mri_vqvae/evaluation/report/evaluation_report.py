@@ -2,7 +2,8 @@
 
 Sections: overview, reconstruction (mean ± std [CI] of every metric), per-case views, likelihood
 (prior bits beside the uniform and unigram baselines, and bits maps over the scans the held-out
-pass kept), samples, training curves, per-case table. Figures go to out/figures/*.png and are
+pass kept), samples (beside as many held-out scans), anatomical plausibility (each check, samples
+vs real scans), training curves, per-case table. Figures go to out/figures/*.png and are
 embedded in the page (`html`).
 """
 
@@ -17,9 +18,13 @@ import numpy as np
 
 from mri_vqvae.artifacts.run_summary import describe_stop
 from mri_vqvae.artifacts.runs import read_metrics
-from mri_vqvae.core.figures import orthogonal_montage
 from mri_vqvae.evaluation.passes import CaseView
-from mri_vqvae.evaluation.report.figures import case_views, likelihood_overlay, training_curves
+from mri_vqvae.evaluation.report.figures import (
+    case_views,
+    likelihood_overlay,
+    plausibility_strips,
+    training_curves,
+)
 from mri_vqvae.evaluation.report.html import Block, Figure, Section, Table, write_html_report
 from mri_vqvae.metrics.image import CASE_METRICS, METRICS
 from mri_vqvae.metrics.quality import CaseQuality
@@ -148,23 +153,17 @@ def _likelihood(metrics: Mapping[str, Any], views: Sequence[CaseView],
     return Section("Likelihood maps", blocks)
 
 
-def _samples(metrics: Mapping[str, Any], out: Path, views: Sequence[CaseView],
-             spacing: Sequence[float], figures: Path) -> Section:
+def _samples(metrics: Mapping[str, Any], out: Path) -> Section:
     smp = metrics["samples"]
     div, mmd, mem = smp["diversity"], smp["mmd"], smp["memorisation"]
     classes = (f"; classes of {smp['label_field']} in turn" if smp.get("labels") else "")
+    shown = smp["montage"]["held_out_cases"]
     blocks: list[Block] = [
-        Figure(out / smp["folder"] / "samples.png",
+        Figure(out / smp["montage"]["figure"],
                f"{smp['num_samples']} samples (seed {smp['seed']}, temperature "
-               f"{smp['temperature']}, top-k {smp['top_k']}{classes}); NIfTI files in "
-               f"{smp['folder']}/"),
-    ]
-    if views:
-        real = orthogonal_montage([(v.quality.case_id, v.image) for v in views[:8]], spacing,
-                                  figures / "held_out_scans.png", title="held-out scans",
-                                  vmax=1.0)
-        blocks.append(Figure(real, "held-out scans, for comparison"))
-    blocks += [
+               f"{smp['temperature']}, top-k {smp['top_k']}{classes}; NIfTI files in "
+               f"{smp['folder']}/) beside {len(shown)} held-out scans ({', '.join(shown)}), "
+               "mid slices"),
         Table(["measure", "samples", "held-out scans"],
               [["mean pairwise MS-SSIM (lower = more diverse)", fmt(div["samples"]),
                 f"{fmt(div['held_out'])} ({div['num_held_out_used']} scans)"],
@@ -182,6 +181,41 @@ def _samples(metrics: Mapping[str, Any], out: Path, views: Sequence[CaseView],
               "Each held-out scan's nearest training scan (sets the threshold)"),
     ]
     return Section("Samples", blocks)
+
+
+def _range_text(low: Any, high: Any) -> str:
+    return "n/a" if low is None or high is None else f"{fmt(low, 3)} .. {fmt(high, 3)}"
+
+
+def _percent(value: Any) -> str:
+    return "n/a" if value is None else f"{100 * value:.0f} %"
+
+
+def _plausibility(metrics: Mapping[str, Any], figures: Path) -> Section:
+    plaus = metrics["samples"]["plausibility"]
+    checks, reg = plaus["checks"], plaus["registration"]
+    rows = [[name, _range_text(*c["real_range"]), _percent(c["samples_inside_real_range"]),
+             _percent(c["held_out_inside_leave_one_out_range"]),
+             f"{c['num_nan']['samples']} / {c['num_nan']['held_out']}", c["measure"]]
+            for name, c in checks.items()]
+    strips = plausibility_strips({k: (c["samples"], c["held_out"]) for k, c in checks.items()},
+                                 figures / "plausibility.png",
+                                 "samples (red) vs held-out scans (green, range shaded)")
+    failed = reg["num_failed"]
+    return Section("Anatomical plausibility", [
+        Table(["check", "real range (held-out min .. max)", "samples inside",
+               "held-out inside the others' range", "NaN (samples / held-out)", "measure"],
+              rows, f"Samples inside every range: {_percent(plaus['samples_inside_every_range'])}"
+                    f". Reference brain: {plaus['reference']}; foreground = intensity > "
+                    f"{plaus['foreground_threshold']}."),
+        Figure(strips, "Each check per sample and per held-out scan; the shaded band is the "
+                       "range of the held-out scans"),
+        f"Affine registration to the reference ({reg['metric']}, {reg['iterations']} iterations "
+        f"at shrink factors {reg['shrink']}, seed {reg['seed']}): "
+        f"{fmt(reg['seconds_per_volume'], 2)} s per volume on average; failed for "
+        f"{failed['samples']} sample(s) and {failed['held_out']} held-out scan(s) (NaN, counted "
+        "outside every range). Per-volume values are in plausibility.csv.",
+    ])
 
 
 def _curves(runs: Sequence[RunCurves], figures: Path) -> Section:
@@ -222,7 +256,7 @@ def evaluation_report(out: str | Path, metrics: Mapping[str, Any], cases: Sequen
     if metrics.get("likelihood"):
         sections.append(_likelihood(metrics, views, spacing, figures))
     if metrics.get("samples"):
-        sections.append(_samples(metrics, out, views, spacing, figures))
+        sections += [_samples(metrics, out), _plausibility(metrics, figures)]
     sections += [_curves(runs, figures), _per_case(metrics, cases)]
     inputs = metrics["inputs"]
     title = f"Evaluation of {Path(inputs['vqvae_run']).name} on " \

@@ -1,5 +1,6 @@
-"""Evaluation figures: a case's input / reconstruction / error, a bits map over a scan, and a
-run's training curves. Volumes are (X, Y, Z) RAS arrays on one grid; PNGs are written atomically.
+"""Evaluation figures: a case's input / reconstruction / error, a bits map over a scan, samples
+beside held-out scans, the plausibility checks (samples vs real) and a run's training curves.
+Volumes are (X, Y, Z) RAS arrays on one grid; PNGs are written atomically.
 """
 
 from __future__ import annotations
@@ -74,6 +75,62 @@ def likelihood_overlay(
     if title:
         fig.suptitle(title)
     return save_figure(fig, path, tight=False)  # a shared colour bar defeats tight_layout
+
+
+def paired_montage(left: Sequence[tuple[str, np.ndarray]], right: Sequence[tuple[str, np.ndarray]],
+                   spacing: Sequence[float], path: str | Path,
+                   titles: tuple[str, str] = ("", "")) -> Path:
+    """PNG: row r holds the mid axial, coronal and sagittal slices of ``left[r]`` then of
+    ``right[r]`` ((label, volume (X, Y, Z)) each, grey on [0, 1]); a shorter side leaves blank
+    cells. 12 x 2 inches per row."""
+    rows = max(len(left), len(right), 1)
+    fig, axes = plt.subplots(rows, 6, figsize=(12, 2 * rows), squeeze=False)
+    for side, items in enumerate((left, right)):
+        for r in range(rows):
+            cells = axes[r][3 * side:3 * side + 3]
+            for ax in cells:
+                blank_axes(ax)
+                ax.set_frame_on(r < len(items))
+            if r >= len(items):
+                continue
+            label, volume = items[r]
+            for c, (img, aspect) in enumerate(mid_slices(np.asarray(volume), spacing)):
+                cells[c].imshow(img, cmap="gray", origin="lower", aspect=aspect, vmin=0, vmax=1)
+                if r == 0:
+                    cells[c].set_title(f"{titles[side]}: {VIEWS[c]}" if c == 0 else VIEWS[c],
+                                       fontsize=9)
+            cells[0].set_ylabel(label, fontsize=8)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return save_figure(fig, path)
+
+
+def plausibility_strips(checks: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+                        path: str | Path, title: str = "") -> Path:
+    """PNG: one panel per check ``name -> (sample values (N,), held-out values (M,))``: the
+    values as jittered points, samples beside real scans, the real range (min..max) shaded;
+    NaN values are left out (counted in the x label). 3 x 3.2 inches per panel."""
+    fig, axes = plt.subplots(1, max(len(checks), 1), figsize=(3 * max(len(checks), 1), 3.2),
+                             squeeze=False)
+    jitter = np.random.default_rng(0)
+    for ax, (name, sets) in zip(axes[0], checks.items(), strict=False):
+        real = np.asarray(sets[1], np.float64)
+        finite_real = real[np.isfinite(real)]
+        if finite_real.size:
+            ax.axhspan(finite_real.min(), finite_real.max(), color="tab:green", alpha=0.15)
+        nan = []
+        for x, (values, colour) in enumerate(zip(sets, ("tab:red", "tab:green"), strict=True)):
+            v = np.asarray(values, np.float64)
+            shown = v[np.isfinite(v)]
+            ax.scatter(x + jitter.uniform(-0.15, 0.15, shown.size), shown, s=14, color=colour)
+            nan.append(int(v.size - shown.size))
+        ax.set_xticks([0, 1], ["samples", "held-out"])
+        ax.set_xlim(-0.6, 1.6)
+        ax.set_title(name, fontsize=9)
+        if any(nan):
+            ax.set_xlabel(f"NaN: {nan[0]} samples, {nan[1]} held-out", fontsize=8)
+    if title:
+        fig.suptitle(title)
+    return save_figure(fig, path)
 
 
 CURVE_PRIORITY = ("loss", "psnr", "ssim", "bits_per_latent", "perplexity", "codes_used")

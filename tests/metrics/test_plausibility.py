@@ -1,0 +1,142 @@
+"""Anatomical plausibility checks on tiny synthetic volumes with known answers."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from mri_vqvae.metrics.plausibility import (
+    RegistrationSettings,
+    foreground_fraction,
+    inside_fraction,
+    intensity_histogram,
+    largest_component_fraction,
+    leave_one_out_inside,
+    masked_correlation,
+    mirror_symmetry,
+    others_range,
+    real_range,
+    reference_correlation,
+    register_affine,
+    wasserstein1,
+)
+from tests.support.volumes import make_head
+
+SHAPE = (32, 36, 28)
+
+
+def _asymmetric_head(seed: int = 0) -> np.ndarray:
+    """A smooth head in [0, 1] with a dark block in its left half (so a mirror or a turn shows);
+    smoothed (sigma 1 voxel) so resampling it twice loses little."""
+    head = make_head(SHAPE, seed=seed)
+    head[6:14, 10:22, 8:18] *= 0.3
+    smooth = sitk.GetArrayFromImage(sitk.SmoothingRecursiveGaussian(
+        sitk.GetImageFromArray(head), 1.0))
+    return np.clip(smooth / smooth.max(), 0, 1).astype(np.float32)
+
+
+def _moved(volume: np.ndarray) -> np.ndarray:
+    """`volume` turned (about 8, 3 and 6 degrees) and shifted (2, -2, 1.5 voxels)."""
+    image = sitk.GetImageFromArray(volume)
+    turn = sitk.Euler3DTransform()
+    turn.SetCenter([n / 2 for n in reversed(volume.shape)])
+    turn.SetRotation(0.14, 0.05, 0.1)
+    turn.SetTranslation((2.0, -2.0, 1.5))
+    return sitk.GetArrayFromImage(sitk.Resample(image, image, turn, sitk.sitkLinear, 0.0))
+
+
+def test_registration_recovers_a_turned_and_shifted_copy() -> None:
+    reference = _asymmetric_head()
+    moved = _moved(reference)
+    before = reference_correlation(moved, reference)
+    registered = register_affine(moved, reference)
+    assert registered is not None and registered.shape == reference.shape
+    after = reference_correlation(registered, reference)
+    assert after > 0.95 and after > before + 0.1, (before, after)
+    again = register_affine(moved, reference)
+    assert again is not None and np.array_equal(registered, again)  # seeded: the same result
+
+
+def test_a_failed_registration_is_none_and_its_checks_nan() -> None:
+    reference = _asymmetric_head()
+    assert register_affine(np.zeros(SHAPE, np.float32), reference) is None
+    assert math.isnan(reference_correlation(None, reference))
+    assert math.isnan(mirror_symmetry(None))
+
+
+def test_registration_settings_are_recorded() -> None:
+    settings = RegistrationSettings(iterations=7, seed=3).as_dict()
+    assert (settings["iterations"], settings["seed"], settings["shrink"]) == (7, 3, (4, 2))
+    assert settings["metric"] == "Mattes mutual information"
+
+
+def test_masked_correlation_uses_only_the_mask() -> None:
+    rng = np.random.default_rng(0)
+    a = rng.random((6, 6, 6))
+    mask = np.zeros(a.shape, bool)
+    mask[:3] = True
+    b = np.where(mask, 2 * a + 1, rng.random(a.shape))  # linear inside the mask only
+    assert masked_correlation(a, b, mask) == pytest.approx(1.0, abs=1e-12)
+    assert masked_correlation(a, b, np.ones(a.shape, bool)) < 0.9
+    assert math.isnan(masked_correlation(a, np.ones(a.shape), mask))  # a constant side
+
+
+def test_symmetry_is_one_for_a_mirror_symmetric_volume_and_lower_otherwise() -> None:
+    head = make_head(SHAPE, seed=1)
+    head = head / head.max()
+    symmetric = 0.5 * (head + head[::-1])
+    assert mirror_symmetry(symmetric) == pytest.approx(1.0, abs=1e-9)
+    lopsided = _asymmetric_head(1)
+    assert mirror_symmetry(lopsided) < mirror_symmetry(symmetric) - 0.05
+    assert math.isnan(mirror_symmetry(np.zeros(SHAPE)))  # an empty head
+
+
+def test_connectivity_of_one_blob_two_equal_blobs_and_nothing() -> None:
+    one = np.zeros((20, 20, 20), np.float32)
+    one[2:8, 2:8, 2:8] = 1.0
+    assert largest_component_fraction(one) == 1.0
+    two = one.copy()
+    two[12:18, 12:18, 12:18] = 1.0  # the same size, not touching (not even at a corner)
+    assert largest_component_fraction(two) == 0.5
+    diagonal = one.copy()
+    diagonal[8:14, 8:14, 8:14] = 1.0  # touches the first blob at one corner: 26-connected
+    assert largest_component_fraction(diagonal) == 1.0
+    assert math.isnan(largest_component_fraction(np.zeros((5, 5, 5))))
+    assert foreground_fraction(two) == 2 * 6**3 / 20**3
+    assert foreground_fraction(np.zeros((5, 5, 5))) == 0.0
+
+
+def test_histogram_distance_is_zero_for_identical_and_grows_with_contrast() -> None:
+    head = make_head(SHAPE, seed=2)
+    head = head / head.max()
+    base = intensity_histogram(head)
+    assert base.sum() == np.count_nonzero(head > 0.05)
+    assert wasserstein1(base, base) == 0.0
+    distances = [wasserstein1(base, intensity_histogram(np.clip(head * g, 0, 1)))
+                 for g in (0.9, 0.7, 0.5)]
+    assert 0 < distances[0] < distances[1] < distances[2]
+    flat = np.zeros(SHAPE)
+    flat[:10] = 0.3
+    moved = np.where(flat > 0, 0.5, 0.0)
+    w1 = wasserstein1(intensity_histogram(flat), intensity_histogram(moved))
+    assert w1 == pytest.approx(0.2, abs=1e-3)  # every unit of mass moves 0.2
+    assert math.isnan(wasserstein1(base, np.zeros_like(base)))  # an empty head
+
+
+def test_range_fractions_count_exactly() -> None:
+    assert real_range([0.2, math.nan, 0.9, 0.5]) == (0.2, 0.9)
+    assert all(math.isnan(v) for v in real_range([math.nan]))
+    values = [0.0, 0.5, 1.0, 2.0, math.nan]
+    assert inside_fraction(values, 0.0, 1.0) == 3 / 5  # both ends count; NaN is outside
+    assert math.isnan(inside_fraction([], 0.0, 1.0))
+    assert math.isnan(inside_fraction([0.5], math.nan, math.nan))
+    assert leave_one_out_inside([1.0, 2.0, 3.0]) == 1 / 3  # only 2 lies inside its others'
+    assert leave_one_out_inside([1.0, 2.0, 2.0, 3.0]) == 2 / 4
+    assert leave_one_out_inside([1.0, 1.0]) == 1.0 and leave_one_out_inside([1.0, 2.0]) == 0.0
+    assert math.isnan(leave_one_out_inside([1.0]))
+    assert others_range([3.0, 1.0, 2.0], 0) == (1.0, 2.0)
+    assert others_range([3.0, 1.0, 2.0], 0, floor=0.0) == (0.0, 2.0)
+    assert leave_one_out_inside([0.1, 0.2, 0.3], floor=0.0) == 2 / 3  # only 0.3 is above
