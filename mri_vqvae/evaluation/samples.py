@@ -31,6 +31,7 @@ from mri_vqvae.evaluation.report.figures import paired_montage
 from mri_vqvae.metrics.plausibility import (
     RegistrationSettings,
     foreground_fraction,
+    head_overlap,
     inside_fraction,
     intensity_histogram,
     largest_component_fraction,
@@ -39,7 +40,7 @@ from mri_vqvae.metrics.plausibility import (
     others_range,
     real_range,
     reference_correlation,
-    register_affine,
+    register_rigid,
     wasserstein1,
 )
 from mri_vqvae.metrics.quality import FOREGROUND
@@ -65,7 +66,9 @@ NOT_FID = (
 MONTAGE = Path("figures") / "samples_vs_held_out.png"
 CHECKS = {
     "reference_r": "Pearson r with the reference brain inside its head (reference > "
-                   "foreground), after affine registration to it",
+                   "foreground), after rigid registration to it",
+    "head_overlap": "Dice overlap of the head (voxels > foreground) with the reference's head "
+                    "after rigid registration: the head's size and shape",
     "symmetry_r": "Pearson r of the registered volume and its left-right mirror (about the "
                   "grid's mid-sagittal plane) inside the head and its mirror",
     "largest_component": "fraction of the head (voxels > foreground) in its largest "
@@ -124,12 +127,13 @@ def _volume_checks(volume: np.ndarray, reference: np.ndarray | None, spacing: Se
                    settings: RegistrationSettings) -> tuple[dict[str, float], float]:
     """The checks of one volume (X, Y, Z) but the histogram distance, and seconds registering."""
     start = time.perf_counter()
-    registered = None if reference is None else register_affine(volume, reference, spacing,
+    registered = None if reference is None else register_rigid(volume, reference, spacing,
                                                                  settings)
     seconds = time.perf_counter() - start
     return {
         "reference_r": math.nan if reference is None
         else reference_correlation(registered, reference),
+        "head_overlap": math.nan if reference is None else head_overlap(registered, reference),
         "symmetry_r": mirror_symmetry(registered),
         "largest_component": largest_component_fraction(volume),
         "foreground_fraction": foreground_fraction(volume),

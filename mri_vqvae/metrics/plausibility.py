@@ -3,9 +3,11 @@
 Volumes are (X, Y, Z) numpy arrays on one preprocessed grid (RAS, intensities in [0, 1], the head
 centred by the pad/crop), X the left-right axis; ``spacing`` is (sx, sy, sz) in mm.
 
-* `register_affine`: a small, seeded affine registration (SimpleITK, Mattes mutual information,
-  two shrink levels, one thread) of a volume onto a reference; None when it fails;
-* `masked_correlation` with the reference inside the reference's head (after registration);
+* `register_rigid`: a small, seeded rigid registration (SimpleITK, Mattes mutual information,
+  two shrink levels, one thread) of a volume onto a reference; None when it fails. Rigid, not
+  affine: an affine transform stretches a fragment over the whole head and makes it look right;
+* `masked_correlation` with the reference inside the reference's head (after registration), and
+  `head_overlap`, the Dice overlap of the two head masks (after registration);
 * `mirror_symmetry`: correlation of a volume and its left-right mirror inside the head;
 * `largest_component_fraction` and `foreground_fraction` of the head mask (``> FOREGROUND``);
 * `intensity_histogram` / `wasserstein1`: the distance between head-intensity distributions;
@@ -33,7 +35,7 @@ INTENSITY_BINS = 1000  # histogram bins on [0, 1]; W1 is exact to within one bin
 
 @dataclass(frozen=True)
 class RegistrationSettings:
-    """A fast affine registration: iterations per level, shrink factors (each capped to keep 8
+    """A fast rigid registration: iterations per level, shrink factors (each capped to keep 8
     voxels a side) and smoothing sigmas (voxels) per level, the fraction of voxels sampled
     (seeded), MI bins and threads."""
 
@@ -46,7 +48,7 @@ class RegistrationSettings:
     threads: int = 1
 
     def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "transform": "affine (12 parameters), initialised by moments",
+        return {**asdict(self), "transform": "rigid (rotation + translation), from moments",
                 "metric": "Mattes mutual information", "optimizer": "regular step gradient descent"}
 
 
@@ -57,10 +59,10 @@ def _image(volume: np.ndarray, spacing: Sequence[float]) -> sitk.Image:
     return image
 
 
-def register_affine(moving: np.ndarray, reference: np.ndarray,
+def register_rigid(moving: np.ndarray, reference: np.ndarray,
                     spacing: Sequence[float] = (1.0, 1.0, 1.0),
                     settings: RegistrationSettings | None = None) -> np.ndarray | None:
-    """`moving` (X, Y, Z) registered affinely onto `reference` (X, Y, Z) and resampled on its grid
+    """`moving` (X, Y, Z) registered rigidly onto `reference` (X, Y, Z) and resampled on its grid
     (linear, 0 outside): float32 (X, Y, Z). None when the registration fails (an empty volume,
     a non-finite metric or transform); the same inputs and settings give the same result."""
     s = settings or RegistrationSettings()
@@ -81,7 +83,7 @@ def register_affine(moving: np.ndarray, reference: np.ndarray,
     reg.SetNumberOfThreads(s.threads)
     try:
         start = sitk.CenteredTransformInitializer(
-            fixed, mov, sitk.AffineTransform(3), sitk.CenteredTransformInitializerFilter.MOMENTS)
+            fixed, mov, sitk.Euler3DTransform(), sitk.CenteredTransformInitializerFilter.MOMENTS)
         reg.SetInitialTransform(start, inPlace=False)
         transform = reg.Execute(fixed, mov)
     except RuntimeError:
@@ -112,6 +114,17 @@ def reference_correlation(registered: np.ndarray | None, reference: np.ndarray,
     if registered is None:
         return math.nan
     return masked_correlation(registered, reference, np.asarray(reference) > foreground)
+
+
+def head_overlap(registered: np.ndarray | None, reference: np.ndarray,
+                 foreground: float = FOREGROUND) -> float:
+    """Dice overlap of the head masks (``> foreground``) of a registered volume (X, Y, Z) and the
+    reference: 1 for the same head shape; NaN when the registration failed or both are empty."""
+    if registered is None:
+        return math.nan
+    a, b = np.asarray(registered) > foreground, np.asarray(reference) > foreground
+    total = int(a.sum()) + int(b.sum())
+    return 2.0 * float((a & b).sum()) / total if total else math.nan
 
 
 def mirror_symmetry(volume: np.ndarray | None, foreground: float = FOREGROUND) -> float:

@@ -39,6 +39,7 @@ from mri_vqvae.metrics.image import (
 from mri_vqvae.metrics.plausibility import (
     RegistrationSettings,
     foreground_fraction,
+    head_overlap,
     inside_fraction,
     intensity_histogram,
     largest_component_fraction,
@@ -46,7 +47,7 @@ from mri_vqvae.metrics.plausibility import (
     mirror_symmetry,
     real_range,
     reference_correlation,
-    register_affine,
+    register_rigid,
     wasserstein1,
 )
 from mri_vqvae.metrics.quality import CaseQuality, quality_of
@@ -403,9 +404,10 @@ def test_plausibility_block_holds_the_functions_values(evaluated: Path,
     direct: dict[str, list[float]] = {"intensity_w1": [
         *(wasserstein1(h, pool) for h in hists[:3]), wasserstein1(hists[3], hists[4]),
         wasserstein1(hists[4], hists[3])]}
-    registered = [register_affine(v, reference, CFG.data.spacing, settings)
+    registered = [register_rigid(v, reference, CFG.data.spacing, settings)
                   for v in samples + real]
     direct["reference_r"] = [reference_correlation(r, reference) for r in registered]
+    direct["head_overlap"] = [head_overlap(r, reference) for r in registered]
     direct["symmetry_r"] = [mirror_symmetry(r) for r in registered]
     direct["largest_component"] = [largest_component_fraction(v) for v in samples + real]
     direct["foreground_fraction"] = [foreground_fraction(v) for v in samples + real]

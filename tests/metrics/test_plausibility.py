@@ -11,6 +11,7 @@ import SimpleITK as sitk
 from mri_vqvae.metrics.plausibility import (
     RegistrationSettings,
     foreground_fraction,
+    head_overlap,
     inside_fraction,
     intensity_histogram,
     largest_component_fraction,
@@ -20,7 +21,7 @@ from mri_vqvae.metrics.plausibility import (
     others_range,
     real_range,
     reference_correlation,
-    register_affine,
+    register_rigid,
     wasserstein1,
 )
 from tests.support.volumes import make_head
@@ -52,17 +53,17 @@ def test_registration_recovers_a_turned_and_shifted_copy() -> None:
     reference = _asymmetric_head()
     moved = _moved(reference)
     before = reference_correlation(moved, reference)
-    registered = register_affine(moved, reference)
+    registered = register_rigid(moved, reference)
     assert registered is not None and registered.shape == reference.shape
     after = reference_correlation(registered, reference)
     assert after > 0.95 and after > before + 0.1, (before, after)
-    again = register_affine(moved, reference)
+    again = register_rigid(moved, reference)
     assert again is not None and np.array_equal(registered, again)  # seeded: the same result
 
 
 def test_a_failed_registration_is_none_and_its_checks_nan() -> None:
     reference = _asymmetric_head()
-    assert register_affine(np.zeros(SHAPE, np.float32), reference) is None
+    assert register_rigid(np.zeros(SHAPE, np.float32), reference) is None
     assert math.isnan(reference_correlation(None, reference))
     assert math.isnan(mirror_symmetry(None))
 
@@ -140,3 +141,16 @@ def test_range_fractions_count_exactly() -> None:
     assert others_range([3.0, 1.0, 2.0], 0) == (1.0, 2.0)
     assert others_range([3.0, 1.0, 2.0], 0, floor=0.0) == (0.0, 2.0)
     assert leave_one_out_inside([0.1, 0.2, 0.3], floor=0.0) == 2 / 3  # only 0.3 is above
+
+
+def test_head_overlap_is_one_for_the_head_and_low_for_a_fragment_even_after_registration() -> None:
+    reference = _asymmetric_head()
+    moved = np.roll(reference, 2, axis=0)
+    assert head_overlap(register_rigid(moved, reference), reference) > 0.95
+    fragment = np.zeros_like(reference)
+    fragment[8:14, 8:14, 8:14] = reference[8:14, 8:14, 8:14] + 0.5  # a small bright piece
+    registered = register_rigid(fragment, reference)
+    assert head_overlap(registered, reference) < 0.3  # rigid: it cannot be stretched over the head
+    assert math.isnan(head_overlap(None, reference))
+    assert math.isnan(head_overlap(np.zeros_like(reference), np.zeros_like(reference)))
+
