@@ -142,9 +142,8 @@ def _volume_checks(volume: np.ndarray, reference: np.ndarray | None, spacing: Se
 
 def _check_summary(name: str, sample_values: list[float], real_values: list[float]
                    ) -> dict[str, Any]:
-    low, high = real_range(real_values)
     floor = FLOORS.get(name)
-    low = low if floor is None or not math.isfinite(low) else floor
+    low, high = real_range(real_values, floor)
     return {
         "measure": CHECKS[name],
         "samples": sample_values,
@@ -179,9 +178,7 @@ def plausibility_block(samples: np.ndarray, real: np.ndarray, real_ids: Sequence
     values["intensity_w1"] = [wasserstein1(h, pool) for h in hists[:n]] + \
         [wasserstein1(h, pool - h) for h in hists[n:]]
     checks = {k: _check_summary(k, v[:n], v[n:]) for k, v in values.items()}
-    ranges = [c["real_range"] for c in checks.values()]
-    inside_all = [all(low <= c["samples"][i] <= high for c, (low, high)
-                      in zip(checks.values(), ranges, strict=True)) for i in range(n)]
+    inside_all = [all(_inside(k, c, "samples", i) for k, c in checks.items()) for i in range(n)]
     seconds = [t for _, t in done]
     failed = [reference is not None and not math.isfinite(values["reference_r"][i])
               for i in range(len(done))]

@@ -176,11 +176,14 @@ def wasserstein1(counts_a: np.ndarray, counts_b: np.ndarray) -> float:
     return float(gap[:-1].sum() / len(a))
 
 
-def real_range(values: Sequence[float]) -> tuple[float, float]:
-    """(min, max) of the finite `values` (n,); (NaN, NaN) when none is finite."""
+def real_range(values: Sequence[float], floor: float | None = None) -> tuple[float, float]:
+    """(min, max) of the finite `values` (n,); (NaN, NaN) when none is finite. `floor` (when
+    given) replaces the low end (a distance: 0, so only the high end bounds it)."""
     x = np.asarray(values, np.float64)
     x = x[np.isfinite(x)]
-    return (float(x.min()), float(x.max())) if x.size else (math.nan, math.nan)
+    if not x.size:
+        return math.nan, math.nan
+    return (float(x.min()) if floor is None else floor), float(x.max())
 
 
 def inside_fraction(values: Sequence[float], low: float, high: float) -> float:
@@ -194,10 +197,8 @@ def inside_fraction(values: Sequence[float], low: float, high: float) -> float:
 
 def others_range(values: Sequence[float], i: int, floor: float | None = None
                  ) -> tuple[float, float]:
-    """`real_range` of `values` (n,) without value i; `floor` (when given) replaces the low end
-    (a distance: 0, so only the high end bounds it)."""
-    low, high = real_range(np.delete(np.asarray(values, np.float64), i))
-    return (low if floor is None or not math.isfinite(low) else floor), high
+    """`real_range` of `values` (n,) without value i, with the same `floor`."""
+    return real_range(np.delete(np.asarray(values, np.float64), i), floor)
 
 
 def leave_one_out_inside(values: Sequence[float], floor: float | None = None) -> float:
