@@ -52,3 +52,9 @@ def describe_error(exc: BaseException) -> str:
     inner = innermost_error(exc)
     text = str(inner) if isinstance(inner, MriVqvaeError) else f"{type(inner).__name__}: {inner}"
     return text.replace("\n", " ")
+
+
+def listed(names: list[str] | tuple[str, ...], most: int = 10) -> str:
+    """Up to `most` names for a message or log line, with how many more: "['a', 'b'] (+3 more)"."""
+    more = f" (+{len(names) - most} more)" if len(names) > most else ""
+    return f"{list(names[:most])}{more}"

@@ -59,7 +59,7 @@ from mri_vqvae.config import AugmentConfig, config_digest
 from mri_vqvae.core import distributed
 from mri_vqvae.core.atomic import atomic_write_bytes
 from mri_vqvae.core.device import resolve_device
-from mri_vqvae.core.errors import MriVqvaeError, innermost_error
+from mri_vqvae.core.errors import MriVqvaeError, innermost_error, listed
 from mri_vqvae.core.outputs import ensure_writable
 from mri_vqvae.core.provenance import sha256_file
 from mri_vqvae.data.case import Case
@@ -348,12 +348,6 @@ def encode_manifest(
     return EncodeResult(out, encoded, reused, failures)
 
 
-def _ids(case_ids: list[str], most: int = 10) -> str:
-    """Up to `most` case ids for a log line, with how many more."""
-    more = f" (+{len(case_ids) - most} more)" if len(case_ids) > most else ""
-    return f"{case_ids[:most]}{more}"
-
-
 def _merge(
     index: IndexWriter,
     items: list[dict[str, Any]],
@@ -370,7 +364,7 @@ def _merge(
     """
     encoded, reused, failures = outcome
     log.info("rank %d of %d: encoded %s, reused %s, %d failed", distributed.rank(),
-             distributed.world_size(), _ids(encoded), _ids(reused), len(failures))
+             distributed.world_size(), listed(encoded), listed(reused), len(failures))
     ours = {gid: index.entries[gid] for it in mine for gid in grid_ids(it).values()
             if gid in index.entries}
     entries, encoded, reused, failures = distributed.merge_shards(

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mri_vqvae.artifacts.latents import LatentCase, LatentIndex
+from mri_vqvae.artifacts.latents import LatentIndex
+from mri_vqvae.core.errors import listed
 from mri_vqvae.training.errors import TrainingError
 
 SPLITS = ("train", "val", "test")
@@ -56,20 +57,15 @@ class PriorData:
         return self.splits["val"]
 
 
-def _ids(cases: list[LatentCase] | tuple[LatentCase, ...], most: int = 10) -> str:
-    names = [c.case_id for c in cases]
-    more = f" (+{len(names) - most} more)" if len(names) > most else ""
-    return f"{names[:most]}{more}"
-
-
 def _label_values(index: LatentIndex, field: str) -> dict[str, str]:
     """``case_id -> value of field`` for the cases of every split; refuses cases that lack it."""
     cases = [c for split in SPLITS for c in index.split_cases(split)]
     missing = [c for c in cases if not getattr(c, field)]
     if missing:
+        names = listed([c.case_id for c in missing])
         raise TrainingError(
             f"prior.label_field={field!r} but {len(missing)} case(s) of the latents in "
-            f"{index.root} record no {field}: {_ids(missing)}; re-encode them with this version "
+            f"{index.root} record no {field}: {names}; re-encode them with this version "
             f"(`mri-vqvae encode` records modality and source_id per case) or set "
             f"prior.label_field=null"
         )
@@ -89,8 +85,9 @@ def class_labels(index: LatentIndex, field: str) -> tuple[tuple[str, ...], dict[
               if values[c.case_id] not in names]
     if unseen:
         found = sorted({values[c.case_id] for c in unseen})
+        cases = listed([c.case_id for c in unseen])
         raise TrainingError(
-            f"prior.label_field={field!r}: case(s) {_ids(unseen)} of val/test hold {field} "
+            f"prior.label_field={field!r}: case(s) {cases} of val/test hold {field} "
             f"{found}, which no train case has (train classes {list(names)}); a prior cannot "
             f"score a class it never saw: move such cases to train, or set prior.label_field=null"
         )
