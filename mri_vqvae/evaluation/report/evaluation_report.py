@@ -198,7 +198,8 @@ def _plausibility(metrics: Mapping[str, Any], figures: Path) -> Section:
              _percent(c["held_out_inside_leave_one_out_range"]),
              f"{c['num_nan']['samples']} / {c['num_nan']['held_out']}", c["measure"]]
             for name, c in checks.items()]
-    strips = plausibility_strips({k: (c["samples"], c["held_out"]) for k, c in checks.items()},
+    strips = plausibility_strips({k: (c["samples"], c["held_out"], c["real_range"])
+                                  for k, c in checks.items()},
                                  figures / "plausibility.png",
                                  "samples (red) vs held-out scans (green, range shaded)")
     failed = reg["num_failed"]

@@ -5,6 +5,7 @@ Volumes are (X, Y, Z) RAS arrays on one grid; PNGs are written atomically.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -104,21 +105,24 @@ def paired_montage(left: Sequence[tuple[str, np.ndarray]], right: Sequence[tuple
     return save_figure(fig, path)
 
 
-def plausibility_strips(checks: Mapping[str, tuple[Sequence[float], Sequence[float]]],
-                        path: str | Path, title: str = "") -> Path:
-    """PNG: one panel per check ``name -> (sample values (N,), held-out values (M,))``: the
-    values as jittered points, samples beside real scans, the real range (min..max) shaded;
-    NaN values are left out (counted in the x label). 3 x 3.2 inches per panel."""
+def plausibility_strips(
+    checks: Mapping[str, tuple[Sequence[float], Sequence[float], Sequence[float | None]]],
+    path: str | Path, title: str = "",
+) -> Path:
+    """PNG: one panel per check ``name -> (sample values (N,), held-out values (M,), real range
+    (low, high))``: the values as jittered points, samples beside real scans, the real range the
+    metrics report shaded; NaN values are left out (counted in the x label). 3 x 3.2 inches per
+    panel."""
     fig, axes = plt.subplots(1, max(len(checks), 1), figsize=(3 * max(len(checks), 1), 3.2),
                              squeeze=False)
     jitter = np.random.default_rng(0)
     for ax, (name, sets) in zip(axes[0], checks.items(), strict=False):
-        real = np.asarray(sets[1], np.float64)
-        finite_real = real[np.isfinite(real)]
-        if finite_real.size:
-            ax.axhspan(finite_real.min(), finite_real.max(), color="tab:green", alpha=0.15)
+        low, high = (math.nan if v is None else float(v) for v in sets[2])
+        if math.isfinite(low) and math.isfinite(high):
+            ax.axhspan(low, high, color="tab:green", alpha=0.15)
         nan = []
-        for x, (values, colour) in enumerate(zip(sets, ("tab:red", "tab:green"), strict=True)):
+        for x, (values, colour) in enumerate(zip(sets[:2], ("tab:red", "tab:green"),
+                                                 strict=True)):
             v = np.asarray(values, np.float64)
             shown = v[np.isfinite(v)]
             ax.scatter(x + jitter.uniform(-0.15, 0.15, shown.size), shown, s=14, color=colour)
