@@ -22,13 +22,15 @@ VIEWS = ("axial", "coronal", "sagittal")
 DPI = 80
 
 
-def mid_slices(volume: np.ndarray, spacing: Sequence[float]) -> list[tuple[np.ndarray, float]]:
-    """Mid axial, coronal and sagittal slices of a RAS volume (X, Y, Z), each as (image, aspect).
+def mid_slices(volume: np.ndarray, spacing: Sequence[float],
+               centre: Sequence[int] | None = None) -> list[tuple[np.ndarray, float]]:
+    """Axial, coronal and sagittal slices of a RAS volume (X, Y, Z) through `centre` (voxel
+    indices; default the middle), each as (image, aspect).
 
     Images are oriented for ``imshow(origin="lower")``: anterior / superior up, patient right on
     the right of the axial and coronal views (neurological convention).
     """
-    x, y, z = (n // 2 for n in volume.shape)
+    x, y, z = (n // 2 for n in volume.shape) if centre is None else (int(c) for c in centre)
     sx, sy, sz = spacing
     return [
         (volume[:, :, z].T, sy / sx),

@@ -14,7 +14,8 @@ from mri_vqvae.data import schema
 
 SPLITS = ("train", "val", "test")
 ORIGINS = ("real", "augmented")
-OPTIONAL_FIELDS = ("series_uid", "session")  # written to JSON only when set
+ANNOTATION_FIELDS = ("lesion_mask", "lesion_mask_sha256")  # about a case; not what trains
+OPTIONAL_FIELDS = ("series_uid", "session", *ANNOTATION_FIELDS)  # written to JSON only when set
 
 
 @dataclass(frozen=True)
@@ -22,7 +23,9 @@ class Case:
     """One image volume: a file (or DICOM series folder) relative to the data root.
 
     `series_uid` selects one series of a folder holding several (None: every file of the
-    folder); `session` names the visit of a subject scanned more than once (``study1``). Both are
+    folder); `session` names the visit of a subject scanned more than once (``study1``).
+    `lesion_mask` is an annotation: a label volume on the image's grid (relative to the data
+    root, nonzero = lesion) with its sha256, used by evaluation only. Optional fields are
     written to JSON only when set, so older manifests keep their digests.
     """
 
@@ -40,6 +43,8 @@ class Case:
     derived_from: str | None = None
     series_uid: str | None = None
     session: str | None = None
+    lesion_mask: str | None = None
+    lesion_mask_sha256: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "shape", tuple(int(v) for v in self.shape))
@@ -93,4 +98,19 @@ def parse_case(obj: Any, where: str) -> Case:
         derived_from=schema.optional_text(obj["derived_from"], f"{where}.derived_from"),
         series_uid=schema.optional_uid(obj.get("series_uid"), f"{where}.series_uid"),
         session=schema.optional_text(obj.get("session"), f"{where}.session", schema.ID_RE),
+        **_annotations(obj, where),
     )
+
+
+def _annotations(obj: dict[str, Any], where: str) -> dict[str, str | None]:
+    """The lesion mask path and its sha256: both given or neither."""
+    mask, digest = obj.get("lesion_mask"), obj.get("lesion_mask_sha256")
+    if (mask is None) != (digest is None):
+        raise schema.field_error(f"{where}.lesion_mask", "a mask path and its sha256 together",
+                                 {"lesion_mask": mask, "lesion_mask_sha256": digest},
+                                 "give both lesion_mask and lesion_mask_sha256, or neither")
+    return {
+        "lesion_mask": schema.optional_text(mask, f"{where}.lesion_mask"),
+        "lesion_mask_sha256": None if digest is None
+        else schema.text(digest, f"{where}.lesion_mask_sha256", schema.SHA_RE),
+    }

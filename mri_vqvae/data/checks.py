@@ -113,9 +113,35 @@ def _file_reason(root: Path, case: Case, checksums: bool) -> str | None:
     return None
 
 
+def _mask_reason(root: Path, case: Case, checksums: bool) -> str | None:
+    """Why the lesion mask of `case` cannot be trusted (None when it can, or there is none)."""
+    rel = case.lesion_mask
+    if rel is None:
+        return None
+    if (why := path_reason(rel)) is not None:
+        return f"lesion_mask: {why}"
+    full = root / rel
+    try:
+        sources.check_confined(full, root, None)
+        if not full.is_file():
+            return f"missing lesion mask {full}"
+        if checksums and (got := sources.sha256_sources(full, None)[0]) != case.lesion_mask_sha256:
+            return (f"lesion mask sha256 {got[:12]}... does not match the recorded "
+                    f"{str(case.lesion_mask_sha256)[:12]}...")
+    except ManifestError as exc:
+        return str(exc)
+    except (OSError, ValueError, RuntimeError) as exc:
+        return f"cannot read {full}: {exc}"
+    return None
+
+
 def file_problems(root: Path, cases: Sequence[Case], checksums: bool) -> list[Problem]:
-    """Cases whose files under `root` are missing, escape it, changed size (or sha256)."""
-    return [Problem(c.case_id, c.path, r) for c in cases if (r := _file_reason(root, c, checksums))]
+    """Cases whose files (image, lesion mask) under `root` are missing, escape it, changed size
+    (or sha256)."""
+    problems = [Problem(c.case_id, c.path, r) for c in cases
+                if (r := _file_reason(root, c, checksums))]
+    return problems + [Problem(c.case_id, str(c.lesion_mask), r) for c in cases
+                       if (r := _mask_reason(root, c, checksums))]
 
 
 def duplicate_content(cases: Sequence[Case]) -> list[Problem]:

@@ -11,7 +11,9 @@ from monai.data import CacheDataset, Dataset, MetaTensor, PersistentDataset
 from monai.transforms import Compose
 
 from mri_vqvae.config import DataConfig, config_digest
+from mri_vqvae.data.case import Case
 from mri_vqvae.data.manifest import Manifest
+from mri_vqvae.data.transforms import LESION, LESION_SHA256
 
 
 def case_items(
@@ -21,23 +23,28 @@ def case_items(
 
     ``"prep"`` is the digest of the preprocessing config and ``"sha256"`` the file's checksum, so
     a cache keyed on the item changes when either the config or the file changes; ``"root"`` is
-    the manifest's data root, which every file of the case must stay inside.
+    the manifest's data root, which every file of the case must stay inside. A case with a
+    lesion mask also has ``"lesion_mask"`` (path) and ``"lesion_sha256"``.
     """
     prep = config_digest(data)
     cases = [c for c in manifest.cases if split is None or c.split == split]
-    return [
-        {
-            "image": str(manifest.data_root / c.path),
-            "root": str(manifest.data_root),
-            "series_uid": c.series_uid,
-            "case_id": c.case_id,
-            "subject_id": c.subject_id,
-            "split": c.split or "",
-            "sha256": c.sha256,
-            "prep": prep,
-        }
-        for c in sorted(cases, key=lambda c: c.case_id)
-    ]
+    return [_item(manifest.data_root, c, prep) for c in sorted(cases, key=lambda c: c.case_id)]
+
+
+def _item(root: Path, c: Case, prep: str) -> dict[str, Any]:
+    item = {
+        "image": str(root / c.path),
+        "root": str(root),
+        "series_uid": c.series_uid,
+        "case_id": c.case_id,
+        "subject_id": c.subject_id,
+        "split": c.split or "",
+        "sha256": c.sha256,
+        "prep": prep,
+    }
+    if c.lesion_mask is not None:  # only then, so the cache keys of other cases stay as they were
+        item |= {LESION: str(root / c.lesion_mask), LESION_SHA256: c.lesion_mask_sha256}
+    return item
 
 
 def plain_volume(x: Any) -> torch.Tensor:

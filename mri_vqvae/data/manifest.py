@@ -25,7 +25,7 @@ from typing import Any
 from mri_vqvae.core.atomic import atomic_write_text
 from mri_vqvae.core.errors import ManifestError
 from mri_vqvae.data import checks, schema
-from mri_vqvae.data.case import SPLITS, Case, Problem, parse_case
+from mri_vqvae.data.case import ANNOTATION_FIELDS, SPLITS, Case, Problem, parse_case
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,18 @@ class Manifest:
     def digest(self) -> str:
         """sha256 of the canonical JSON content (everything but ``data_root`` and ``digest``)."""
         return content_digest(_content(self))
+
+    @property
+    def unannotated_digest(self) -> str:
+        """The digest without the cases' annotations (`ANNOTATION_FIELDS`): what a run trained
+        on this manifest before its lesion masks were recorded has as its digest."""
+        bare = [dataclasses.replace(c, **dict.fromkeys(ANNOTATION_FIELDS)) for c in self.cases]
+        return content_digest(_content(dataclasses.replace(self, cases=tuple(bare))))
+
+    def matches(self, digest: str) -> bool:
+        """Whether a run that recorded `digest` used these cases and splits (annotations, which
+        train nothing, may have been added since)."""
+        return digest in (self.digest, self.unannotated_digest)
 
     def split_counts(self) -> dict[str, int]:
         """Number of cases per split ("none" for unassigned)."""

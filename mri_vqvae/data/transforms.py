@@ -55,6 +55,8 @@ from mri_vqvae.config import AugmentConfig, DataConfig
 from mri_vqvae.data.io import DEFAULT_MAX_SHEAR, DEFAULT_MAX_VOXELS, DEFAULT_MIN_SIZE, MriReader
 
 IMAGE = "image"
+LESION = "lesion_mask"  # an item's lesion label volume (path, then MetaTensor); nonzero = lesion
+LESION_SHA256 = "lesion_sha256"  # its checksum (MONAI reads keys starting "lesion_mask_" as meta)
 RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))  # explicit: silences a MONAI default change
 
 
@@ -89,8 +91,10 @@ class LoadCased(MapTransform):
         min_size: int = DEFAULT_MIN_SIZE,
         spacing: Sequence[float] | None = None,
         allow_missing_keys: bool = False,
+        sha256_key: str = "sha256",
     ) -> None:
         super().__init__(keys, allow_missing_keys)
+        self.sha256_key = sha256_key
         self.max_voxels = int(max_voxels)
         self.max_shear = float(max_shear)
         self.min_size = int(min_size)
@@ -99,13 +103,16 @@ class LoadCased(MapTransform):
         self._loader = LoadImage(reader=MriReader(), image_only=True, dtype=np.float32)
 
     @classmethod
-    def from_config(cls, data: DataConfig, keys: KeysCollection = IMAGE) -> LoadCased:
-        """The limits of `data`: max_voxels, max_shear, min_size, and its target spacing."""
-        return cls(keys, data.max_voxels, data.max_shear, data.min_size, data.spacing)
+    def from_config(cls, data: DataConfig, keys: KeysCollection = IMAGE,
+                    sha256_key: str = "sha256") -> LoadCased:
+        """The limits of `data`: max_voxels, max_shear, min_size, and its target spacing;
+        files are verified against ``item[sha256_key]``."""
+        return cls(keys, data.max_voxels, data.max_shear, data.min_size, data.spacing,
+                   sha256_key=sha256_key)
 
     def reader_for(self, item: Mapping[Hashable, Any]) -> MriReader:
         """The reader of one item: these limits plus the item's root, sha256 and series_uid."""
-        root, sha256 = item.get("root"), item.get("sha256")
+        root, sha256 = item.get("root"), item.get(self.sha256_key)
         return MriReader(
             self.max_voxels,
             self.max_shear,
@@ -124,20 +131,30 @@ class LoadCased(MapTransform):
         return d
 
 
-def preprocessing_steps(data: DataConfig) -> list[tuple[str, MapTransform]]:
-    """The deterministic chain as (name, transform) pairs, in order."""
+def preprocessing_steps(data: DataConfig, masks: Mapping[str, str] | None = None
+                        ) -> list[tuple[str, MapTransform]]:
+    """The deterministic chain as (name, transform) pairs, in order.
+
+    `masks` maps label keys to the keys of their checksums (e.g. ``{LESION: LESION_SHA256}``);
+    each label is carried through every geometric step with nearest-neighbour resampling. The
+    image's output is the same with or without them (the crop box comes from the image alone).
+    """
+    masks = dict(masks or {})
+    keys = [IMAGE, *masks]
     steps: list[tuple[str, MapTransform]] = [
         ("load", LoadCased.from_config(data)),
-        ("channel_first", EnsureChannelFirstd(IMAGE, channel_dim="no_channel")),
-        ("orientation", Orientationd(IMAGE, axcodes="RAS", labels=RAS_LABELS)),
-        ("spacing", Spacingd(IMAGE, pixdim=data.spacing, mode="bilinear", dtype=np.float32)),
+        *[(f"load_{m}", LoadCased.from_config(data, m, digest)) for m, digest in masks.items()],
+        ("channel_first", EnsureChannelFirstd(keys, channel_dim="no_channel")),
+        ("orientation", Orientationd(keys, axcodes="RAS", labels=RAS_LABELS)),
+        ("spacing", Spacingd(keys, pixdim=data.spacing,
+                             mode=["bilinear", *["nearest"] * len(masks)], dtype=np.float32)),
     ]
     if data.crop_foreground:
         steps.append(
             (
                 "crop_foreground",
                 CropForegroundd(
-                    IMAGE, source_key=IMAGE, select_fn=foreground, margin=data.foreground_margin
+                    keys, source_key=IMAGE, select_fn=foreground, margin=data.foreground_margin
                 ),
             )
         )
@@ -147,8 +164,8 @@ def preprocessing_steps(data: DataConfig) -> list[tuple[str, MapTransform]]:
             "scale_intensity",
             ScaleIntensityRangePercentilesd(IMAGE, low, high, b_min=0.0, b_max=1.0, clip=True),
         ),
-        ("pad_or_crop", ResizeWithPadOrCropd(IMAGE, spatial_size=data.spatial_size)),
-        ("float32", EnsureTyped(IMAGE, dtype=torch.float32)),
+        ("pad_or_crop", ResizeWithPadOrCropd(keys, spatial_size=data.spatial_size)),
+        ("float32", EnsureTyped(keys, dtype=torch.float32)),
     ]
     return steps
 
@@ -214,6 +231,12 @@ def build_transforms(
     chain = Compose([t for _, t in steps])
     chain.set_random_state(seed=seed)
     return chain
+
+
+def with_masks(data: DataConfig, masks: Mapping[str, str] | None = None) -> Compose:
+    """The deterministic chain carrying label volumes along (default the lesion mask; see
+    `preprocessing_steps`): ``out[mask]`` is (1, D, H, W) on the image's output grid."""
+    return Compose([t for _, t in preprocessing_steps(data, masks or {LESION: LESION_SHA256})])
 
 
 def augment_only(augment: AugmentConfig, seed: int) -> Compose:

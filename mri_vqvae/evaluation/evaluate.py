@@ -43,6 +43,7 @@ from mri_vqvae.evaluation.blocks import (
     unigram_case_bits,
 )
 from mri_vqvae.evaluation.heldout import check_held_out, recorded_manifest_digests
+from mri_vqvae.evaluation.lesions import lesion_block
 from mri_vqvae.evaluation.passes import (
     HeldOut,
     PassSettings,
@@ -228,6 +229,9 @@ def _prior_passes(prior: PriorRun, scorer: Scorer, model: Any, held: HeldOut,
                        s.passes(), device)
     likelihood = likelihood_block(held, train, prior.prior, source.codebook_size,
                                   s.num_resamples, s.seed)
+    likelihood["lesions"] = lesion_block(
+        held, train, source.codebook_size, model.factor, source.data.spacing,
+        out / "figures" if distributed.is_main() else None)
     if samples_block is not None:
         samples_block["memorisation"] = memorisation_block(nearest, s.num_samples, held)
         plausible = plausibility_block(
@@ -260,7 +264,7 @@ def _open_prior(prior_run: str | Path, source: AutoencoderRun, manifest: Manifes
             f"the prior run {prior_run} cannot be used with the VQ-VAE {source.checkpoint}: {exc}"
         ) from None
     digest = str(prior.extra.get("manifest_digest"))
-    if digest != manifest.digest:
+    if not manifest.matches(digest):
         raise EvaluationError(
             f"the prior {prior.paths.prior_checkpoint} was trained on latents of a manifest with "
             f"digest {digest[:16]}..., not {manifest.name!r} ({manifest.digest[:16]}...); pass "

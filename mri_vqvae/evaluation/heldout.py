@@ -51,7 +51,8 @@ def check_held_out(manifest: Manifest, split: str, recorded: Mapping[str, str],
     """Refuse anything but a held-out split of the manifest the run was trained on.
 
     Raises `EvaluationError` when `split` is ``train`` (or unknown), when the run recorded no
-    manifest digest or one that differs from ``manifest.digest``, when the split is empty, or
+    manifest digest or one that `Manifest.matches` refuses (another manifest; lesion masks
+    recorded since are allowed), when the split is empty, or
     when a held-out subject also has training cases. Returns what was checked (JSON-ready).
     """
     refuse_split(split)
@@ -61,7 +62,7 @@ def check_held_out(manifest: Manifest, split: str, recorded: Mapping[str, str],
             "extra.manifest_digest), so it cannot be checked that the evaluated cases were held "
             "out; evaluate a run made by `mri-vqvae train-vqvae`"
         )
-    wrong = {where: d for where, d in recorded.items() if d != manifest.digest}
+    wrong = {where: d for where, d in recorded.items() if not manifest.matches(d)}
     if wrong:
         where, digest = next(iter(wrong.items()))
         raise EvaluationError(

@@ -28,6 +28,7 @@ from torch import Tensor
 
 from mri_vqvae.core import distributed
 from mri_vqvae.core.errors import EvaluationError, MriVqvaeError, describe_error
+from mri_vqvae.data.transforms import LESION, with_masks
 from mri_vqvae.metrics.quality import CaseQuality, quality_of
 from mri_vqvae.metrics.sets import FEATURE_GRID, NearestScan
 from mri_vqvae.tasks.cases import Failure, iter_prepared, progress
@@ -100,6 +101,17 @@ class CaseView:
     mean_bits: float | None = None
 
 
+@dataclass(frozen=True)
+class LesionCase:
+    """A held-out case with a lesion mask: the mask (X, Y, Z) bool on the preprocessed grid,
+    its code grid (d, h, w) and the prior's -log2 p per latent (d, h, w; None: no map)."""
+
+    case_id: str
+    lesion: np.ndarray
+    indices: Tensor
+    latent_bits: np.ndarray | None
+
+
 @dataclass
 class HeldOut:
     """What the held-out pass kept, one entry per evaluated case in case order (``views``: the
@@ -112,6 +124,7 @@ class HeldOut:
     features: list[np.ndarray] = field(default_factory=list)
     bits: list[float] = field(default_factory=list)
     views: list[CaseView] = field(default_factory=list)
+    lesions: list[LesionCase] = field(default_factory=list)
 
 
 @dataclass
@@ -194,6 +207,8 @@ def _held_out(model: VQVAE, data: DataConfig, items: list[dict[str, Any]],
             bits = math.nan if scorer is None else scorer.grid_bits(quality.case_id, q.indices)
             if scorer is not None:
                 held.bits.append(bits)
+            if scorer is not None and LESION in item:
+                _add_lesion(held, item, data, scorer, q.indices)
             if len(held.views) < s.report_cases:
                 latent = None if scorer is None else scorer.bits_map(quality.case_id, q.indices)
                 held.views.append(CaseView(
@@ -201,6 +216,20 @@ def _held_out(model: VQVAE, data: DataConfig, items: list[dict[str, Any]],
                     None if latent is None else block_upsample(latent, model.factor),
                     None if scorer is None else bits))
     return held
+
+
+def _add_lesion(held: HeldOut, item: dict[str, Any], data: DataConfig, scorer: Scorer,
+                indices: Tensor) -> None:
+    """Preprocess the case's lesion mask onto its grid and keep it with the prior's map; a mask
+    that cannot be read is logged and left out (the case itself was evaluated)."""
+    case_id = str(item["case_id"])
+    try:
+        mask = with_masks(data)(dict(item))[LESION]
+    except Exception as exc:  # a bad annotation never fails the case it annotates
+        log.warning("lesion mask of %s left out: %s", case_id, describe_error(exc))
+        return
+    held.lesions.append(LesionCase(case_id, np.asarray(mask[0].detach().cpu()) > 0.5,
+                                   indices[0].cpu(), scorer.bits_map(case_id, indices)))
 
 
 def train_pass(model: VQVAE, scorer: Scorer, data: DataConfig, items: list[dict[str, Any]],

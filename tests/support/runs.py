@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Mapping
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import torch
 
@@ -34,16 +36,16 @@ EVAL_SPLITS = {"tr0": "train", "tr1": "train", "tr2": "train", "va0": "val", "te
 
 
 def make_manifest(root: Path, splits: dict[str, str] = EVAL_SPLITS, subjects: dict[str, str] | None
-                  = None, bad: tuple[str, ...] = ()) -> tuple[Manifest, Path]:
-    """Tiny heads (one per case, subject = case unless `subjects` says otherwise), written out.
-
-    Cases named in `bad` hold a constant volume (preprocessing refuses it).
+                  = None, bad: tuple[str, ...] = (), shape: tuple[int, int, int] = (24, 28, 20)
+                  ) -> tuple[Manifest, Path]:
+    """Tiny heads of `shape` (one per case, subject = case unless `subjects` says otherwise),
+    written out. Cases named in `bad` hold a constant volume (preprocessing refuses it).
     """
     data = root / "data"
     data.mkdir(parents=True, exist_ok=True)
     cases = []
     for i, (cid, split) in enumerate(sorted(splits.items())):
-        vol = np.ones((9, 9, 9), np.float32) if cid in bad else make_head(seed=10 + i)
+        vol = np.ones((9, 9, 9), np.float32) if cid in bad else make_head(shape, seed=10 + i)
         path = write_nifti(data / f"{cid}.nii.gz", vol)
         cases.append(Case(case_id=cid, subject_id=(subjects or {}).get(cid, f"s{cid}"),
                           source_id="syn", path=path.name, sha256=sha256_file(path),
@@ -269,3 +271,26 @@ def make_unigram_run(root: Path, vq_run: Path, digest: str, prior: UnigramPrior 
     (run / "metrics.jsonl").write_text(json.dumps(
         {"step": 6, "epoch": 0, "split": "train", "loss": 3.0, "bits_per_latent": 4.3}) + "\n")
     return run
+
+
+def lesion_cube(shape: tuple[int, int, int] = (24, 28, 20)) -> np.ndarray:
+    """A uint8 lesion mask (1 inside a small cube off the head's centre) for `make_head` grids."""
+    mask = np.zeros(shape, np.uint8)
+    x, y, z = (n // 2 for n in shape)
+    mask[x + 1:x + 6, y - 3:y + 2, z - 2:z + 3] = 1
+    return mask
+
+
+def annotate_lesions(manifest: Manifest, case_ids: tuple[str, ...]) -> Manifest:
+    """`manifest` with a `lesion_cube` mask (written beside each image, same affine) recorded as
+    the lesion_mask of each case in `case_ids`."""
+    cases = []
+    for case in manifest.cases:
+        if case.case_id in case_ids:
+            image = nib.load(str(manifest.data_root / case.path))
+            path = write_nifti(manifest.data_root / f"{case.case_id}_lesion.nii.gz",
+                               lesion_cube(image.shape), image.affine)
+            case = dataclasses.replace(case, lesion_mask=path.name,
+                                       lesion_mask_sha256=sha256_file(path))
+        cases.append(case)
+    return dataclasses.replace(manifest, cases=tuple(cases))

@@ -128,7 +128,8 @@ def _case_views(views: Sequence[CaseView], spacing: Sequence[float], figures: Pa
 
 
 def _likelihood(metrics: Mapping[str, Any], views: Sequence[CaseView],
-                spacing: Sequence[float], figures: Path) -> Section:
+                spacing: Sequence[float], out: Path) -> Section:
+    figures = out / "figures"
     lik = metrics["likelihood"]
     unigram = lik["unigram_bits"]
     blocks: list[Block] = [Table(
@@ -150,7 +151,24 @@ def _likelihood(metrics: Mapping[str, Any], views: Sequence[CaseView],
         blocks.append(Figure(path, f"{cid}: -log2 p per latent over the scan"))
     if views and all(v.bits_map is None for v in views):
         blocks.append("This prior gives no per-latent -log2 p, so there are no bits maps.")
-    return Section("Likelihood maps", blocks)
+    return Section("Likelihood maps", blocks + _lesions(lik.get("lesions"), out))
+
+
+def _lesions(block: Mapping[str, Any] | None, out: Path) -> list[Block]:
+    """The lesion-AUROC table and overlays (nothing when no held-out case has a lesion mask)."""
+    if not block:
+        return []
+    rows = [[r["case_id"], r["lesion_voxels"], r["region_voxels"], fmt(r["auroc_prior"], 3),
+             fmt(r["auroc_unigram"], 3)] for r in block["cases"]]
+    rows.append(["mean", "", "", fmt(block["mean_auroc_prior"], 3),
+                 fmt(block["mean_auroc_unigram"], 3)])
+    blocks: list[Block] = [Table(
+        ["case", "lesion voxels", "region voxels", "AUROC prior", "AUROC unigram"], rows,
+        f"Do the maps point at the lesion? {block['measure']}; baseline: {block['baseline']}. "
+        f"0.5 is chance; goal {block['goal']}.")]
+    blocks += [Figure(out / r["figure"], f"{r['case_id']}: lesion outlined in cyan")
+               for r in block["cases"] if r["figure"]]
+    return blocks
 
 
 def _samples(metrics: Mapping[str, Any], out: Path) -> Section:
@@ -255,7 +273,7 @@ def evaluation_report(out: str | Path, metrics: Mapping[str, Any], cases: Sequen
     figures.mkdir(parents=True, exist_ok=True)
     sections = [_overview(metrics), _reconstruction(metrics), _case_views(views, spacing, figures)]
     if metrics.get("likelihood"):
-        sections.append(_likelihood(metrics, views, spacing, figures))
+        sections.append(_likelihood(metrics, views, spacing, out))
     if metrics.get("samples"):
         sections += [_samples(metrics, out), _plausibility(metrics, figures)]
     sections += [_curves(runs, figures), _per_case(metrics, cases)]

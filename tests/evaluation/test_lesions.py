@@ -1,0 +1,105 @@
+"""Lesion AUROC of the likelihood maps in `evaluate`: values, the baseline, figures, bad masks.
+
+The VQ-VAE and prior runs record the digest of the manifest *before* its lesion masks were added
+(as runs trained on the kit before the masks existed do); evaluate accepts the annotated one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mri_vqvae.artifacts.checkpoint import load_checkpoint
+from mri_vqvae.data.manifest import load_manifest, write_manifest
+from mri_vqvae.data.transforms import LESION, build_transforms, with_masks
+from mri_vqvae.evaluation.evaluate import EvaluateSettings, evaluate_runs
+from mri_vqvae.metrics.lesion import inner_head, lesion_auroc
+from mri_vqvae.tasks.likelihood import block_upsample
+from tests.support.runs import (
+    CFG,
+    annotate_lesions,
+    make_manifest,
+    make_unigram_run,
+    make_vqvae_run,
+)
+
+HEAD = (40, 44, 36)
+SETTINGS = EvaluateSettings(split="test", num_samples=0, report_cases=1, num_resamples=100)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("lesions")
+    manifest, _ = make_manifest(root, shape=HEAD)  # big enough to keep a region one block in
+    vq = make_vqvae_run(root / "runs", manifest.digest)
+    prior = make_unigram_run(root / "uni", vq, manifest.digest)
+    annotated = root / "annotated.json"
+    write_manifest(annotate_lesions(manifest, ("te0", "te1")), annotated)
+    return {"root": root, "manifest": annotated, "vqvae": vq, "prior": prior}
+
+
+def _expected_auroc(world: dict[str, Path], case_id: str) -> float:
+    """The AUROC from first principles: the unigram run's table over the case's codes."""
+    manifest = load_manifest(world["manifest"])
+    case = next(c for c in manifest.cases if c.case_id == case_id)
+    item = {"image": str(manifest.data_root / case.path)}
+    volume = build_transforms(CFG.data)(dict(item))["image"].as_tensor()
+    mask_item = {**item, LESION: str(manifest.data_root / str(case.lesion_mask))}
+    mask = with_masks(CFG.data)(mask_item)[LESION].as_tensor()[0].numpy() > 0.5
+    model = load_checkpoint(world["vqvae"] / "checkpoints" / "best").model.eval()
+    prior = load_checkpoint(world["prior"] / "checkpoints" / "best").model.eval()
+    with torch.no_grad():
+        codes = model.encode_indices(volume[None].float())[0]
+        table = -torch.log_softmax(prior.logits.detach().double(), dim=1)[0] / math.log(2)
+    bits = block_upsample(table[codes].numpy(), model.factor)
+    return lesion_auroc(bits, mask, inner_head(volume[0].numpy(), model.factor))
+
+
+def test_lesion_auroc_of_each_case_equals_the_direct_computation(world: dict[str, Path],
+                                                                  tmp_path: Path) -> None:
+    result = evaluate_runs(world["vqvae"], load_manifest(world["manifest"]), tmp_path / "e",
+                           prior_run=world["prior"], settings=SETTINGS)
+    block = result.metrics["likelihood"]["lesions"]
+    assert [r["case_id"] for r in block["cases"]] == ["te0", "te1"]
+    for row in block["cases"]:
+        assert row["auroc_prior"] == pytest.approx(_expected_auroc(world, row["case_id"]),
+                                                   abs=1e-9)
+        assert 0.0 <= row["auroc_unigram"] <= 1.0 and row["lesion_voxels"] > 0
+        assert (tmp_path / "e" / row["figure"]).is_file()
+    assert block["mean_auroc_prior"] == pytest.approx(
+        np.mean([r["auroc_prior"] for r in block["cases"]]))
+    page = result.report_path.read_text()
+    assert "AUROC prior" in page and "lesion outlined in cyan" in page
+
+
+def test_a_corrupted_mask_is_left_out_and_the_case_still_evaluated(
+        world: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    manifest = load_manifest(world["manifest"])
+    copy = tmp_path / "data"
+    copy.mkdir()
+    for f in manifest.data_root.iterdir():
+        (copy / f.name).write_bytes(f.read_bytes())
+    mask = copy / "te1_lesion.nii.gz"
+    data = bytearray(mask.read_bytes())
+    data[40] ^= 0xFF
+    mask.write_bytes(bytes(data))
+    moved = load_manifest(world["manifest"], data_root=copy, check_files=False)
+    with caplog.at_level(logging.WARNING):
+        result = evaluate_runs(world["vqvae"], moved, tmp_path / "e", prior_run=world["prior"],
+                               settings=SETTINGS)
+    assert result.metrics["reconstruction"]["num_cases"] == 3
+    assert [r["case_id"] for r in result.metrics["likelihood"]["lesions"]["cases"]] == ["te0"]
+    assert any("lesion mask of te1" in r.message and "te1_lesion" in r.message
+               for r in caplog.records)
+
+
+def test_without_masks_there_is_no_lesion_block(world: dict[str, Path], tmp_path: Path) -> None:
+    manifest = load_manifest(world["root"] / "manifest.json")  # the same cases, no masks
+    result = evaluate_runs(world["vqvae"], manifest, tmp_path / "e", prior_run=world["prior"],
+                           settings=SETTINGS)
+    assert result.metrics["likelihood"]["lesions"] is None
