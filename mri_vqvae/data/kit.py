@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from mri_vqvae.config import AugmentConfig, KitConfig, config_digest
+from mri_vqvae.config import DOMAIN_RANDOMISATION, AugmentConfig, KitConfig, config_digest
 from mri_vqvae.core.atomic import atomic_path, atomic_write_text
 from mri_vqvae.core.errors import DownloadError
 from mri_vqvae.core.provenance import sha256_file
@@ -274,12 +274,15 @@ def _download_archive(kf: KitFile, downloads: Path) -> Path:
 
 
 def kit_augmentation(augment: AugmentConfig) -> AugmentConfig:
-    """The training augmentation with every step switched on: each pseudo-subject differs."""
+    """The training augmentation with every anatomy and contrast step switched on (each
+    pseudo-subject differs) and domain randomisation at its defaults (off): a training-time
+    step, so configs differing only there share one kit."""
     return augment.model_copy(
         update={
             name: getattr(augment, name).model_copy(update={"prob": 1.0})
             for name in ("affine", "elastic", "bias_field", "contrast")
         }
+        | {name: AugmentConfig.model_fields[name].default for name in DOMAIN_RANDOMISATION}
         | {"enabled": True}
     )
 

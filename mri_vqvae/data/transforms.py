@@ -20,7 +20,9 @@ geometry-only metadata.
 
 Intensity scaling runs before the final pad so padded voxels are exactly 0, the background value.
 Training appends the named random steps of `AugmentConfig` (affine, elastic, bias_field, contrast,
-noise); `set_random_state(seed)` on the returned Compose makes them replayable.
+noise, then the domain randomisation steps low_resolution, thick_slices, histogram_shift, gibbs,
+kspace_spikes, off by default); `set_random_state(seed)` on the returned Compose makes them
+replayable. With gibbs or kspace_spikes on, intensities are clipped back to [0, 1] after them.
 Output: ``data["image"]`` is a MetaTensor (1, D, H, W), float32, RAS, whose ``.affine`` is the
 voxel-to-world (RAS mm) matrix of the output grid.
 """
@@ -33,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 from monai.config import KeysCollection
+from monai.data import MetaTensor
 from monai.transforms import (
     Compose,
     CropForegroundd,
@@ -46,10 +49,18 @@ from monai.transforms import (
     RandAffined,
     RandBiasFieldd,
     RandGaussianNoised,
+    RandGibbsNoised,
+    RandHistogramShiftd,
+    RandKSpaceSpikeNoised,
+    RandomizableTransform,
+    RandSimulateLowResolutiond,
+    Resize,
     ResizeWithPadOrCropd,
+    ScaleIntensityRanged,
     ScaleIntensityRangePercentilesd,
     Spacingd,
 )
+from monai.utils import convert_to_tensor
 
 from mri_vqvae.config import AugmentConfig, DataConfig
 from mri_vqvae.data.io import DEFAULT_MAX_SHEAR, DEFAULT_MAX_VOXELS, DEFAULT_MIN_SIZE, MriReader
@@ -217,7 +228,71 @@ def augmentation_steps(aug: AugmentConfig) -> list[tuple[str, MapTransform]]:
             RandGaussianNoised(IMAGE, prob=aug.noise.prob, std=aug.noise.std),
         ),
     ]
-    return [(name, t) for name, prob, t in candidates if prob > 0]
+    return [(name, t) for name, prob, t in candidates if prob > 0] + domain_randomisation_steps(aug)
+
+
+class RandThickSlicesd(RandomizableTransform, MapTransform):
+    """Thick slices along one random axis: the anisotropic low resolution of clinical scans.
+
+    With probability `prob` draws an axis of (C, D, H, W) and a factor f in `factor_range`,
+    averages that axis down to ``round(n / f)`` slices (MONAI `Resize`, mode "area": each slice
+    the mean of a slab f voxels thick) and resamples it back to n (linear). The other two axes
+    are untouched; shape, dtype and metadata (affine) stay the input's.
+    """
+
+    def __init__(self, keys: KeysCollection, factor_range: tuple[float, float], prob: float,
+                 allow_missing_keys: bool = False) -> None:
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        RandomizableTransform.__init__(self, prob)
+        self.factor_range = factor_range
+        self.axis, self.factor = 0, 1.0
+
+    def randomize(self, data: Any = None) -> None:
+        super().randomize(None)
+        if self._do_transform:
+            self.axis = int(self.R.randint(3))
+            self.factor = float(self.R.uniform(*self.factor_range))
+
+    def thick(self, img: torch.Tensor) -> torch.Tensor:
+        """(C, D, H, W) -> the same grid, `self.axis` averaged over slabs of `self.factor`."""
+        shape = tuple(int(n) for n in img.shape[1:])
+        slabs = list(shape)
+        slabs[self.axis] = max(1, round(shape[self.axis] / self.factor))
+        plain = convert_to_tensor(img, track_meta=False)
+        down = Resize(slabs, mode="area")(plain)
+        back = Resize(shape, mode="trilinear")(down)
+        out = convert_to_tensor(back, track_meta=False).to(img.dtype)
+        return MetaTensor(out).copy_meta_from(img) if isinstance(img, MetaTensor) else out
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        self.randomize()
+        if self._do_transform:
+            for key in self.key_iterator(d):
+                d[key] = self.thick(d[key])
+        return d
+
+
+def domain_randomisation_steps(aug: AugmentConfig) -> list[tuple[str, MapTransform]]:
+    """The enabled domain randomisation steps of `aug`, in order, clipped back to [0, 1] after
+    the k-space ones (Gibbs ringing and spikes overshoot)."""
+    low, thick, hist = aug.low_resolution, aug.thick_slices, aug.histogram_shift
+    gibbs, spikes = aug.gibbs, aug.kspace_spikes
+    candidates: list[tuple[str, float, MapTransform]] = [
+        ("low_resolution", low.prob,
+         RandSimulateLowResolutiond(IMAGE, prob=low.prob, zoom_range=low.zoom)),
+        ("thick_slices", thick.prob, RandThickSlicesd(IMAGE, thick.factor, thick.prob)),
+        ("histogram_shift", hist.prob,
+         RandHistogramShiftd(IMAGE, num_control_points=hist.control_points, prob=hist.prob)),
+        ("gibbs", gibbs.prob, RandGibbsNoised(IMAGE, prob=gibbs.prob, alpha=gibbs.alpha)),
+        ("kspace_spikes", spikes.prob,
+         RandKSpaceSpikeNoised(IMAGE, prob=spikes.prob, intensity_range=spikes.log_intensity)),
+    ]
+    steps = [(name, t) for name, prob, t in candidates if prob > 0]
+    if gibbs.prob > 0 or spikes.prob > 0:
+        steps.append(("clip_unit_range", ScaleIntensityRanged(IMAGE, 0.0, 1.0, 0.0, 1.0,
+                                                              clip=True)))
+    return steps
 
 
 def build_transforms(

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from mri_vqvae.metrics.image import (
     MsSsimSettings,
+    high_frequency_ratio,
     masked_psnr,
     ms_ssim_settings,
     multiscale_per_mask,
@@ -38,10 +39,12 @@ class CaseQuality:
     ssim: float
     ms_ssim: float
     nmse: float
+    hf_ratio: float
     psnr_foreground: float
     ssim_foreground: float
     ms_ssim_foreground: float
     nmse_foreground: float
+    hf_ratio_foreground: float
     codes_used: int
 
 
@@ -66,9 +69,11 @@ def quality_of(pred: Tensor, target: Tensor, item: Mapping[str, Any], indices: T
         ssim=float(ssim_all[0]),
         ms_ssim=float(ms_all[0]),
         nmse=float(nmse(pred, target)[0]),
+        hf_ratio=float(high_frequency_ratio(pred, target)[0]),
         psnr_foreground=float(masked_psnr(pred, target, mask)[0]),
         ssim_foreground=float(ssim_fg[0]),
         ms_ssim_foreground=float(ms_fg[0]),
         nmse_foreground=float(nmse(pred, target, mask)[0]),
+        hf_ratio_foreground=float(high_frequency_ratio(pred, target, mask)[0]),
         codes_used=int(indices.unique().numel()),
     )

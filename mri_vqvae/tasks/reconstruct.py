@@ -150,11 +150,12 @@ def finished_case(out: Path, item: dict[str, Any], identity: dict[str, Any]
         log.warning("%s is unreadable; the case is redone", path)
         return None
     same = (doc.get("vqvae_sha256") == identity["vqvae_sha256"]
-            and doc.get("grid") == identity["grid"] and doc.get("source_sha256") == item["sha256"])
+            and doc.get("grid") == identity["grid"] and doc.get("source_sha256") == item["sha256"]
+            and set(CASE_METRICS) <= set(doc.get("metrics") or {}))
     image = out / str(doc.get("image", ""))
     if not same or not image.is_file() or sha256_file(image) != doc.get("image_sha256"):
-        log.warning("%s does not verify (changed input, model or image); the case is redone",
-                    path)
+        log.warning("%s does not verify (changed input, model or image, or metrics of an older "
+                    "version); the case is redone", path)
         return None
     return doc
 

@@ -1,4 +1,5 @@
-"""PSNR / SSIM wrappers: exact values on identical volumes, the PSNR of known Gaussian noise."""
+"""PSNR / SSIM wrappers: exact values on identical volumes, the PSNR of known Gaussian noise; the
+high-frequency ratio: 1 for identical volumes, below 1 and falling with blur, above 1 with noise."""
 
 from __future__ import annotations
 
@@ -6,8 +7,10 @@ import math
 
 import pytest
 import torch
+from monai.transforms import GaussianSmooth
 
-from mri_vqvae.metrics.image import mean_of, psnr, ssim, ssim_window
+from mri_vqvae.metrics.image import high_frequency_ratio, mean_of, psnr, ssim, ssim_window
+from tests.support.volumes import make_head
 
 
 def _smooth_volume(shape: tuple[int, int, int] = (16, 16, 16)) -> torch.Tensor:
@@ -54,3 +57,34 @@ def test_mean_of() -> None:
     assert mean_of([1.0, 2.0]) == 1.5
     assert mean_of([1.0, math.inf]) == math.inf
     assert math.isnan(mean_of([]))
+
+
+def _head() -> torch.Tensor:
+    """A (1, 1, 24, 28, 20) head-like volume in [0.25, 0.75] (noise added below stays inside)."""
+    head = torch.from_numpy(make_head())
+    return (0.25 + 0.5 * head / head.max())[None, None]
+
+
+def test_high_frequency_ratio_of_identical_volumes_is_exactly_one() -> None:
+    x = _head().repeat(2, 1, 1, 1, 1)
+    assert high_frequency_ratio(x, x).tolist() == [1.0, 1.0]
+    mask = (x > 0.3).float()
+    assert high_frequency_ratio(x, x, mask).tolist() == [1.0, 1.0]
+    ones = torch.ones_like(x)
+    y = GaussianSmooth(1.0)(x[0])[None]
+    assert float(high_frequency_ratio(y, x[:1], ones[:1])[0]) == float(
+        high_frequency_ratio(y, x[:1])[0])
+
+
+def test_high_frequency_ratio_falls_with_blur_and_rises_with_noise() -> None:
+    x = _head()
+    ratios = [float(high_frequency_ratio(GaussianSmooth(s)(x[0])[None], x)[0])
+              for s in (0.5, 1.0, 2.0)]
+    assert 1.0 > ratios[0] > ratios[1] > ratios[2] > 0.0
+    noisy = x + 0.05 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+    assert float(high_frequency_ratio(noisy, x)[0]) > 1.0
+
+
+def test_high_frequency_ratio_of_a_flat_target_is_nan() -> None:
+    flat = torch.full((1, 1, 8, 8, 8), 0.5)
+    assert math.isnan(float(high_frequency_ratio(_head()[..., :8, :8, :8], flat)[0]))

@@ -24,6 +24,12 @@ from pydantic import (
     model_validator,
 )
 
+from mri_vqvae.config.augment import (  # noqa: F401  (the package's public names)
+    DOMAIN_RANDOMISATION,
+    AugmentConfig,
+)
+from mri_vqvae.config.fields import ADDED
+from mri_vqvae.config.train import AutoencoderTrainConfig, TrainConfig  # noqa: F401
 from mri_vqvae.core.errors import ConfigError
 from mri_vqvae.core.strict import StrictModel
 from mri_vqvae.models import registry
@@ -66,119 +72,6 @@ class DataConfig(StrictModel):
     def _ordered_percentiles(cls, v: tuple[float, float]) -> tuple[float, float]:
         if not 0 <= v[0] < v[1] <= 100:
             raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100, got {v}")
-        return v
-
-
-class AffineAugment(StrictModel):
-    prob: float = Field(0.5, ge=0, le=1)
-    rotate_deg: float = Field(8.0, ge=0, description="max rotation about each axis")
-    scale: float = Field(0.08, ge=0, description="max relative zoom per axis")
-    translate_vox: float = Field(3.0, ge=0, description="max shift per axis in voxels")
-
-
-class ElasticAugment(StrictModel):
-    prob: float = Field(0.2, ge=0, le=1)
-    sigma: tuple[float, float] = (5.0, 7.0)
-    magnitude: tuple[float, float] = (20.0, 60.0)
-
-
-class BiasFieldAugment(StrictModel):
-    prob: float = Field(0.3, ge=0, le=1)
-    coeff: float = Field(0.3, ge=0, description="max polynomial coefficient of the log bias field")
-
-
-class ContrastAugment(StrictModel):
-    prob: float = Field(0.3, ge=0, le=1)
-    gamma: tuple[float, float] = (0.7, 1.5)
-
-
-class NoiseAugment(StrictModel):
-    prob: float = Field(0.2, ge=0, le=1)
-    std: float = Field(0.02, ge=0, description="Gaussian noise std on the [0, 1] intensity scale")
-
-
-class AugmentConfig(StrictModel):
-    """Named random steps added to the training chain, applied in this order."""
-
-    enabled: bool = True
-    affine: AffineAugment = AffineAugment()
-    elastic: ElasticAugment = ElasticAugment()
-    bias_field: BiasFieldAugment = BiasFieldAugment()
-    contrast: ContrastAugment = ContrastAugment()
-    noise: NoiseAugment = NoiseAugment()
-
-
-class TrainConfig(StrictModel):
-    """One training run (`mri_vqvae.training.loop`): ``train_vqvae`` and ``train_prior`` sections.
-
-    Progress is counted in optimizer steps (one batch each): the run stops after ``max_steps``.
-    An epoch is ``ceil(train cases / batch_size)`` steps, one pass over a seeded permutation of
-    the train split; every ``*_every`` period is in steps. The VQ-VAE's loss is the
-    reconstruction loss (``loss``) plus the model's commitment loss. The prior's loss is the
-    cross-entropy of the code grids (``loss``, ``preview_every`` and ``cache_dir`` do not apply
-    to it; ``batch_size`` counts code grids).
-    """
-
-    max_steps: int = Field(20_000, ge=1, description="optimizer steps to train for")
-    batch_size: int = Field(2, ge=1, description="volumes per step")
-    lr: float = Field(2e-4, gt=0, description="AdamW learning rate (constant)")
-    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay")
-    grad_clip: float | None = Field(
-        1.0, gt=0, description="clip the global gradient norm to this; null = no clipping"
-    )
-    loss: str = Field("l1", description="reconstruction loss: l1 | mse")
-    log_every: int = Field(10, ge=1, description="steps between train lines in metrics.jsonl")
-    val_every: int = Field(500, ge=1, description="steps between validations (and at the end)")
-    checkpoint_every: int = Field(
-        500, ge=1, description="steps between checkpoints/last saves (and at the end)"
-    )
-    preview_every: int = Field(1000, ge=1, description="steps between preview montages")
-    num_workers: int = Field(0, ge=0, description="DataLoader worker processes (0: main process)")
-    precision: str = Field(
-        "auto",
-        description="auto (bf16 autocast only where the device runs bf16 natively, else fp32; "
-        "see mri_vqvae.core.precision) | fp32 | bf16 (forced; emulated and very slow on CPUs "
-        "without native bf16)",
-    )
-    time_limit_minutes: float | None = Field(
-        None,
-        gt=0,
-        description="wall-clock minutes from the command's start (data caching included); when "
-        "exceeded, stop after the current step with a resumable checkpoint; null = no limit",
-    )
-    cache_dir: str | None = Field(
-        None, description="PersistentDataset folder for preprocessed volumes; null = in memory"
-    )
-    device: str = Field("auto", description="auto (cuda when available) | cpu | cuda")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _bf16_alias(cls, data: Any) -> Any:
-        """The former ``bf16: true|false`` key (older configs and run folders) -> precision."""
-        if isinstance(data, dict) and "bf16" in data:
-            data = dict(data)
-            flag = data.pop("bf16")
-            if isinstance(flag, bool):  # given explicitly, it wins (an override of old configs)
-                data["precision"] = "bf16" if flag else "fp32"
-            else:
-                data["bf16"] = flag  # let validation name the bad value
-        return data
-
-    @field_validator("loss", "device", "precision")
-    @classmethod
-    def _known_choice(cls, v: str, info: Any) -> str:
-        choices = {"loss": ("l1", "mse"), "device": ("auto", "cpu", "cuda"),
-                   "precision": ("auto", "fp32", "bf16")}[info.field_name]
-        if v not in choices:
-            raise ValueError(f"{info.field_name} must be one of {choices}, got {v!r}")
-        return v
-
-    @field_validator("betas")
-    @classmethod
-    def _betas_in_range(cls, v: tuple[float, float]) -> tuple[float, float]:
-        if not all(0 <= b < 1 for b in v):
-            raise ValueError(f"betas must lie in [0, 1), got {v}")
         return v
 
 
@@ -279,7 +172,7 @@ class ExperimentConfig(StrictModel):
         default_factory=lambda: registry.KINDS["vqvae"].config()
     )
     prior: PriorSection = Field(default_factory=lambda: registry.KINDS["pixelcnn"].config())
-    train_vqvae: TrainConfig = TrainConfig()
+    train_vqvae: AutoencoderTrainConfig = AutoencoderTrainConfig()
     train_prior: TrainConfig = TrainConfig()
 
     @model_validator(mode="before")
@@ -290,7 +183,7 @@ class ExperimentConfig(StrictModel):
         return data
 
 
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -393,9 +286,25 @@ def load_config(
         raise ConfigError(_explain(exc, source)) from None
 
 
+def _digest_tree(model: BaseModel) -> dict[str, Any]:
+    """``model.model_dump(mode="json")`` less the `ADDED` fields that hold their default."""
+    tree = model.model_dump(mode="json")
+    for name, field in type(model).model_fields.items():
+        value = getattr(model, name)
+        added = any(m is ADDED for m in field.metadata)
+        if added and value == field.get_default(call_default_factory=True):
+            del tree[name]
+        elif isinstance(value, BaseModel):
+            tree[name] = _digest_tree(value)
+    return tree
+
+
 def config_digest(model: BaseModel) -> str:
-    """sha256 of the canonical JSON of a config model: changes whenever any value changes."""
-    canon = json.dumps(model.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    """sha256 of the canonical JSON of a config model: changes whenever any value changes.
+
+    Settings marked `ADDED` count only once they differ from their default.
+    """
+    canon = json.dumps(_digest_tree(model), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canon.encode()).hexdigest()
 
 
