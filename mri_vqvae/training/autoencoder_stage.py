@@ -5,7 +5,10 @@ or `PersistentDataset` on disk when ``train_vqvae.cache_dir`` is set). The rando
 steps then run per item with a seed derived from ``(config seed, epoch, dataset index)``, so an
 augmented volume does not depend on the worker count or on what was drawn before.
 
-A step's loss is the reconstruction loss (``train_vqvae.loss``) plus the commitment loss. Under
+A step's loss is the reconstruction loss (``train_vqvae.loss``) plus the commitment loss, plus,
+with ``train_vqvae.adversarial_weight`` > 0 and from ``adversarial_start_step`` on, the weighted
+adversarial term of a patch discriminator that then trains beside it
+(`mri_vqvae.training.adversarial`; logged as ``adversarial_loss`` and ``discriminator_loss``). Under
 DDP the EMA codebook is kept identical on every rank by the quantizer
 (`mri_vqvae.models.autoencoders.vqvae.quantizer`) and the step draws only from the global RNG
 (k-means initialisation, code revival), which stays identical on every rank. Logged train terms
@@ -32,7 +35,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from mri_vqvae.artifacts.runs import manifest_digest
-from mri_vqvae.config import ExperimentConfig, TrainConfig
+from mri_vqvae.config import AutoencoderTrainConfig, ExperimentConfig
 from mri_vqvae.core import distributed
 from mri_vqvae.core.device import resolve_device
 from mri_vqvae.core.figures import orthogonal_montage
@@ -44,6 +47,7 @@ from mri_vqvae.data.transforms import IMAGE, augment_only, build_transforms
 from mri_vqvae.metrics.image import mean_of, psnr, ssim
 from mri_vqvae.models import registry
 from mri_vqvae.models.autoencoders.vqvae.quantizer import usage
+from mri_vqvae.training.adversarial import Adversary, build_adversary
 from mri_vqvae.training.batching import StepBatchSampler, check_world_size, item_seed
 from mri_vqvae.training.errors import TrainingError
 from mri_vqvae.training.loop import TrainResult, due, run_stage
@@ -94,15 +98,17 @@ def reconstruction_loss(recon: Tensor, target: Tensor, kind: str) -> Tensor:
 
 @dataclass(kw_only=True)
 class AutoencoderStage:
-    """`Stage` of the VQ-VAE: augmented train volumes, val volumes, the manifest's digest."""
+    """`Stage` of the VQ-VAE: augmented train volumes, val volumes, the manifest's digest, and
+    the adversary when ``train.adversarial_weight`` > 0."""
 
-    train: TrainConfig
+    train: AutoencoderTrainConfig
     model_config: BaseModel
     model: nn.Module
     train_ds: AugmentedDataset
     val_ds: Dataset
     manifest_digest: str
     spacing: tuple[float, ...]
+    adversary: Adversary | None = None
     name: str = "vqvae"
     section: str = "train_vqvae"
     model_section: str = "autoencoder"
@@ -145,10 +151,16 @@ class AutoencoderStage:
             out = s.net(images)
         recon = reconstruction_loss(out.reconstruction, images, self.train.loss)
         loss = recon + out.commitment_loss
+        terms = {"recon_loss": recon.detach(), "commitment_loss": out.commitment_loss.detach()}
+        adversary = self.adversary if self.adversary and self.adversary.active(s.step) else None
+        if adversary is not None:
+            adversarial = adversary.generator_term(s, out.reconstruction)
+            loss = loss + adversary.weight * adversarial
+            terms["adversarial_loss"] = adversarial.detach()
         grad_norm = s.optimize(loss, images.shape[0])
-        means = s.whole_batch({"loss": loss.detach(), "recon_loss": recon.detach(),
-                               "commitment_loss": out.commitment_loss.detach()},
-                              images.shape[0])
+        if adversary is not None:
+            terms["discriminator_loss"] = adversary.step(s, images, out.reconstruction)
+        means = s.whole_batch({"loss": loss.detach(), **terms}, images.shape[0])
         return {**means, "perplexity": out.perplexity, "codes_used": out.codes_used,
                 "grad_norm": grad_norm}
 
@@ -193,11 +205,34 @@ class AutoencoderStage:
     def extra(self) -> dict[str, Any]:
         return {"manifest_digest": self.manifest_digest}
 
+    def resume_state(self) -> dict[str, Any]:
+        """The discriminator's weights and optimizer state, when there is one."""
+        return {} if self.adversary is None else {"discriminator": self.adversary.state()}
+
+    def load_resume_state(self, state: dict[str, Any], step: int) -> None:
+        """The discriminator's state, when both the checkpoint and the config have one.
+
+        A checkpoint without one (adversarial_weight was 0, or an older version) resumes with a
+        fresh discriminator, exact when `step` has not passed ``adversarial_start_step``."""
+        saved = state.get("discriminator")
+        if self.adversary is None:
+            if saved is not None:
+                log.warning("checkpoints/last holds a discriminator, but train_vqvae."
+                            "adversarial_weight is 0 now: training goes on without it")
+        elif saved is not None:
+            self.adversary.load(saved, "checkpoints/last")
+        elif step > self.adversary.start_step:
+            log.warning("checkpoints/last (step %d) holds no discriminator: a fresh one joins "
+                        "now (adversarial_start_step %d has passed)", step,
+                        self.adversary.start_step)
+
     def check_resume(self, run_dir: Path, extra: dict[str, Any]) -> None:
         """Anything goes: the manifest was checked by `recorded_manifest` or given anew."""
 
     def on_start(self, s: Session, fresh: bool) -> None:
-        """Nothing to set up: the model learns everything by gradient."""
+        """DDP-wrap the discriminator, if any; the model learns everything by gradient."""
+        if self.adversary is not None:
+            self.adversary.wrap(s)
 
     def after_step(self, s: Session, step: int, last: bool) -> None:
         """previews/step_XXXXXXX.png when due."""
@@ -241,6 +276,7 @@ def build_autoencoder_stage(
     model = registry.build_model(config.autoencoder)
     model.latent_shape(config.data.spatial_size)  # SpatialShapeError: names the fix
     model.to(device)
+    adversary = build_adversary(tc, config.data.spatial_size, config.seed, device)
     prep = with_store(build_transforms(config.data), preprocessed, config.data)
     log.info("preprocessing %d train and %d val case(s) once%s", len(train_items),
              len(val_items), "" if preprocessed is None else f" (or reading {preprocessed})")
@@ -249,7 +285,7 @@ def build_autoencoder_stage(
     train_ds = AugmentedDataset(train_base, augment_only(config.augment, seed=0), config.seed)
     return AutoencoderStage(train=tc, model_config=config.autoencoder, model=model,
                             train_ds=train_ds, val_ds=val_ds, manifest_digest=manifest.digest,
-                            spacing=tuple(config.data.spacing))
+                            spacing=tuple(config.data.spacing), adversary=adversary)
 
 
 def recorded_manifest(run_dir: str | Path) -> Path:

@@ -141,6 +141,13 @@ class PriorStage:
         return {**self.data.index.provenance(), "label_field": self.data.label_field,
                 "label_names": list(self.data.label_names)}
 
+    def resume_state(self) -> dict[str, Any]:
+        """Nothing beyond the session's fields."""
+        return {}
+
+    def load_resume_state(self, state: dict[str, Any], step: int) -> None:
+        """Nothing beyond the session's fields."""
+
     def check_resume(self, run_dir: Path, extra: dict[str, Any]) -> None:
         """Refuse latents of another VQ-VAE, or classes other than the run's."""
         latents = self.data.index

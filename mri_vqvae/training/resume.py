@@ -4,7 +4,9 @@ checkpoints/last holds the weights and buffers (EMA codebook included), the opti
 step, the best validation metric and every random state, captured after all the work of its step
 (validation, preview). Resuming rebuilds the model, loads that state, restores the random states
 last and continues with the next batch; metrics.jsonl loses the lines written after the
-checkpoint. On CPU the result is bit-identical to an uninterrupted run.
+checkpoint. On CPU the result is bit-identical to an uninterrupted run. A stage adds what else it
+needs (`Stage.resume_state`: the VQ-VAE's discriminator and its optimizer); the learning rate is
+a function of the step (`mri_vqvae.training.schedule`), so no schedule state is stored.
 
 Under DDP only rank 0 writes; the others wait at a barrier after each checkpoints/last save.
 Every rank loads checkpoints/last at a resume, and rank 0's saved random states are restored on
@@ -64,6 +66,7 @@ def save_last(s: Session) -> Path:
             "train_cases": s.stage.n_train,
             "rng_device": _cuda_index(s.device),
             "rng": capture_rng_state(),
+            **s.stage.resume_state(),
         }
         save_checkpoint(s.last_dir, s.model, s.stage.kind, s.stage.model_config, _extra(s),
                         state, step=s.step)
@@ -171,6 +174,7 @@ def restore(s: Session, run_dir: Path) -> dict[str, Any]:
     s.model.load_state_dict(loaded.model.state_dict())
     s.optimizer.load_state_dict(state["optimizer"])
     s.step = int(state["step"])
+    stage.load_resume_state(state, s.step)
     s.best_metric = state.get("best_metric")
     best_step = int(state.get("best_step", -1))
     s.best_step = None if best_step < 0 else best_step

@@ -28,6 +28,7 @@ from mri_vqvae.config import ExperimentConfig, TrainConfig
 from mri_vqvae.core import distributed
 from mri_vqvae.core.precision import Precision, resolve_precision
 from mri_vqvae.training.batching import epoch_of, global_batch_size, share_weight, whole_batch
+from mri_vqvae.training.schedule import lr_factor, set_lr
 
 
 class Stage(Protocol):
@@ -76,6 +77,15 @@ class Stage(Protocol):
 
     def extra(self) -> dict[str, Any]:
         """What its checkpoints record besides the common fields."""
+        ...
+
+    def resume_state(self) -> dict[str, Any]:
+        """What checkpoints/last's resume state holds for it beyond the session's fields
+        (tensors and plain values only)."""
+        ...
+
+    def load_resume_state(self, state: dict[str, Any], step: int) -> None:
+        """Take back what `resume_state` saved (`state` is the whole resume state, at `step`)."""
         ...
 
     def check_resume(self, run_dir: Path, extra: dict[str, Any]) -> None:
@@ -183,14 +193,21 @@ class Session:
         return global_batch_size(step, self.stage.n_train, self.tc.batch_size)
 
     def optimize(self, loss: Tensor, local: int) -> Tensor:
+        """`descend` with the run's optimizer over ``net``'s parameters at rate ``lr``."""
+        return self.descend(self.optimizer, self.net, loss, local, self.tc.lr)
+
+    def descend(self, optimizer: torch.optim.Optimizer, net: nn.Module, loss: Tensor,
+                local: int, base_lr: float) -> Tensor:
         """Backward of `loss` (the mean over this rank's `local` items, weighted so that DDP's
-        average is the whole batch's gradient), clip, step; returns the gradient norm."""
-        self.optimizer.zero_grad(set_to_none=True)
+        average is the whole batch's gradient), clip `net`'s gradients, one `optimizer` step at
+        `base_lr` times the schedule's factor for this step; returns the gradient norm."""
+        set_lr(optimizer, base_lr * lr_factor(self.tc, self.step))
+        optimizer.zero_grad(set_to_none=True)
         weight = share_weight(local, self.batch_total(self.step))
         (loss if weight == 1.0 else loss * weight).backward()
         max_norm = self.tc.grad_clip if self.tc.grad_clip is not None else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), max_norm)
-        self.optimizer.step()
+        grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), max_norm)
+        optimizer.step()
         return grad_norm.detach()
 
     def whole_batch(self, terms: dict[str, Tensor], local: int) -> dict[str, Tensor]:
@@ -198,18 +215,21 @@ class Session:
         return whole_batch(terms, local, self.batch_total(self.step))
 
     def wrap(self) -> None:
-        """Wrap ``stage.module`` in DDP (a no-op in one process); after any resume has loaded it.
+        """Wrap ``stage.module`` in DDP (a no-op in one process); after any resume has loaded it."""
+        if self.world > 1:
+            self.ddp = self.distributed(self.stage.module)
+
+    def distributed(self, module: nn.Module) -> DistributedDataParallel:
+        """`module` in DDP on this rank's device.
 
         Buffers are not broadcast at each forward: the only ones, the quantizer's, are kept
-        identical by the quantizer itself.
+        identical by the quantizer itself (the discriminator has none).
         """
-        if self.world <= 1:
-            return
         ids = [self.device.index] if self.device.type == "cuda" else None
         # channels_last 1x1x1 conv weights: their size-1 dims give grads other (equivalent)
         # strides than DDP's bucket views, and DDP warns about it; the layout is the same.
         warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
-        self.ddp = DistributedDataParallel(self.stage.module, device_ids=ids, **_no_buffer_sync())
+        return DistributedDataParallel(module, device_ids=ids, **_no_buffer_sync())
 
     def is_better(self, value: float) -> bool:
         """Whether validation `value` beats the best so far (NaN never does)."""
