@@ -31,6 +31,8 @@ def _register() -> None:
     """Attach each stage's command; stage modules import heavy libraries only when they run."""
     from pipelines import data_kit, demo, encode, manifest_cmd, preprocess, train_prior, train_vqvae
     from pipelines import evaluate as evaluate_cmd
+    from pipelines import export as export_cmd
+    from pipelines import info as info_cmd
     from pipelines import likelihood as likelihood_cmd
     from pipelines import reconstruct as reconstruct_cmd
     from pipelines import sample as sample_cmd
@@ -46,6 +48,8 @@ def _register() -> None:
     cli.add_command(likelihood_cmd.likelihood)
     cli.add_command(reconstruct_cmd.reconstruct)
     cli.add_command(evaluate_cmd.evaluate)
+    cli.add_command(export_cmd.export)
+    cli.add_command(info_cmd.info)
 
 
 _register()

@@ -13,7 +13,7 @@ from tests.support.paths import REPO
 
 PACKAGE = REPO / "mri_vqvae"
 LAYER = {"core": 0, "models": 1, "metrics": 1, "config": 2, "data": 3, "artifacts": 4,
-         "training": 5, "tasks": 5, "evaluation": 6}
+         "training": 5, "tasks": 5, "evaluation": 6, "api": 7}
 MAX_LINES = 420
 
 
