@@ -1,4 +1,4 @@
-"""Sampling speed of the 3D gated PixelCNN prior: cached vs naive sampler, and MONAI's transformer.
+"""Sampling speed of the priors: PixelCNN cached vs naive sampler, MONAI's transformer, absorbing.
 
 Prints one JSON object. Two priors: ``default`` (today's `PixelCNNConfig()`) and ``anatomy``
 (dilations ``[1, 2, 4, 8, 1, 2, 4, 8]`` and the absolute-position embedding). For each prior,
@@ -17,7 +17,13 @@ grid (raster ordering, no KV cache, as MONAI samples). Its VQ-VAE is a stub whos
 ``decode_samples`` returns the indices, so only the transformer's sampling is timed. Timed on the
 first tokens and extrapolated with timed forwards at growing lengths unless labelled measured.
 
-Usage: ``python benchmarks/prior_sampling.py [--quick] [--threads 1] [--priors default anatomy]``
+``absorbing`` times `AbsorbingPrior.sample` (`AbsorbingConfig()`: 12 parallel decoding steps) on
+the same grids and batches, beside the first PixelCNN's cached sampler of the same run
+(``pixelcnn_fast_s``, ``speedup_vs_pixelcnn_fast``); each time is the median of three draws.
+``--absorbing-only`` times just those two on one 16x20x16 grid (batch 1), nothing else.
+
+Usage: ``python benchmarks/prior_sampling.py [--quick] [--threads 1] [--priors default anatomy]
+[--absorbing-only]``
 """
 
 from __future__ import annotations
@@ -33,6 +39,8 @@ from typing import Any
 
 import torch
 
+from mri_vqvae.models.priors.absorbing.config import AbsorbingConfig
+from mri_vqvae.models.priors.absorbing.model import AbsorbingPrior
 from mri_vqvae.models.priors.pixelcnn.config import PixelCNNConfig
 from mri_vqvae.models.priors.pixelcnn.draw import sample_categorical
 from mri_vqvae.models.priors.pixelcnn.model import GatedPixelCNN3D
@@ -97,6 +105,30 @@ def bench_prior(
     row["speedup_vs_naive"] = round(naive / row["fast_s"], 1)
     row["speedup_vs_forward_per_position"] = round(fwd * positions / row["fast_s"], 1)
     return row
+
+
+def median_seconds(fn: Callable[[], object], reps: int = 3) -> float:
+    """Median wall time of ``reps`` calls of ``fn`` after one warm-up call."""
+    fn()
+    return sorted(seconds(fn) for _ in range(reps))[reps // 2]
+
+
+def bench_absorbing(
+    model: AbsorbingPrior, grid: tuple[int, int, int], batch: int,
+    pixelcnn: GatedPixelCNN3D | None = None, pixel_fast_s: float | None = None,
+) -> dict[str, Any]:
+    """Absorbing sampling beside the PixelCNN's cached sampler (`pixelcnn` timed here, or its
+    time `pixel_fast_s` from the same run)."""
+    shape = (batch, *grid)
+    absorbing = median_seconds(lambda: model.sample(shape, gen(1)))
+    if pixel_fast_s is None:
+        assert pixelcnn is not None
+        with torch.no_grad():
+            pixel_fast_s = median_seconds(lambda: pixelcnn.sample(shape, gen(1)))
+    return {"grid": "x".join(map(str, grid)), "batch": batch,
+            "steps": model.config.sample_steps, "absorbing_s": round(absorbing, 3),
+            "pixelcnn_fast_s": round(pixel_fast_s, 3),
+            "speedup_vs_pixelcnn_fast": round(pixel_fast_s / absorbing, 1)}
 
 
 class _IndexStub:
@@ -185,8 +217,33 @@ def main() -> None:
     parser.add_argument(
         "--priors", nargs="+", choices=sorted(PRIORS), default=list(PRIORS), help="priors to time"
     )
+    parser.add_argument(
+        "--absorbing-only", action="store_true",
+        help="time only the absorbing prior and the PixelCNN cached sampler, 16x20x16, batch 1",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    absorbing = AbsorbingPrior(AbsorbingConfig()).eval()
+    absorbing_info = {"config": absorbing.config.model_dump(),
+                      "params": sum(p.numel() for p in absorbing.parameters())}
+    first = args.priors[0]
+    report: dict[str, Any] = {
+        "benchmark": "prior_sampling",
+        "quick": args.quick,
+        "threads": args.threads,
+        "cpu_count": os.cpu_count(),
+        "machine": platform.machine(),
+        "torch": torch.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    }
+    if args.absorbing_only:
+        torch.manual_seed(0)
+        pixelcnn = GatedPixelCNN3D(PRIORS[first]).eval()
+        report["absorbing"] = {**absorbing_info, "beside": first,
+                               "rows": [bench_absorbing(absorbing, (16, 20, 16), 1, pixelcnn)]}
+        print(json.dumps(report, indent=1))
+        return
     priors: dict[str, Any] = {}
     rows = []
     for name in args.priors:
@@ -195,7 +252,6 @@ def main() -> None:
         params = sum(p.numel() for p in model.parameters())
         priors[name] = {"config": PRIORS[name].model_dump(), "params": params}
         rows += [bench_prior(name, model, g, b, args.quick) for g in GRIDS for b in (1, 8)]
-    first = args.priors[0]
     monai = [
         bench_monai(priors[first]["params"], PRIORS[first].codebook_size, b, args.quick)
         for b in (1, 8)
@@ -208,18 +264,13 @@ def main() -> None:
         if "seconds" in entry:
             entry["prior"] = first
             entry["prior_fast_speedup"] = round(entry["seconds"] / prior["fast_s"], 1)
-    report = {
-        "benchmark": "prior_sampling",
-        "quick": args.quick,
-        "threads": args.threads,
-        "cpu_count": os.cpu_count(),
-        "machine": platform.machine(),
-        "torch": torch.__version__,
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "priors": priors,
-        "prior_sampling": rows,
-        "monai_transformer_8cubed": monai,
-    }
+    fast = {(r["grid"], r["batch"]): r["fast_s"] for r in rows if r["prior"] == first}
+    absorbing_rows = [
+        bench_absorbing(absorbing, g, b, pixel_fast_s=fast["x".join(map(str, g)), b])
+        for g in GRIDS for b in (1, 8)
+    ]
+    report.update(priors=priors, prior_sampling=rows, monai_transformer_8cubed=monai,
+                  absorbing={**absorbing_info, "beside": first, "rows": absorbing_rows})
     print(json.dumps(report, indent=1))
 
 

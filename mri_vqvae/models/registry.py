@@ -17,6 +17,7 @@ from pydantic import BaseModel
 
 from mri_vqvae.core.errors import CheckpointError
 from mri_vqvae.models.autoencoders.vqvae.config import VQVAEConfig
+from mri_vqvae.models.priors.absorbing.config import AbsorbingConfig
 from mri_vqvae.models.priors.pixelcnn.config import PixelCNNConfig
 from mri_vqvae.models.priors.unigram.config import UnigramConfig
 
@@ -54,6 +55,9 @@ KINDS: dict[str, ModelKind] = {
         ModelKind("unigram", "prior", UnigramConfig,
                   "mri_vqvae.models.priors.unigram.model:UnigramPrior",
                   "mri_vqvae.models.priors.unigram.model:state_numel"),
+        ModelKind("absorbing", "prior", AbsorbingConfig,
+                  "mri_vqvae.models.priors.absorbing.model:AbsorbingPrior",
+                  "mri_vqvae.models.priors.absorbing.network:state_numel"),
     )
 }
 LEGACY_KINDS = {"prior": "pixelcnn"}

@@ -203,7 +203,7 @@ def test_missing_and_unexpected_keys(tmp_path: Path) -> None:
     wider = {"tiny": lambda d: Tiny(TinyConfig(width=6))}
     with pytest.raises(CheckpointError, match="does not fit the model"):
         load_checkpoint(folder, builders=wider)
-    known = r"\['pixelcnn', 'unigram', 'vqvae'\]"
+    known = r"\['absorbing', 'pixelcnn', 'unigram', 'vqvae'\]"
     with pytest.raises(CheckpointError, match=r"unknown model kind 'tiny'.*" + known):
         load_checkpoint(folder)
 
