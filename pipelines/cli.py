@@ -34,6 +34,7 @@ def _register() -> None:
     from pipelines import export as export_cmd
     from pipelines import info as info_cmd
     from pipelines import likelihood as likelihood_cmd
+    from pipelines import merge as merge_cmd
     from pipelines import reconstruct as reconstruct_cmd
     from pipelines import sample as sample_cmd
 
@@ -48,6 +49,7 @@ def _register() -> None:
     cli.add_command(likelihood_cmd.likelihood)
     cli.add_command(reconstruct_cmd.reconstruct)
     cli.add_command(evaluate_cmd.evaluate)
+    cli.add_command(merge_cmd.merge)
     cli.add_command(export_cmd.export)
     cli.add_command(info_cmd.info)
 

@@ -12,6 +12,7 @@ import click
 from mri_vqvae.config import ExperimentConfig, load_config
 from mri_vqvae.core.device import DEVICES
 from mri_vqvae.tasks.cases import Failure, failures_table
+from mri_vqvae.tasks.parts import Part, PartError, parse_part, part_command
 
 
 def default_cache_dir() -> Path:
@@ -54,6 +55,29 @@ def strict_option(func: Callable[..., Any]) -> Callable[..., Any]:
     """Add ``--strict``: stop at the first bad case (exit 1)."""
     return click.option("--strict", is_flag=True,
                         help="Stop at the first bad case and exit non-zero.")(func)
+
+
+def _parse_part(ctx: click.Context, param: click.Parameter, value: str | None) -> Part | None:
+    if value is None:
+        return None
+    try:
+        return parse_part(value)
+    except PartError as exc:
+        raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
+
+
+def part_option(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Add ``--part I/N`` (passed as a `Part` or None): this job's share of the sorted cases."""
+    return click.option(
+        "--part", "part", default=None, metavar="I/N", callback=_parse_part,
+        help="Do only part I of N (1-based) of the sorted cases, e.g. one task of a SLURM array; "
+        "parts may run at once into one --out. When all N have run: mri-vqvae merge OUT.",
+    )(func)
+
+
+def written(out_dir: str, part: Part | None, tables: str) -> str:
+    """``(tables)`` a whole run wrote into `out_dir`, or where part `part` recorded its share."""
+    return f"({tables})" if part is None else f"({part_command(Path(out_dir), part)})"
 
 
 def vqvae_run_option(func: Callable[..., Any]) -> Callable[..., Any]:

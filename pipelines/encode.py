@@ -7,14 +7,17 @@ from pathlib import Path
 
 import click
 
+from mri_vqvae.tasks.parts import Part
 from pipelines.common import (
     data_root_option,
     device_option,
+    part_option,
     preprocessed_option,
     report_failures,
     split_option,
     strict_option,
     vqvae_run_option,
+    written,
 )
 
 
@@ -30,12 +33,14 @@ from pipelines.common import (
 @data_root_option
 @device_option
 @preprocessed_option
+@part_option
 @click.option("--augment", "augment", default=0, show_default=True, type=click.IntRange(min=0),
               help="Also encode N augmented views of each train case (<case_id>~aug<k>.npy), "
               "drawn by the run's seeded training augmentation: more grids for train-prior. "
               "Val and test cases are never augmented.")
 def encode(vqvae_run: str, manifest_path: str, out_dir: str, split: str | None, strict: bool,
-           data_root: str | None, device: str, preprocessed: str | None, augment: int) -> None:
+           data_root: str | None, device: str, preprocessed: str | None, augment: int,
+           part: Part | None) -> None:
     """Encode each case with the VQ-VAE: <case_id>.npy grids, index.json, failures.csv.
 
     Under torchrun the cases are shared among the processes; rank 0 writes index.json.
@@ -48,13 +53,14 @@ def encode(vqvae_run: str, manifest_path: str, out_dir: str, split: str | None, 
     with distributed.process_group(device):  # under torchrun: each rank encodes a share
         result = encode_manifest(vqvae_run, manifest, out_dir, split=split, strict=strict,
                                  device=device, manifest_path=manifest_path,
-                                 preprocessed=preprocessed, augment=augment)
+                                 preprocessed=preprocessed, augment=augment, part=part)
         main = distributed.is_main()
     if not main:
         return
     what = f"grid(s) (cases and {augment} view(s) of each train case)" if augment else "case(s)"
     click.echo(f"encoded {len(result.encoded)} {what}, kept {len(result.reused)} already "
-               f"encoded, into {Path(out_dir).resolve()} (index.json, <case_id>.npy)")
+               f"encoded, into {Path(out_dir).resolve()} "
+               f"{written(out_dir, part, 'index.json, <case_id>.npy')}")
     report_failures(result.failures, strict, "case(s)")
 
 

@@ -6,13 +6,16 @@ from pathlib import Path
 
 import click
 
+from mri_vqvae.tasks.parts import Part
 from pipelines.common import (
     config_options,
     data_root_option,
+    part_option,
     report_failures,
     resolve,
     split_option,
     strict_option,
+    written,
 )
 
 
@@ -22,9 +25,11 @@ from pipelines.common import (
 @data_root_option
 @split_option
 @strict_option
+@part_option
 @config_options
 def preprocess(manifest_path: str, out_dir: str, data_root: str | None, split: str | None,
-               strict: bool, config_name: str | None, overrides: tuple[str, ...]) -> None:
+               strict: bool, part: Part | None, config_name: str | None,
+               overrides: tuple[str, ...]) -> None:
     """Write normalised NIfTI (RAS, target spacing and shape), one montage per case, an index.
 
     Rerunning into the same --out reuses every finished case whose outputs still verify (same
@@ -39,9 +44,10 @@ def preprocess(manifest_path: str, out_dir: str, data_root: str | None, split: s
 
     config = resolve(config_name, overrides)
     manifest = load_manifest(manifest_path, data_root=data_root, check_files=False)
-    done, failures = preprocess_manifest(manifest, config, out_dir, split=split, strict=strict)
+    done, failures = preprocess_manifest(manifest, config, out_dir, split=split, strict=strict,
+                                         part=part)
     click.echo(f"preprocessed {len(done)} case(s) into {Path(out_dir).resolve()} "
-               f"(index.json, images/, montages/)")
+               f"{written(out_dir, part, 'index.json, images/, montages/')}")
     report_failures(failures, strict, "case(s)")
 
 

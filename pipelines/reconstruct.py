@@ -7,14 +7,17 @@ from pathlib import Path
 
 import click
 
+from mri_vqvae.tasks.parts import Part
 from pipelines.common import (
     data_root_option,
     device_option,
+    part_option,
     preprocessed_option,
     report_failures,
     split_option,
     strict_option,
     vqvae_run_option,
+    written,
 )
 
 
@@ -36,9 +39,10 @@ from pipelines.common import (
 @click.option("--threads", default=0, show_default=True, type=click.IntRange(min=0),
               help="torch CPU threads; 0 keeps torch's default.")
 @preprocessed_option
+@part_option
 def reconstruct(vqvae_run: str, manifest_path: str, data_root: str | None, split: str | None,
                 out_dir: str, native_space: bool, strict: bool, num_workers: int, device: str,
-                threads: int, preprocessed: str | None) -> None:
+                threads: int, preprocessed: str | None, part: Part | None) -> None:
     """Reconstruct every case: images/<case>.nii.gz, cases/<case>.json, metrics.csv (resumable).
 
     Under torchrun the cases are shared among the processes; rank 0 writes the tables.
@@ -52,12 +56,14 @@ def reconstruct(vqvae_run: str, manifest_path: str, data_root: str | None, split
         result = reconstruct_manifest(vqvae_run, manifest, out_dir, split=split,
                                       native_space=native_space, strict=strict,
                                       num_workers=num_workers, device=device,
-                                      threads=threads or None, preprocessed=preprocessed)
+                                      threads=threads or None, preprocessed=preprocessed,
+                                      part=part)
         main = distributed.is_main()
     if not main:
         return
     click.echo(f"reconstructed {len(result.computed)} case(s), reused {len(result.reused)} "
-               f"finished earlier, into {Path(out_dir).resolve()} (images/, cases/, metrics.csv)")
+               f"finished earlier, into {Path(out_dir).resolve()} "
+               f"{written(out_dir, part, 'images/, cases/, metrics.csv')}")
     report_failures(result.failures, strict, "case(s)")
 
 

@@ -11,6 +11,7 @@ import csv
 import io
 import logging
 import sys
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from tqdm.auto import tqdm
 
 from mri_vqvae.config import DataConfig
 from mri_vqvae.core.atomic import atomic_write_text
+from mri_vqvae.core.clock import StepClock, format_duration
 from mri_vqvae.core.errors import MriVqvaeError, describe_error, innermost_error
 from mri_vqvae.core.outputs import output_cause, output_error
 from mri_vqvae.data.preprocessed import with_store
@@ -40,9 +42,63 @@ class Failure:
     reason: str
 
 
-def progress(total: int, desc: str, enabled: bool = True) -> tqdm:
-    """A tqdm bar over cases with ETA on a terminal (off otherwise)."""
-    return tqdm(total=total, desc=desc, unit="case", disable=not enabled or not sys.stderr.isatty())
+PROGRESS_EVERY_S = 30.0  # the progress log line's period where no bar is seen
+
+
+def bar_visible() -> bool:
+    """Whether a tqdm bar is seen: stderr is a terminal, or this runs in a Jupyter kernel."""
+    if sys.stderr.isatty():
+        return True
+    get_ipython = getattr(sys.modules.get("IPython"), "get_ipython", None)
+    return get_ipython is not None and getattr(get_ipython(), "kernel", None) is not None
+
+
+class CaseProgress:
+    """Progress over cases: a tqdm bar where one is seen (terminal, notebook: `tqdm.auto`), else
+    a log line ``encode: 120/1000 cases  3.20 cases/s  ETA 4.6 min`` at the first case and every
+    `every_s` seconds (cluster logs); rate and ETA are `mri_vqvae.core.clock.StepClock`'s.
+    """
+
+    def __init__(self, total: int, desc: str, enabled: bool = True,
+                 every_s: float = PROGRESS_EVERY_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        visible = enabled and bar_visible()
+        self.desc, self.every_s, self.lines = desc, every_s, enabled and not visible
+        self.bar = tqdm(total=total, desc=desc, unit="case", disable=not visible)
+        self.clock = StepClock(0, total, clock)
+
+    def skip(self, n: int) -> None:
+        """Count `n` cases finished by an earlier run (untimed: they do not set the rate)."""
+        self.bar.update(n)
+        self.clock.step += n
+        self.clock.restart()
+
+    def update(self, n: int = 1) -> None:
+        """`n` more cases done (computed or failed) since the last update."""
+        self.bar.update(n)
+        self.clock.tick(self.clock.step + n)
+        if self.lines and self.clock.line_due(self.every_s):
+            log.info("%s", self.line())
+
+    def line(self) -> str:
+        """``<desc>: done/total cases  rate cases/s  ETA``."""
+        c = self.clock
+        return (f"{self.desc}: {c.step}/{c.total} cases  {c.rate:.2f} cases/s  "
+                f"ETA {format_duration(c.eta)}")
+
+    def close(self) -> None:
+        self.bar.close()
+
+    def __enter__(self) -> CaseProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def progress(total: int, desc: str, enabled: bool = True) -> CaseProgress:
+    """A `CaseProgress` over `total` cases."""
+    return CaseProgress(total, desc, enabled)
 
 
 def run_batch(
@@ -63,18 +119,20 @@ def run_batch(
     items = list(items)
     results: list[T] = []
     failures: list[Failure] = []
-    for item in tqdm(items, desc=desc, unit="case", disable=not sys.stderr.isatty()):
-        try:
-            results.append(process(item))
-        except (MriVqvaeError, OSError, RuntimeError, ValueError) as exc:
-            cause = output_cause(exc, out_dir)
-            if cause is not None:
-                raise output_error(out_dir, cause) from exc
-            if strict:
-                raise innermost_error(exc) from None
-            reason = describe_error(exc)
-            log.warning("skipping %s: %s", item.get("case_id"), reason)
-            failures.append(Failure(str(item.get("case_id")), str(item.get("image")), reason))
+    with progress(len(items), desc) as bar:
+        for item in items:
+            try:
+                results.append(process(item))
+            except (MriVqvaeError, OSError, RuntimeError, ValueError) as exc:
+                cause = output_cause(exc, out_dir)
+                if cause is not None:
+                    raise output_error(out_dir, cause) from exc
+                if strict:
+                    raise innermost_error(exc) from None
+                reason = describe_error(exc)
+                log.warning("skipping %s: %s", item.get("case_id"), reason)
+                failures.append(Failure(str(item.get("case_id")), str(item.get("image")), reason))
+            bar.update(1)
     return results, failures
 
 

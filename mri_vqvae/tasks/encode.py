@@ -13,7 +13,9 @@ contiguous share and writes only those .npy files (atomically); rank 0 journals 
 it goes, then gathers every rank's entries and failures and writes index.json and failures.csv,
 the same documents a single process would write. A kill mid-run loses at most the entries of
 other ranks' cases: their grids are re-encoded by the rerun (the sha256 check never trusts a
-file that index.json and the journal do not vouch for).
+file that index.json and the journal do not vouch for). With ``--part I/N`` (no torchrun) a
+process encodes the share rank I-1 would, journals its entries under ``parts/`` and leaves
+index.json alone; ``mri-vqvae merge`` writes it (`merge_encode`, `mri_vqvae.tasks.parts`).
 
 Augmented views (``augment`` N > 0): each train case is also encoded as N views, its
 preprocessed volume through the training augmentation of the VQ-VAE run (the ``augment`` section
@@ -27,6 +29,7 @@ the identity a rerun must match; N = 0 writes exactly what an encode without vie
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import logging
@@ -60,7 +63,7 @@ from mri_vqvae.core import distributed
 from mri_vqvae.core.atomic import atomic_write_bytes
 from mri_vqvae.core.device import resolve_device
 from mri_vqvae.core.errors import MriVqvaeError, innermost_error, listed
-from mri_vqvae.core.outputs import ensure_writable
+from mri_vqvae.core.outputs import ensure_writable, remove_stale_temps
 from mri_vqvae.core.provenance import sha256_file
 from mri_vqvae.data.case import Case
 from mri_vqvae.data.datasets import case_items, plain_volume
@@ -69,9 +72,18 @@ from mri_vqvae.data.preprocessed import with_store
 from mri_vqvae.data.transforms import IMAGE, augment_only, augmentation_steps, build_transforms
 from mri_vqvae.models.autoencoders.base import DiscreteAutoencoder
 from mri_vqvae.tasks.cases import Failure, run_batch, write_failures
+from mri_vqvae.tasks.parts import (
+    Merged,
+    Part,
+    PartJournal,
+    finish_part,
+    part_lock,
+    refuse_distributed,
+)
 
 log = logging.getLogger(__name__)
 
+COMMAND = "encode"
 _VIEW_STREAM = 3  # seed stream of views, apart from training's item / permutation / dropout ones
 
 
@@ -275,6 +287,7 @@ def encode_manifest(
     manifest_path: str | Path | None = None,
     preprocessed: str | Path | None = None,
     augment: int = 0,
+    part: Part | None = None,
 ) -> EncodeResult:
     """Encode the cases of `split` (all if None) into uint16 grids under `out_dir`.
 
@@ -286,10 +299,13 @@ def encode_manifest(
     not recomputed. A bad case (with its views) is listed in failures.csv and skipped, or raised
     when `strict`. Under DDP each rank encodes its share of the cases, rank 0 writes index.json
     and failures.csv, and every rank returns the result of the whole encode (``encoded`` and
-    ``reused`` list grid ids: case_ids and view ids).
+    ``reused`` list grid ids: case_ids and view ids). With `part` only its share is encoded,
+    its entries journalled under ``parts/`` (`mri_vqvae.tasks.parts`; `merge_encode` writes
+    index.json), and the result is the part's.
     """
     if augment < 0:
         raise LatentsError(f"augment={augment}: the number of views per train case is >= 0")
+    refuse_distributed(part)
     out = Path(out_dir)
     source = _open_source(vqvae_run)
     views = training_views(source, augment)
@@ -298,54 +314,76 @@ def encode_manifest(
     previous = previous_entries(out, header)
     items = case_items(manifest, source.data, split)
     by_id = {c.case_id: c for c in manifest.cases}
-    index = IndexWriter(out, header, {  # other splits' entries stay while the manifest lists them
+    kept = {  # other splits' entries stay while the manifest lists them
         cid: {**e, **_labels(case)} for cid, e in previous.items()
         if _still_listed(e, case := _source_case(e, by_id))
-    })
-    distributed.barrier()  # every rank has read the old index.json before rank 0 rewrites it
-    dev = resolve_device(device)
-    model = source.model.to(dev).eval()  # type: ignore[attr-defined]
-    chain = with_store(build_transforms(source.data), preprocessed, source.data)
-    encoded: list[str] = []
-    reused: list[str] = []
+    }
+    with contextlib.ExitStack() as stack:
+        folder = None if part is None else stack.enter_context(part_lock(out, part))
+        index = IndexWriter(out, header, kept) if folder is None else PartJournal(folder, kept)
+        distributed.barrier()  # every rank has read the old index.json before rank 0 rewrites it
+        dev = resolve_device(device)
+        model = source.model.to(dev).eval()  # type: ignore[attr-defined]
+        chain = with_store(build_transforms(source.data), preprocessed, source.data)
+        encoded: list[str] = []
+        reused: list[str] = []
 
-    def grid_ids(item: Mapping[str, Any]) -> dict[int, str]:
-        return {k: view_id(item["case_id"], k) for k in views.of(item)}
+        def grid_ids(item: Mapping[str, Any]) -> dict[int, str]:
+            return {k: view_id(item["case_id"], k) for k in views.of(item)}
 
-    def process(item: dict[str, Any]) -> str:
-        ids = grid_ids(item)
-        todo = [k for k, gid in ids.items() if not _reusable(index.entries.get(gid), item, out)]
-        for k in todo:
-            index.entries.pop(ids[k], None)
+        def process(item: dict[str, Any]) -> str:
+            ids = grid_ids(item)
+            todo = [k for k, gid in ids.items()
+                    if not _reusable(index.entries.get(gid), item, out)]
+            for k in todo:
+                index.entries.pop(ids[k], None)
+            try:
+                grids = encode_item(model, chain, item, dev, todo, views) if todo else {}
+            except (MriVqvaeError, OSError, RuntimeError, ValueError) as exc:
+                for gid in ids.values():
+                    index.entries.pop(gid, None)  # a bad case keeps none of its grids
+                raise _case_error(item, exc) from None  # the case error says what the cause was
+            for k in todo:
+                content = npy_bytes(grids[k])
+                atomic_write_bytes(out / f"{ids[k]}.npy", content)
+                index.append(_entry(item, by_id[item["case_id"]], k, content))
+                encoded.append(ids[k])
+            reused.extend(gid for k, gid in ids.items() if k not in todo)
+            return str(item["case_id"])
+
+        if isinstance(index, IndexWriter):
+            index.write([])
+        mine = distributed.shard(items) if part is None else part.take(items)
         try:
-            grids = encode_item(model, chain, item, dev, todo, views) if todo else {}
-        except (MriVqvaeError, OSError, RuntimeError, ValueError) as exc:
-            for gid in ids.values():
-                index.entries.pop(gid, None)  # a bad case keeps none of its grids
-            raise _case_error(item, exc) from None  # the case error says what the cause was
-        for k in todo:
-            content = npy_bytes(grids[k])
-            atomic_write_bytes(out / f"{ids[k]}.npy", content)
-            index.append(_entry(item, by_id[item["case_id"]], k, content))
-            encoded.append(ids[k])
-        reused.extend(gid for k, gid in ids.items() if k not in todo)
-        return str(item["case_id"])
-
-    index.write([])
-    mine = distributed.shard(items)
-    try:
-        _, failures = run_batch(mine, process, strict=strict, desc="encode", out_dir=out)
-    finally:
-        index.close()
-    if distributed.is_distributed():
-        encoded, reused, failures = _merge(index, items, mine, grid_ids,
-                                           (encoded, reused, failures))
-    index.write([asdict(f) for f in failures])
-    if index.main:
-        write_failures(out / FAILURES, failures)
+            _, failures = run_batch(mine, process, strict=strict, desc="encode", out_dir=out)
+        finally:
+            index.close()
+        if isinstance(index, PartJournal):
+            assert folder is not None and part is not None
+            ids = {gid for it in items for gid in grid_ids(it).values()}
+            outside = {g: e for g, e in kept.items() if g not in ids}
+            ours = [index.entries[g] for it in mine for g in grid_ids(it).values()
+                    if g in index.entries]
+            finish_part(folder, part, COMMAND, {"index": header, "outside": outside}, ours,
+                        failures)
+        else:
+            if distributed.is_distributed():
+                encoded, reused, failures = _merge(index, items, mine, grid_ids,
+                                                   (encoded, reused, failures))
+            index.write([asdict(f) for f in failures])
+            if index.main:
+                write_failures(out / FAILURES, failures)
     log.info("encoded %d grid(s), reused %d, %d case(s) failed, into %s", len(encoded),
              len(reused), len(failures), out)
     return EncodeResult(out, encoded, reused, failures)
+
+
+def merge_encode(out: Path, merged: Merged) -> None:
+    """index.json and failures.csv of a folder its parts encoded, as one process writes them."""
+    remove_stale_temps([out])
+    entries = {**merged.header["outside"], **{e["case_id"]: e for e in merged.records}}
+    IndexWriter(out, merged.header["index"], entries).write([asdict(f) for f in merged.failures])
+    write_failures(out / FAILURES, merged.failures)
 
 
 def _merge(

@@ -18,7 +18,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -101,6 +101,15 @@ def likelihood_map(run: PriorRun, input_path: str | Path, label: str | None = No
 
     `label` names the class of a conditional prior (required there, refused otherwise).
     """
+    volume, affine = preprocess_scan(input_path, run.data)
+    return score_volume(run, volume, affine, input_path, label)
+
+
+@torch.no_grad()
+def score_volume(run: PriorRun, volume: np.ndarray, affine: np.ndarray, input_path: str | Path,
+                 label: str | None = None) -> LikelihoodResult:
+    """Encode a preprocessed scan (`volume` (D, H, W) float32, `affine` (4, 4) RAS) and score
+    its latents with the prior; `input_path` names the scan in errors."""
     classes = class_labels(run)
     if classes.names and label is None:
         raise SynthesisError(
@@ -109,7 +118,6 @@ def likelihood_map(run: PriorRun, input_path: str | Path, label: str | None = No
         )
     labels = None if label is None else torch.tensor([classes.index(label)],
                                                       device=run.device)
-    volume, affine = preprocess_scan(input_path, run.data)
     x = torch.from_numpy(volume)[None, None].to(run.device)
     try:
         indices = run.vqvae.encode_indices(x)  # (1, d, h, w)
@@ -180,12 +188,14 @@ def write_likelihood(
     input_path: str | Path,
     out_path: str | Path,
     native: bool = False,
+    extra: dict[str, Any] | None = None,
 ) -> LikelihoodOutputs:
     """Write the bits map at `out_path`, the scan beside it (``<stem>_input``), a montage, a JSON.
 
     Default grid: the preprocessed one (`result.affine`), and ``<stem>_input`` is the preprocessed
     scan. With `native`, the map is resampled (`resample_to_grid`) onto the input file's own grid
     and affine, and ``<stem>_input`` is the input's voxels on that grid (a NIfTI copy).
+    `extra` fields join the JSON sidecar (written last).
     """
     out_path = Path(out_path)
     stem = _out_stem(out_path)
@@ -223,6 +233,7 @@ def write_likelihood(
         "max_bits_per_latent": float(result.bits.max()),
         "indices_sha256": grid_sha256(result.indices),
         **run_provenance(run),
+        **(extra or {}),
     }
     sidecar = folder / f"{stem}.json"
     atomic_write_text(sidecar, json.dumps(doc, indent=2) + "\n")

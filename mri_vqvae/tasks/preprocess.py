@@ -14,8 +14,11 @@ Resume: a case is done when its sidecar names the same source sha256, data confi
 subject and split, and its NIfTI and montage still hash to what the sidecar recorded. A rerun
 reuses such a case and (re)computes every other; a killed run leaves each case finished or to be
 redone, and its stale temp files are removed at the start of the next run. index.json and
-failures.csv are rewritten at the end of every run. A full disk or read-only folder stops the
-run with `OutputError` (it is no case's fault); a bad input is a per-case failure.
+failures.csv are rewritten at the end of every run. With ``--part I/N`` a run does its share of
+the cases and records it under ``parts/`` (`mri_vqvae.tasks.parts`); ``mri-vqvae merge`` then
+writes index.json and failures.csv, byte for byte what one process writes. A full disk or
+read-only folder stops the run with `OutputError` (it is no case's fault); a bad input is a
+per-case failure.
 
 Test hook: with ``MRI_VQVAE_TEST_KILL_AFTER_CASE=k`` in the environment, the process SIGKILLs
 itself right after committing the k-th case it computed (never set it otherwise).
@@ -45,10 +48,12 @@ from mri_vqvae.data.preprocessed import PreprocessedCase, finished_case, write_s
 from mri_vqvae.data.transforms import build_transforms
 from mri_vqvae.data.writers import affine_spacing, write_nifti
 from mri_vqvae.tasks.cases import Failure, run_batch, write_failures
+from mri_vqvae.tasks.parts import Merged, Part, finish_part, part_lock
 
 log = logging.getLogger(__name__)
 
 KILL_ENV = "MRI_VQVAE_TEST_KILL_AFTER_CASE"
+COMMAND = "preprocess"
 
 
 def preprocess_case(item: dict[str, Any], chain: Compose, out_dir: Path) -> PreprocessedCase:
@@ -86,19 +91,24 @@ def preprocess_manifest(
     out_dir: str | Path,
     split: str | None = None,
     strict: bool = False,
+    part: Part | None = None,
 ) -> tuple[list[PreprocessedCase], list[Failure]]:
     """Preprocess every case of `split` into `out_dir`; writes index.json and failures.csv.
 
-    Finished cases of an earlier run are reused (see the module doc). Raises `OutputError`
-    before any case when `out_dir` is not writable or another run holds it, and mid-run when
-    the disk fills or the folder turns read-only.
+    Finished cases of an earlier run are reused (see the module doc). With `part` only its share
+    of the cases is done and recorded under ``parts/`` (`mri_vqvae.tasks.parts`; the tables come
+    from `merge_preprocess`). Raises `OutputError` before any case when `out_dir` is not
+    writable or another run holds it (or the part), and mid-run when the disk fills or the
+    folder turns read-only.
     """
     out = Path(out_dir)
-    with output_lock(out):
-        remove_stale_temps([out, out / "images", out / "montages", out / "cases"])
+    with output_lock(out) if part is None else part_lock(out, part) as held:
+        if part is None:
+            remove_stale_temps([out, out / "images", out / "montages", out / "cases"])
         chain = build_transforms(config.data)
         digest = config_digest(config.data)
         items = case_items(manifest, config.data, split)
+        items = items if part is None else part.take(items)
         session = uuid.uuid4().hex
         kill_after = _kill_after()
         computed: list[str] = []
@@ -117,17 +127,32 @@ def preprocess_manifest(
             return case
 
         done, failures = run_batch(items, one, strict=strict, desc="preprocess", out_dir=out)
-        index = {
+        header = {
             "manifest_name": manifest.name,
             "manifest_digest": manifest.digest,
             "config_digest": digest,
             "data": config.data.model_dump(mode="json"),
             "split": split,
-            "cases": [asdict(c) for c in done],
-            "failures": [asdict(f) for f in failures],
         }
-        atomic_write_text(out / "index.json", json.dumps(index, indent=2) + "\n")
-        write_failures(out / "failures.csv", failures)
+        records = [asdict(c) for c in done]
+        if part is None:
+            write_index(out, header, records, failures)
+        else:
+            finish_part(held, part, COMMAND, header, records, failures)
     log.info("preprocessed %d case(s), reused %d, %d failed, into %s", len(computed),
              len(reused), len(failures), out)
     return done, failures
+
+
+def write_index(out: Path, header: dict[str, Any], records: list[dict[str, Any]],
+                failures: list[Failure]) -> None:
+    """index.json (`header`, the finished cases' `records`, the failures) and failures.csv."""
+    index = {**header, "cases": records, "failures": [asdict(f) for f in failures]}
+    atomic_write_text(out / "index.json", json.dumps(index, indent=2) + "\n")
+    write_failures(out / "failures.csv", failures)
+
+
+def merge_preprocess(out: Path, merged: Merged) -> None:
+    """The tables of a folder its parts preprocessed, as one process writes them."""
+    remove_stale_temps([out, out / "images", out / "montages", out / "cases"])
+    write_index(out, merged.header, merged.records, merged.failures)

@@ -22,7 +22,9 @@ Under ``torchrun`` (`mri_vqvae.core.distributed`) the sorted cases are sharded: 
 reconstructs only its contiguous share, writing those images and sidecars (atomically, as above);
 rank 0 alone writes reconstruct.json first and, after gathering every rank's finished sidecars
 and failures, metrics.csv, index.json and failures.csv: the same tables one process writes.
-Resume works the same (a rerun may use another number of processes).
+Resume works the same (a rerun may use another number of processes). ``--part I/N`` does the
+share rank I-1 would without torchrun and records it under ``parts/`` (`mri_vqvae.tasks.parts`);
+``mri-vqvae merge`` writes the tables (`merge_reconstruct`).
 
 Grids: by default the reconstruction lies on the preprocessed grid (RAS, ``data.spacing``,
 ``data.spatial_size``). With `native_space` it is resampled onto the input file's own grid and
@@ -72,6 +74,7 @@ from mri_vqvae.data.writers import write_nifti
 from mri_vqvae.metrics.image import CASE_METRICS
 from mri_vqvae.metrics.quality import quality_of
 from mri_vqvae.tasks.cases import Failure, Prepared, iter_prepared, progress, write_failures
+from mri_vqvae.tasks.parts import Merged, Part, finish_part, part_lock, refuse_distributed
 
 if TYPE_CHECKING:
     from mri_vqvae.artifacts.loading import AutoencoderRun
@@ -81,6 +84,7 @@ log = logging.getLogger(__name__)
 
 FORMAT = "mri-vqvae-reconstruction"
 FORMAT_VERSION = 1
+COMMAND = "reconstruct"
 KILL_ENV = "MRI_VQVAE_TEST_KILL_AFTER_CASE"
 CSV_COLUMNS = ("case_id", *CASE_METRICS, "codes_used")
 _IDENTITY = ("vqvae_sha256", "data", "grid")
@@ -235,6 +239,12 @@ def _kill_after() -> int | None:
     return int(raw) if raw else None
 
 
+def merge_reconstruct(out: Path, merged: Merged) -> None:
+    """The tables of a folder its parts reconstructed, as one process writes them."""
+    remove_stale_temps([out, out / "images", out / "cases"])
+    write_tables(out, {r["case_id"]: r for r in merged.records}, merged.header, merged.failures)
+
+
 @contextlib.contextmanager
 def _lock_on_main(out: Path) -> Iterator[None]:
     """Rank 0 holds `output_lock(out)` for the run and clears a killed run's temp files first;
@@ -264,6 +274,7 @@ def reconstruct_manifest(
     device: str | torch.device = "cpu",
     threads: int | None = None,
     preprocessed: str | Path | None = None,
+    part: Part | None = None,
 ) -> ReconstructResult:
     """Reconstruct every case of `split` (all if None) into `out_dir` (see the module doc).
 
@@ -273,20 +284,23 @@ def reconstruct_manifest(
     torch's CPU threads for the run (None: torch's default). Under torchrun each rank does its
     share of the cases and every rank returns the result of the whole run. `OutputError` comes
     first when `out_dir` is not writable or another run holds its lock (``out_dir/.lock``).
+    With `part` only its share is done, and recorded under ``parts/`` instead of the tables
+    (`mri_vqvae.tasks.parts`; `merge_reconstruct` writes them).
     """
     from mri_vqvae.artifacts.loading import open_autoencoder_run
     from mri_vqvae.data.datasets import case_items
     from mri_vqvae.tasks.sample import cpu_threads
 
+    refuse_distributed(part)
     out = Path(out_dir)
-    with _lock_on_main(out):
+    with _lock_on_main(out) if part is None else part_lock(out, part) as held:
         source = open_autoencoder_run(vqvae_run)
         identity = folder_identity(source, native_space)
         _claim_on_main(out, identity)
         dev = resolve_device(device)
         model = source.model.to(dev).eval()
         items = case_items(manifest, source.data, split)
-        mine = distributed.shard(items)  # every item when not distributed
+        mine = distributed.shard(items) if part is None else part.take(items)
         records: dict[str, dict[str, Any]] = {}
         for item in mine:
             doc = finished_case(out, item, identity)
@@ -300,7 +314,7 @@ def reconstruct_manifest(
         session = uuid.uuid4().hex
         kill_after = _kill_after()
         bar = progress(len(mine), "reconstruct")
-        bar.update(len(reused))
+        bar.skip(len(reused))
         with bar, cpu_threads(dev, threads):
             for prepared in iter_prepared(todo, source.data, num_workers, preprocessed):
                 item = prepared.item
@@ -336,7 +350,10 @@ def reconstruct_manifest(
             records, computed, reused, failures, stopped = distributed.merge_shards(
                 (records, computed, reused, failures, stopped))
             reused = sorted(reused)
-        if distributed.is_main():
+        if part is not None and stopped is None:
+            finish_part(held, part, COMMAND, identity,
+                        [records[i["case_id"]] for i in mine if i["case_id"] in records], failures)
+        elif part is None and distributed.is_main():
             write_tables(out, records, identity, failures)
         distributed.barrier()  # the tables are written before any rank returns
         if stopped is not None:

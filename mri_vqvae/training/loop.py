@@ -35,8 +35,9 @@ from tqdm.auto import tqdm
 
 from mri_vqvae.artifacts.runs import RunRecorder, new_run_dir
 from mri_vqvae.core import distributed
+from mri_vqvae.core.clock import StepClock
 from mri_vqvae.training.errors import TrainingError
-from mri_vqvae.training.progress import StepClock, StopControl, slow_step_message
+from mri_vqvae.training.progress import StopControl, slow_step_message
 from mri_vqvae.training.resume import restore, restore_rng, save_best_if_better, save_last
 from mri_vqvae.training.session import Session
 

@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from mri_vqvae.training.progress import StepClock, StopControl, format_duration, slow_step_message
+from mri_vqvae.core.clock import StepClock, format_duration
+from mri_vqvae.training.progress import StopControl, slow_step_message
 
 
 def test_clock_rate_eta_and_line() -> None:
