@@ -42,12 +42,16 @@ from pipelines.common import (
 @click.option("--num-workers", default=0, show_default=True, type=click.IntRange(min=0),
               help="Worker processes that preprocess cases ahead of the model.")
 @click.option("--strict", is_flag=True, help="Stop at the first bad held-out case.")
+@click.option("--viewer/--no-viewer", default=True, show_default=True,
+              help="Interactive 3D viewers (NiiVue, inlined) in report.html; --no-viewer "
+                   "leaves them out for a smaller page with no script.")
 @device_option
 @preprocessed_option
 def evaluate(vqvae_run: str, prior_run: str | None, manifest_path: str, data_root: str | None,
              split: str, out_dir: str | None, runs_root: str, num_samples: int, seed: int,
              num_resamples: int, max_train_cases: int | None, report_cases: int,
-             num_workers: int, strict: bool, device: str, preprocessed: str | None) -> None:
+             num_workers: int, strict: bool, viewer: bool, device: str,
+             preprocessed: str | None) -> None:
     """Measure a VQ-VAE (and prior) on held-out scans: metrics.json, per_case.csv, report.html.
 
     Under torchrun the per-case passes are shared among the processes; rank 0 writes the files.
@@ -64,7 +68,7 @@ def evaluate(vqvae_run: str, prior_run: str | None, manifest_path: str, data_roo
     settings = EvaluateSettings(split=split, num_samples=num_samples, seed=seed,
                                 num_resamples=num_resamples, max_train_cases=max_train_cases,
                                 report_cases=report_cases, num_workers=num_workers, strict=strict,
-                                preprocessed=preprocessed)
+                                preprocessed=preprocessed, viewer=viewer)
     with distributed.process_group(device):  # under torchrun: each rank does a share of cases
         result = evaluate_runs(vqvae_run, manifest, out_dir, prior_run=prior_run,
                                settings=settings, device=device,

@@ -86,6 +86,7 @@ class EvaluateSettings:
     sample_batch_size: int = 8
     sample_threads: int | None = 1
     preprocessed: str | None = None  # a `preprocess` folder read instead of the raw files
+    viewer: bool = True  # report.html with the interactive 3D viewers (about 1 MB more)
 
     def passes(self) -> PassSettings:
         """How the per-case passes run."""
@@ -162,7 +163,8 @@ def evaluate_runs(
         "format": "mri-vqvae-evaluation",
         "format_version": 1,
         "inputs": inputs_block(source, prior, manifest, manifest_path,
-                               {k: v for k, v in asdict(s).items() if k != "strict"}),
+                               {k: v for k, v in asdict(s).items()
+                                if k not in ("strict", "viewer")}),
         "held_out_check": guard,
         "reconstruction": reconstruction_block(held, s.num_resamples, s.seed,
                                                source.data.spatial_size, source.codebook_size),
@@ -189,7 +191,8 @@ def evaluate_runs(
             write_plausibility_csv(out / "plausibility.csv", metrics["samples"]["plausibility"])
         runs = [RunCurves.of("vqvae", source.run_dir)]
         runs += [] if prior is None else [RunCurves.of("prior", prior.paths.run_dir)]
-        evaluation_report(out, metrics, held.cases, held.views, runs, source.data.spacing)
+        evaluation_report(out, metrics, held.cases, held.views, runs, source.data.spacing,
+                          s.viewer)
         log.info("wrote metrics.json, per_case.csv and report.html to %s", out)
     metrics = distributed.broadcast_object(metrics)  # the other ranks wait for rank 0 here
     return EvaluationResult(out, metrics, failures)

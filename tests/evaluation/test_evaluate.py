@@ -61,7 +61,7 @@ from mri_vqvae.metrics.statistics import bootstrap_ci, summarise
 from mri_vqvae.models.autoencoders.vqvae.model import VQVAE
 from mri_vqvae.models.priors.unigram.baseline import fitted_unigram
 from pipelines.cli import cli
-from tests.support.browser import rendered_image_widths
+from tests.support.browser import assert_self_contained, inline_scripts, render_page
 from tests.support.runs import (
     CFG,
     make_manifest,
@@ -446,22 +446,27 @@ def test_report_is_self_contained_and_renders(evaluated: Path, tmp_path: Path) -
     assert len(srcs) == 2 + 2 + 1 + 1 + 2  # case views, likelihood maps, samples beside real
     # scans, plausibility strips, curves
     assert all(s.startswith("data:image/png;base64,") for s in srcs)
-    assert not re.search(r"<script|<link|https?://|url\(", page)
+    assert_self_contained(page)
+    assert len(inline_scripts(page)) == 2  # the vendored NiiVue bundle and viewer.js
     for section in ("Reconstruction", "Per-case views", "Likelihood maps", "Samples",
                     "Anatomical plausibility", "Training curves", "Per-case metrics"):
         assert f">{section}</h2>" in page
     assert "±" in page and "NOT an FID" in page
-    widths = rendered_image_widths(evaluated / "report.html", tmp_path)
-    assert len(widths) == len(srcs) and all(w > 0 for w in widths), widths
+    shown = render_page(evaluated / "report.html", tmp_path)
+    assert len(shown.widths) == len(srcs) and all(w > 0 for w in shown.widths), shown.widths
+    # viewers: the first case, its bits map, a sample beside a held-out scan
+    assert shown.viewers == ["ready"] * 3 and all(p > 0.02 for p in shown.painted), shown
+    assert shown.blocked == [] and shown.resources == []  # nothing fetched
 
 
 def test_evaluate_without_prior(world: dict[str, Path], tmp_path: Path) -> None:
     from mri_vqvae.data.manifest import load_manifest
 
     manifest = load_manifest(world["manifest"])
-    settings = EvaluateSettings(split="val", report_cases=1, num_resamples=200)
+    settings = EvaluateSettings(split="val", report_cases=1, num_resamples=200, viewer=False)
     result = evaluate_runs(world["vqvae"], manifest, tmp_path / "e", settings=settings)
     assert result.metrics["likelihood"] is None and result.metrics["samples"] is None
+    assert "<script" not in result.report_path.read_text()  # --no-viewer: the static page
     assert result.metrics["reconstruction"]["num_cases"] == 1
     assert result.report_path.is_file() and not (tmp_path / "e" / "samples").exists()
     with pytest.raises(EvaluationError, match="strict|te2|constant|no case") as err:

@@ -3,10 +3,10 @@
 Figures are checked by their pixels (read back with Pillow): size from the figure inches at 80
 dpi, and the grey levels of known volumes in the right panels, halves and rows.
 `rendered_image_widths` opens a page in headless Chromium (offline, no sandbox, throwaway profile)
-with a tiny script injected into a copy of the page that writes each image's naturalWidth into the
-DOM once the page has loaded, and reads them back from ``--dump-dom``. A broken image has width 0.
-Chromium is installed by scripts/install.sh (Debian package ``chromium``); the tests skip, naming
-why, only when it is absent and cannot be installed here.
+with a probe script injected into a copy of the page that reads each image's naturalWidth once the
+page has loaded (`tests.support.browser`). A broken image has width 0. Chromium is installed by
+scripts/install.sh (Debian package ``chromium``); the tests skip, naming why, only when it is
+absent and cannot be installed here. The interactive viewer: tests/evaluation/test_viewer.py.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from mri_vqvae.evaluation.report.html import (
     render_html,
     write_html_report,
 )
-from tests.support.browser import rendered_image_widths
+from tests.support.browser import assert_self_contained, inline_scripts, rendered_image_widths
 from tests.support.volumes import make_head
 
 WHITE = 0.99  # the figure background; image pixels are darker
@@ -148,7 +148,8 @@ def test_html_is_self_contained_and_escaped(volumes: tuple[np.ndarray, np.ndarra
     embedded = base64.b64decode(srcs[0].split(",", 1)[1])
     assert embedded == fig.read_bytes()  # the page holds the figure's exact bytes
     assert Image.open(io.BytesIO(embedded)).size == (720, 720)
-    assert not re.search(r"<script|<link|https?://", page)
+    assert_self_contained(page)
+    assert inline_scripts(page) == []  # no viewer: no script at all
 
 
 def test_numbers_in_tables() -> None:

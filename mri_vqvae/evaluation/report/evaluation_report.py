@@ -4,7 +4,8 @@ Sections: overview, reconstruction (mean ± std [CI] of every metric), per-case 
 (prior bits beside the uniform and unigram baselines, and bits maps over the scans the held-out
 pass kept), samples (beside as many held-out scans), anatomical plausibility (each check, samples
 vs real scans), training curves, per-case table. Figures go to out/figures/*.png and are
-embedded in the page (`html`).
+embedded in the page (`html`); with ``viewer`` the first shown case, its bits map and the first
+sample beside a held-out scan are also in interactive 3D viewers (`viewer`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
 import numpy as np
 
 from mri_vqvae.artifacts.run_summary import describe_stop
@@ -26,6 +28,7 @@ from mri_vqvae.evaluation.report.figures import (
     training_curves,
 )
 from mri_vqvae.evaluation.report.html import Block, Figure, Section, Table, write_html_report
+from mri_vqvae.evaluation.report.viewer import case_viewer, likelihood_viewer, samples_viewer
 from mri_vqvae.metrics.image import CASE_METRICS, METRICS
 from mri_vqvae.metrics.quality import CaseQuality
 
@@ -116,8 +119,12 @@ def _reconstruction(metrics: Mapping[str, Any]) -> Section:
     ])
 
 
-def _case_views(views: Sequence[CaseView], spacing: Sequence[float], figures: Path) -> Section:
+def _case_views(views: Sequence[CaseView], spacing: Sequence[float], figures: Path,
+                viewer: bool) -> Section:
     blocks: list[Block] = []
+    if viewer and views:
+        blocks.append(case_viewer(views[0].quality.case_id, views[0].image,
+                                  views[0].reconstruction, spacing))
     for v in views:
         q = v.quality
         path = case_views(q.case_id, v.image, v.reconstruction, spacing,
@@ -128,7 +135,7 @@ def _case_views(views: Sequence[CaseView], spacing: Sequence[float], figures: Pa
 
 
 def _likelihood(metrics: Mapping[str, Any], views: Sequence[CaseView],
-                spacing: Sequence[float], out: Path) -> Section:
+                spacing: Sequence[float], out: Path, viewer: bool) -> Section:
     figures = out / "figures"
     lik = metrics["likelihood"]
     unigram = lik["unigram_bits"]
@@ -141,6 +148,10 @@ def _likelihood(metrics: Mapping[str, Any], views: Sequence[CaseView],
          ["uniform over the codebook", fmt(lik["uniform_bits"]), "", ""]],
         f"Prior negative log-likelihood per latent ({lik['bits_note']}); a large gap means the "
         f"prior overfits. Unigram baseline: {unigram['fitted_on']}")]
+    mapped = [v for v in views if v.bits_map is not None]
+    if viewer and mapped:
+        blocks.append(likelihood_viewer(mapped[0].quality.case_id, mapped[0].image,
+                                        mapped[0].bits_map, spacing))
     for v in views:
         cid = v.quality.case_id
         if v.bits_map is None:
@@ -171,7 +182,18 @@ def _lesions(block: Mapping[str, Any] | None, out: Path) -> list[Block]:
     return blocks
 
 
-def _samples(metrics: Mapping[str, Any], out: Path) -> Section:
+def _samples_viewer(smp: Mapping[str, Any], views: Sequence[CaseView],
+                    spacing: Sequence[float], out: Path) -> list[Block]:
+    """The first sample beside a held-out scan of the montage (else the first case shown)."""
+    first = sorted((out / smp["folder"]).glob("sample_*.nii.gz"))[0]
+    sample = nib.load(first).get_fdata(dtype=np.float32)
+    shown = {v.quality.case_id: v.image for v in views}
+    real = [c for c in smp["montage"]["held_out_cases"] if c in shown] or list(shown)
+    return [samples_viewer([("sample 0", np.clip(sample, 0.0, 1.0))],
+                           [(c, shown[c]) for c in real[:1]], spacing)]
+
+
+def _samples(metrics: Mapping[str, Any], out: Path, viewer: list[Block]) -> Section:
     smp = metrics["samples"]
     div, mmd, mem = smp["diversity"], smp["mmd"], smp["memorisation"]
     classes = (f"; classes of {smp['label_field']} in turn" if smp.get("labels") else "")
@@ -182,6 +204,7 @@ def _samples(metrics: Mapping[str, Any], out: Path) -> Section:
                f"{smp['temperature']}, top-k {smp['top_k']}{classes}; NIfTI files in "
                f"{smp['folder']}/) beside {len(shown)} held-out scans ({', '.join(shown)}), "
                "mid slices"),
+        *viewer,
         Table(["measure", "samples", "held-out scans"],
               [["mean pairwise MS-SSIM (lower = more diverse)", fmt(div["samples"]),
                 f"{fmt(div['held_out'])} ({div['num_held_out_used']} scans)"],
@@ -262,23 +285,28 @@ def _per_case(metrics: Mapping[str, Any], cases: Sequence[CaseQuality]) -> Secti
 
 def evaluation_report(out: str | Path, metrics: Mapping[str, Any], cases: Sequence[CaseQuality],
                       views: Sequence[CaseView], runs: Sequence[RunCurves],
-                      spacing: Sequence[float]) -> Path:
+                      spacing: Sequence[float], viewer: bool = True) -> Path:
     """Write out/report.html for an evaluation folder (figures go to out/figures/*.png).
 
     `metrics` is metrics.json's content, `cases` every held-out case's metrics, `views` the cases
-    to show (volumes (X, Y, Z) on the preprocessed grid, bits maps with a prior).
+    to show (volumes (X, Y, Z) on the preprocessed grid, bits maps with a prior); `viewer` adds
+    the interactive 3D viewers (NiiVue, inlined; about 1 MB more).
     """
     out = Path(out)
     figures = out / "figures"
     figures.mkdir(parents=True, exist_ok=True)
-    sections = [_overview(metrics), _reconstruction(metrics), _case_views(views, spacing, figures)]
+    sections = [_overview(metrics), _reconstruction(metrics),
+                _case_views(views, spacing, figures, viewer)]
     if metrics.get("likelihood"):
-        sections.append(_likelihood(metrics, views, spacing, out))
-    if metrics.get("samples"):
-        sections += [_samples(metrics, out), _plausibility(metrics, figures)]
+        sections.append(_likelihood(metrics, views, spacing, out, viewer))
+    smp = metrics.get("samples")
+    if smp:
+        shown = _samples_viewer(smp, views, spacing, out) if viewer else []
+        sections += [_samples(metrics, out, shown), _plausibility(metrics, figures)]
     sections += [_curves(runs, figures), _per_case(metrics, cases)]
     inputs = metrics["inputs"]
     title = f"Evaluation of {Path(inputs['vqvae_run']).name} on " \
             f"{inputs['manifest_name']} / {inputs['split']}"
+    note = " The 3D viewers need JavaScript and WebGL2; the figures do not." if viewer else ""
     return write_html_report(out / "report.html", title, sections,
-                             "Self-contained page: every figure is embedded; opens offline.")
+                             "Self-contained page: every figure is embedded; opens offline." + note)

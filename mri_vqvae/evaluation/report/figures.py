@@ -15,6 +15,22 @@ import numpy as np
 from mri_vqvae.core.figures import VIEWS, blank_axes, mid_slices, plt, save_figure
 
 
+def abs_error(image: np.ndarray, reconstruction: np.ndarray) -> np.ndarray:
+    """|reconstruction - image| (X, Y, Z) float32."""
+    return np.abs(np.asarray(reconstruction, np.float32) - np.asarray(image, np.float32))
+
+
+def error_top(error: np.ndarray) -> float:
+    """The top of an |error| colour scale: its 99.5th percentile (1 when that is 0)."""
+    return float(np.percentile(error, 99.5)) or 1.0
+
+
+def bits_range(bits_map: np.ndarray) -> tuple[float, float]:
+    """The colour range of a bits map: its minimum to its maximum ((0, max or 1) when flat)."""
+    low, top = float(np.min(bits_map)), float(np.max(bits_map))
+    return (low, top) if top > low else (0.0, top or 1.0)
+
+
 def case_views(
     case_id: str,
     image: np.ndarray,
@@ -27,8 +43,8 @@ def case_views(
     `image` and `reconstruction` are (X, Y, Z) RAS volumes on the same grid; columns are the mid
     axial, coronal and sagittal slices. 9 x 9 inches.
     """
-    error = np.abs(np.asarray(reconstruction, np.float32) - np.asarray(image, np.float32))
-    top = float(np.percentile(error, 99.5)) or 1.0
+    error = abs_error(image, reconstruction)
+    top = error_top(error)
     rows = [("input", image, "gray", 1.0), ("reconstruction", reconstruction, "gray", 1.0),
             (f"|error| (0-{top:.2f})", error, "magma", top)]
     fig, axes = plt.subplots(3, 3, figsize=(9, 9), squeeze=False)
@@ -58,8 +74,7 @@ def likelihood_overlay(
     shares one colour bar in bits. 10 x 3.6 inches.
     """
     fig, axes = plt.subplots(1, 3, figsize=(10, 3.6), squeeze=False)
-    low, top = float(np.min(bits_map)), float(np.max(bits_map))
-    low, top = (low, top) if top > low else (0.0, top or 1.0)
+    low, top = bits_range(bits_map)
     shown = None
     scan_views = mid_slices(np.asarray(image), spacing)
     for c, ((img, aspect), (bits, _)) in enumerate(

@@ -1,5 +1,7 @@
-"""One self-contained HTML page: inline CSS, every image a base64 PNG data URI, no script and no
-external link, so it opens offline and can be mailed as one file."""
+"""One self-contained HTML page: inline CSS, every image a base64 PNG data URI, no external link,
+so it opens offline and can be mailed as one file. A page with `Viewer` blocks also inlines the
+viewer's two scripts (`viewer`), and nothing else; a content security policy in the page forbids
+every fetch but data: images, so no browser loads anything from elsewhere for it."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from mri_vqvae.core.atomic import atomic_write_text
+from mri_vqvae.evaluation.report.viewer import Viewer, viewer_html, viewer_scripts
 
 
 def png_data_uri(path: str | Path) -> str:
@@ -35,7 +38,7 @@ class Table:
     caption: str = ""
 
 
-Block = str | Figure | Table
+Block = str | Figure | Table | Viewer
 
 
 @dataclass(frozen=True)
@@ -55,18 +58,25 @@ td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}
 th{background:#f2f2f2}figure{margin:1em 0}img{max-width:100%;height:auto}
 figcaption,caption{color:#555;font-size:.9em;text-align:left}
 nav a{margin-right:1em}p.note{color:#555}
+.viewer-panel p{margin:.4em 0 .1em;font-size:.9em;color:#555}
+.viewer-canvas{height:320px;background:#000}.viewer-canvas canvas{display:block}
+.viewer-where{font-family:monospace}
 """
+POLICY = ("default-src 'none'; img-src data:; style-src 'unsafe-inline'; "
+          "script-src 'unsafe-inline'")  # no fetch of anything, from anywhere
 
 
 def _anchor(title: str) -> str:
     return "".join(ch if ch.isalnum() else "-" for ch in title.lower()).strip("-")
 
 
-def _block_html(block: Block) -> str:
+def _block_html(block: Block, emitted: set[str]) -> str:
     if isinstance(block, Figure):
         cap = html.escape(block.caption)
         return (f'<figure><img src="{png_data_uri(block.path)}" alt="{cap}">'
                 f"<figcaption>{cap}</figcaption></figure>")
+    if isinstance(block, Viewer):
+        return viewer_html(block, emitted)
     if isinstance(block, Table):
         head = "".join(f"<th>{html.escape(str(h))}</th>" for h in block.header)
         thead = f"<thead><tr>{head}</tr></thead>" if any(str(h) for h in block.header) else ""
@@ -80,20 +90,25 @@ def _block_html(block: Block) -> str:
 
 
 def render_html(title: str, sections: Sequence[Section], subtitle: str = "") -> str:
-    """One self-contained HTML page: inline CSS, PNGs as base64 data URIs, no script, no link."""
+    """One self-contained HTML page: inline CSS, PNGs as base64 data URIs, no link; the viewer's
+    inline scripts when a section holds a `Viewer`, no script otherwise."""
     nav = " ".join(f'<a href="#{_anchor(s.title)}">{html.escape(s.title)}</a>' for s in sections)
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
+        f'<meta http-equiv="Content-Security-Policy" content="{POLICY}">',
         f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>",
         f"<h1>{html.escape(title)}</h1>",
         f'<p class="note">{html.escape(subtitle)}</p>' if subtitle else "",
         f"<nav>{nav}</nav>",
     ]
+    emitted: set[str] = set()  # volumes of the viewers, each embedded once
     for s in sections:
         parts.append(f'<section id="{_anchor(s.title)}"><h2>{html.escape(s.title)}</h2>')
-        parts += [_block_html(b) for b in s.blocks]
+        parts += [_block_html(b, emitted) for b in s.blocks]
         parts.append("</section>")
+    if any(isinstance(b, Viewer) for s in sections for b in s.blocks):
+        parts += [f"<script>{script}</script>" for script in viewer_scripts()]
     parts.append("</body></html>")
     return "\n".join(p for p in parts if p) + "\n"
 
