@@ -75,6 +75,15 @@ def part_option(func: Callable[..., Any]) -> Callable[..., Any]:
     )(func)
 
 
+def bids_option(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Add ``--bids/--no-bids`` (passed as `bids`, default on): the BIDS-Derivatives view."""
+    return click.option(
+        "--bids/--no-bids", "bids", default=True, show_default=True,
+        help="Also give each output its BIDS-Derivatives name (sub-<label>/anat/..., a hard link, "
+        "no extra disk) with dataset_description.json and participants.tsv.",
+    )(func)
+
+
 def written(out_dir: str, part: Part | None, tables: str) -> str:
     """``(tables)`` a whole run wrote into `out_dir`, or where part `part` recorded its share."""
     return f"({tables})" if part is None else f"({part_command(Path(out_dir), part)})"

@@ -9,6 +9,7 @@ import click
 
 from mri_vqvae.tasks.parts import Part
 from pipelines.common import (
+    bids_option,
     data_root_option,
     device_option,
     part_option,
@@ -43,9 +44,11 @@ from pipelines.common import (
 @data_root_option
 @part_option
 @device_option
+@bids_option
 def likelihood(prior_run: str, input_path: str | None, manifest_path: str | None, out_path: str,
                label: str | None, native: bool, vqvae_checkpoint: str | None, split: str | None,
-               strict: bool, data_root: str | None, part: Part | None, device: str) -> None:
+               strict: bool, data_root: str | None, part: Part | None, device: str,
+               bids: bool) -> None:
     """Bits per latent (-log2 p) of scans on the training grid, or with --native on their own."""
     from mri_vqvae.artifacts.loading import open_prior_run
 
@@ -55,12 +58,12 @@ def likelihood(prior_run: str, input_path: str | None, manifest_path: str | None
         raise click.UsageError("--split, --part, --strict and --data-root go with --manifest")
     run = open_prior_run(prior_run, vqvae_checkpoint, device=device)
     if manifest_path is not None:
-        _many(run, manifest_path, out_path, split, label, native, strict, data_root, part)
+        _many(run, manifest_path, out_path, split, label, native, strict, data_root, part, bids)
         return
-    from mri_vqvae.tasks.likelihood import likelihood_map, write_likelihood
+    from mri_vqvae.tasks.likelihood import likelihood_map, write_scan_map
 
     result = likelihood_map(run, input_path, label)
-    done = write_likelihood(run, result, input_path, out_path, native=native)
+    done = write_scan_map(run, result, input_path, out_path, native=native, bids=bids)
     click.echo(f"mean {done.mean_bits:.4f} bits/latent over {result.bits.size} latents "
                f"({run.prior.likelihood})")
     click.echo(f"wrote {done.map.resolve()} (+ {done.input.name}, {done.montage.name}, "
@@ -68,14 +71,16 @@ def likelihood(prior_run: str, input_path: str | None, manifest_path: str | None
 
 
 def _many(run: object, manifest_path: str, out_dir: str, split: str | None, label: str | None,
-          native: bool, strict: bool, data_root: str | None, part: Part | None) -> None:
+          native: bool, strict: bool, data_root: str | None, part: Part | None,
+          bids: bool) -> None:
     """`likelihood --manifest`: every case of the manifest (or split) into the folder `out_dir`."""
     from mri_vqvae.data.manifest import load_manifest
     from mri_vqvae.tasks.likelihood_batch import likelihood_manifest
 
     manifest = load_manifest(manifest_path, data_root=data_root, check_files=False)
     result = likelihood_manifest(run, manifest, out_dir, split=split,  # type: ignore[arg-type]
-                                 label=label, native=native, strict=strict, part=part)
+                                 label=label, native=native, strict=strict, part=part,
+                                 bids=bids)
     click.echo(f"likelihood maps of {len(result.computed)} case(s), kept {len(result.reused)} "
                f"finished earlier, into {Path(out_dir).resolve()} "
                f"{written(out_dir, part, 'maps/, likelihood.csv, index.json')}")

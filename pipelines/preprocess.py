@@ -8,6 +8,7 @@ import click
 
 from mri_vqvae.tasks.parts import Part
 from pipelines.common import (
+    bids_option,
     config_options,
     data_root_option,
     part_option,
@@ -26,9 +27,10 @@ from pipelines.common import (
 @split_option
 @strict_option
 @part_option
+@bids_option
 @config_options
 def preprocess(manifest_path: str, out_dir: str, data_root: str | None, split: str | None,
-               strict: bool, part: Part | None, config_name: str | None,
+               strict: bool, part: Part | None, bids: bool, config_name: str | None,
                overrides: tuple[str, ...]) -> None:
     """Write normalised NIfTI (RAS, target spacing and shape), one montage per case, an index.
 
@@ -45,7 +47,7 @@ def preprocess(manifest_path: str, out_dir: str, data_root: str | None, split: s
     config = resolve(config_name, overrides)
     manifest = load_manifest(manifest_path, data_root=data_root, check_files=False)
     done, failures = preprocess_manifest(manifest, config, out_dir, split=split, strict=strict,
-                                         part=part)
+                                         part=part, bids=bids)
     click.echo(f"preprocessed {len(done)} case(s) into {Path(out_dir).resolve()} "
                f"{written(out_dir, part, 'index.json, images/, montages/')}")
     report_failures(failures, strict, "case(s)")

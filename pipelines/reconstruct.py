@@ -9,6 +9,7 @@ import click
 
 from mri_vqvae.tasks.parts import Part
 from pipelines.common import (
+    bids_option,
     data_root_option,
     device_option,
     part_option,
@@ -40,9 +41,11 @@ from pipelines.common import (
               help="torch CPU threads; 0 keeps torch's default.")
 @preprocessed_option
 @part_option
+@bids_option
 def reconstruct(vqvae_run: str, manifest_path: str, data_root: str | None, split: str | None,
                 out_dir: str, native_space: bool, strict: bool, num_workers: int, device: str,
-                threads: int, preprocessed: str | None, part: Part | None) -> None:
+                threads: int, preprocessed: str | None, part: Part | None,
+                bids: bool) -> None:
     """Reconstruct every case: images/<case>.nii.gz, cases/<case>.json, metrics.csv (resumable).
 
     Under torchrun the cases are shared among the processes; rank 0 writes the tables.
@@ -57,7 +60,7 @@ def reconstruct(vqvae_run: str, manifest_path: str, data_root: str | None, split
                                       native_space=native_space, strict=strict,
                                       num_workers=num_workers, device=device,
                                       threads=threads or None, preprocessed=preprocessed,
-                                      part=part)
+                                      part=part, bids=bids)
         main = distributed.is_main()
     if not main:
         return

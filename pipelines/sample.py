@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from pipelines.common import device_option
+from pipelines.common import bids_option, device_option
 
 
 @click.command("sample")
@@ -39,10 +39,11 @@ from pipelines.common import device_option
 @device_option
 @click.option("--threads", default=1, show_default=True, type=click.IntRange(min=0),
               help="CPU threads while sampling and decoding; 0 keeps torch's default.")
+@bids_option
 def sample(prior_run: str, num_samples: int, temperature: float | None, top_k: int | None,
            label: str | None, seed: int, out_dir: str | None, runs_root: str,
            method: str | None, batch_size: int, greedy: bool, vqvae_checkpoint: str | None,
-           device: str, threads: int) -> None:
+           device: str, threads: int, bids: bool) -> None:
     """Draw code grids from the prior, decode them, write NIfTI + JSON sidecars + a montage."""
     from mri_vqvae.artifacts.loading import open_prior_run
     from mri_vqvae.tasks.sample import SampleSettings, default_sample_dir, sample_volumes
@@ -52,7 +53,7 @@ def sample(prior_run: str, num_samples: int, temperature: float | None, top_k: i
                               top_k=top_k, method=method, batch_size=batch_size, greedy=greedy,
                               label=label)
     out = out_dir if out_dir is not None else default_sample_dir(runs_root, run.name, seed)
-    result = sample_volumes(run, settings, out, threads=threads)
+    result = sample_volumes(run, settings, out, threads=threads, bids=bids)
     classes = sorted({name for name in result.labels if name is not None})
     drawn = f" of class {', '.join(classes)}" if classes else ""
     click.echo(f"wrote {len(result.images)} sample(s){drawn} to {result.out_dir.resolve()} "

@@ -23,11 +23,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from mri_vqvae.config import DataConfig
+from mri_vqvae.config import DataConfig, config_digest
 from mri_vqvae.core.atomic import atomic_write_text
 from mri_vqvae.core.errors import MriVqvaeError, innermost_error
 from mri_vqvae.core.figures import orthogonal_montage
 from mri_vqvae.core.finite import NonFiniteError, describe_nonfinite
+from mri_vqvae.data import bids as bids_view
 from mri_vqvae.data.writers import affine_spacing, write_nifti
 from mri_vqvae.tasks.sample import SynthesisError, class_labels, grid_sha256, run_provenance
 
@@ -239,3 +240,36 @@ def write_likelihood(
     atomic_write_text(sidecar, json.dumps(doc, indent=2) + "\n")
     log.info("wrote likelihood map %s (mean %.3f bits/latent)", out_path, result.mean_bits)
     return LikelihoodOutputs(out_path, input_out, montage, sidecar, result.mean_bits)
+
+
+def write_scan_map(run: PriorRun, result: LikelihoodResult, input_path: str | Path,
+                   out_path: str | Path, native: bool = False, bids: bool = False
+                   ) -> LikelihoodOutputs:
+    """`write_likelihood` of one scan; with `bids` its folder also gets the BIDS view.
+
+    The map's BIDS name comes from the scan's name (`bids_view.scan_name`: subject, session,
+    contrast); the folder's view is started (or, without `bids`, a view there is refused) and
+    the name checked free before anything is written; a folder holding a view keeps it in step
+    even without `bids`.
+    """
+    out_path = Path(out_path)
+    folder, stem = out_path.parent, _out_stem(out_path)
+    description = bids_view.dataset_description(
+        "likelihood", config_digest(run.data), None, None,
+        {"prior": run.sha256s["prior"], "VQ-VAE": run.sha256s["vqvae"]})
+    owner = str(Path(input_path).resolve())
+    name, ids = bids_view.scan_name(input_path, "bitsmap")
+    bids = bids or bids_view.has_view(folder)  # a view there is kept in step
+    if bids:
+        bids_view.check_owner(folder, name, owner)
+    bids_view.start_view(folder, bids, description, ignored=(
+        out_path.name, f"{stem}_input.nii.gz", f"{stem}.png", f"{stem}.json"))
+    done = write_likelihood(run, result, input_path, out_path, native=native)
+    if bids:
+        doc = json.loads(done.sidecar.read_text(encoding="utf-8"))
+        sidecar = {"CaseID": owner, **ids, "Units": "bits", "Image": out_path.name,
+                   "Description": f"bits per latent (-log2 p) under the prior, {doc['grid']} "
+                                  "grid", "mri_vqvae": doc}
+        bids_view.publish(folder, name, out_path, sidecar)
+        bids_view.write_participants(folder)
+    return done

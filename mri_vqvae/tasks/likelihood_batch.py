@@ -13,6 +13,9 @@ writes one scan. On disk (``DIR``)::
     index.json                   the prior, grid and label of the folder, every finished case's
                                  sidecar, the failures
     failures.csv                 case_id, path, reason (a bad case is skipped unless --strict)
+    sub-*/.../anat/*_desc-bitsmap_<suffix>.nii.gz (+ .json), dataset_description.json,
+    participants.tsv             with ``bids``: the BIDS-Derivatives view of the maps
+                                 (`mri_vqvae.data.bids`)
 
 A conditional prior scores each case under its own class (the manifest field the prior was
 trained on, e.g. ``modality``) unless ``label`` names one class for all. Resume: a case whose
@@ -34,9 +37,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from mri_vqvae.config import config_digest
 from mri_vqvae.core.atomic import atomic_write_text
 from mri_vqvae.core.jsonio import json_ready
 from mri_vqvae.core.outputs import output_lock, remove_stale_temps
+from mri_vqvae.data import bids as bids_view
 from mri_vqvae.data.case import Case
 from mri_vqvae.data.datasets import case_items
 from mri_vqvae.data.manifest import Manifest
@@ -107,19 +112,25 @@ def likelihood_manifest(
     native: bool = False,
     strict: bool = False,
     part: Part | None = None,
+    bids: bool = False,
 ) -> BatchResult:
     """Likelihood maps of every case of `split` (all if None) under `out_dir` (module doc).
 
     A bad case goes to failures.csv, or stops the run when `strict`. `OutputError` comes first
-    when `out_dir` is not writable or another run holds it (or the part).
+    when `out_dir` is not writable or another run holds it (or the part). With `bids` each map
+    also gets its BIDS name (`publish_map`).
     """
     out = Path(out_dir)
     header = folder_header(run, manifest, split, native, label)
     computed: list[str] = []
     reused: list[str] = []
     with output_lock(out) if part is None else part_lock(out, part) as held:
+        bids = bids_view.start_view(out, bids, bids_view.dataset_description(
+            COMMAND, config_digest(run.data), manifest.name, manifest.digest,
+            {"prior": run.sha256s["prior"], "VQ-VAE": run.sha256s["vqvae"]}))
         if part is None:
-            remove_stale_temps([out, out / MAPS])
+            remove_stale_temps([out, out / MAPS, *bids_view.view_folders(out)])
+        names = bids_view.case_names(manifest.cases, "bitsmap") if bids else {}
         chain = build_transforms(run.data)
         items = case_items(manifest, run.data, split)
         items = items if part is None else part.take(items)
@@ -132,16 +143,20 @@ def likelihood_manifest(
             doc = _finished(out, item, header, used)
             if doc is not None:
                 reused.append(cid)
-                return doc
-            image = chain(dict(item))["image"]
-            volume = image[0].detach().cpu().numpy().astype(np.float32)
-            affine = np.asarray(image.affine, dtype=np.float64)
-            result = score_volume(run, volume, affine, item["image"], used)
-            extra = {"case_id": cid, "split": item["split"], "source_sha256": item["sha256"]}
-            written = write_likelihood(run, result, item["image"], out / MAPS / f"{cid}.nii.gz",
-                                       native=native, extra=extra)
-            computed.append(cid)
-            return dict(json.loads(written.sidecar.read_text(encoding="utf-8")))
+            else:
+                image = chain(dict(item))["image"]
+                volume = image[0].detach().cpu().numpy().astype(np.float32)
+                affine = np.asarray(image.affine, dtype=np.float64)
+                result = score_volume(run, volume, affine, item["image"], used)
+                extra = {"case_id": cid, "split": item["split"], "source_sha256": item["sha256"]}
+                written = write_likelihood(run, result, item["image"],
+                                           out / MAPS / f"{cid}.nii.gz", native=native,
+                                           extra=extra)
+                computed.append(cid)
+                doc = dict(json.loads(written.sidecar.read_text(encoding="utf-8")))
+            if bids:
+                publish_map(out, by_id[cid], doc, names[cid])
+            return doc
 
         records, failures = run_batch(items, one, strict=strict, desc="likelihood", out_dir=out)
         if part is None:
@@ -165,9 +180,18 @@ def write_tables(out: Path, header: dict[str, Any], records: list[dict[str, Any]
     index = {**header, "cases": records, "failures": [asdict(f) for f in failures]}
     atomic_write_text(out / "index.json", json.dumps(json_ready(index), indent=2) + "\n")
     write_failures(out / "failures.csv", failures)
+    bids_view.write_participants(out)
+
+
+def publish_map(out: Path, case: Case, doc: dict[str, Any], name: bids_view.BidsName) -> None:
+    """The map's BIDS name (a link to maps/<case_id>.nii.gz) and a sidecar holding its record."""
+    sidecar = {"CaseID": case.case_id, **bids_view.case_fields(case), "Split": case.split,
+               "Description": f"bits per latent (-log2 p) under the prior, {doc['grid']} grid",
+               "Units": "bits", "Image": f"{MAPS}/{doc['map']}", "mri_vqvae": doc}
+    bids_view.publish(out, name, out / MAPS / doc["map"], sidecar)
 
 
 def merge_likelihood(out: Path, merged: Merged) -> None:
     """The tables of a folder its parts scored, as one process writes them."""
-    remove_stale_temps([out, out / MAPS])
+    remove_stale_temps([out, out / MAPS, *bids_view.view_folders(out)])
     write_tables(out, merged.header, merged.records, merged.failures)

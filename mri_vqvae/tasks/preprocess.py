@@ -9,6 +9,8 @@ On disk (``out_dir``)::
     index.json                every finished case of the selection, and the failures
     failures.csv              case_id, path, reason
     .lock                     exists (flock-ed) while a run writes here; see mri_vqvae.core.outputs
+    sub-*/.../anat/*_desc-preproc_<suffix>.nii.gz (+ .json), dataset_description.json,
+    participants.tsv          with ``bids``: the BIDS-Derivatives view (`mri_vqvae.data.bids`)
 
 Resume: a case is done when its sidecar names the same source sha256, data config digest,
 subject and split, and its NIfTI and montage still hash to what the sidecar recorded. A rerun
@@ -42,6 +44,8 @@ from mri_vqvae.config import ExperimentConfig, config_digest
 from mri_vqvae.core.atomic import atomic_write_text
 from mri_vqvae.core.figures import orthogonal_montage
 from mri_vqvae.core.outputs import output_lock, remove_stale_temps
+from mri_vqvae.data import bids as bids_view
+from mri_vqvae.data.case import Case
 from mri_vqvae.data.datasets import case_items
 from mri_vqvae.data.manifest import Manifest
 from mri_vqvae.data.preprocessed import PreprocessedCase, finished_case, write_sidecar
@@ -92,6 +96,7 @@ def preprocess_manifest(
     split: str | None = None,
     strict: bool = False,
     part: Part | None = None,
+    bids: bool = False,
 ) -> tuple[list[PreprocessedCase], list[Failure]]:
     """Preprocess every case of `split` into `out_dir`; writes index.json and failures.csv.
 
@@ -99,14 +104,19 @@ def preprocess_manifest(
     of the cases is done and recorded under ``parts/`` (`mri_vqvae.tasks.parts`; the tables come
     from `merge_preprocess`). Raises `OutputError` before any case when `out_dir` is not
     writable or another run holds it (or the part), and mid-run when the disk fills or the
-    folder turns read-only.
+    folder turns read-only. With `bids` each case also gets its BIDS name (`publish_case`).
     """
     out = Path(out_dir)
     with output_lock(out) if part is None else part_lock(out, part) as held:
-        if part is None:
-            remove_stale_temps([out, out / "images", out / "montages", out / "cases"])
-        chain = build_transforms(config.data)
         digest = config_digest(config.data)
+        bids = bids_view.start_view(out, bids, bids_view.dataset_description(
+            COMMAND, digest, manifest.name, manifest.digest))
+        if part is None:
+            remove_stale_temps([out, out / "images", out / "montages", out / "cases",
+                                *bids_view.view_folders(out)])
+        chain = build_transforms(config.data)
+        names = bids_view.case_names(manifest.cases, "preproc") if bids else {}
+        cases = {c.case_id: c for c in manifest.cases}
         items = case_items(manifest, config.data, split)
         items = items if part is None else part.take(items)
         session = uuid.uuid4().hex
@@ -118,12 +128,14 @@ def preprocess_manifest(
             case = finished_case(out, item, digest)
             if case is not None:
                 reused.append(case.case_id)
-                return case
-            case = preprocess_case(item, chain, out)
-            write_sidecar(out, case, digest, session)
-            computed.append(case.case_id)
-            if kill_after is not None and len(computed) >= kill_after:
-                os.kill(os.getpid(), signal.SIGKILL)
+            else:
+                case = preprocess_case(item, chain, out)
+                write_sidecar(out, case, digest, session)
+                computed.append(case.case_id)
+                if kill_after is not None and len(computed) >= kill_after:
+                    os.kill(os.getpid(), signal.SIGKILL)
+            if bids:
+                publish_case(out, case, cases[case.case_id], names[case.case_id], digest)
             return case
 
         done, failures = run_batch(items, one, strict=strict, desc="preprocess", out_dir=out)
@@ -144,15 +156,27 @@ def preprocess_manifest(
     return done, failures
 
 
+def publish_case(out: Path, case: PreprocessedCase, source: Case, name: bids_view.BidsName,
+                 digest: str) -> None:
+    """The case's BIDS name (a link to its NIfTI) and sidecar: ids, provenance, its record."""
+    sidecar = {"CaseID": case.case_id, **bids_view.case_fields(source), "Split": case.split,
+               "Description": "preprocessed: RAS, data.spacing, data.spatial_size, [0, 1]",
+               "Image": case.image, "ConfigDigest": digest, "mri_vqvae": asdict(case)}
+    bids_view.publish(out, name, out / case.image, sidecar)
+
+
 def write_index(out: Path, header: dict[str, Any], records: list[dict[str, Any]],
                 failures: list[Failure]) -> None:
-    """index.json (`header`, the finished cases' `records`, the failures) and failures.csv."""
+    """index.json (`header`, the finished cases' `records`, the failures), failures.csv and,
+    where the folder has a BIDS view, participants.tsv."""
     index = {**header, "cases": records, "failures": [asdict(f) for f in failures]}
     atomic_write_text(out / "index.json", json.dumps(index, indent=2) + "\n")
     write_failures(out / "failures.csv", failures)
+    bids_view.write_participants(out)
 
 
 def merge_preprocess(out: Path, merged: Merged) -> None:
     """The tables of a folder its parts preprocessed, as one process writes them."""
-    remove_stale_temps([out, out / "images", out / "montages", out / "cases"])
+    remove_stale_temps([out, out / "images", out / "montages", out / "cases",
+                        *bids_view.view_folders(out)])
     write_index(out, merged.header, merged.records, merged.failures)

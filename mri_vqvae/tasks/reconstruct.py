@@ -10,6 +10,8 @@ On disk (``--out DIR``)::
                               of an exact reconstruction; the JSON files hold null there)
     index.json                every finished case of the selection, with its sidecar's content
     failures.csv              case_id, path, reason
+    sub-*/.../anat/*_desc-recon_<suffix>.nii.gz (+ .json), dataset_description.json,
+    participants.tsv          with ``bids``: the BIDS-Derivatives view (`mri_vqvae.data.bids`)
 
 Resume: a case is done when its sidecar exists, names the same VQ-VAE weights, grid and source
 file sha256, and its image still hashes to the sha256 the sidecar recorded. A rerun skips such a
@@ -69,6 +71,8 @@ from mri_vqvae.core.outputs import (
     remove_stale_temps,
 )
 from mri_vqvae.core.provenance import sha256_file
+from mri_vqvae.data import bids as bids_view
+from mri_vqvae.data.case import Case
 from mri_vqvae.data.manifest import Manifest
 from mri_vqvae.data.writers import write_nifti
 from mri_vqvae.metrics.image import CASE_METRICS
@@ -232,6 +236,15 @@ def write_tables(out: Path, records: dict[str, dict[str, Any]], identity: dict[s
              "failures": [asdict(f) for f in failures]}
     atomic_write_text(out / "index.json", json.dumps(json_ready(index), indent=2) + "\n")
     write_failures(out / "failures.csv", failures)
+    bids_view.write_participants(out)
+
+
+def publish_case(out: Path, case: Case, doc: dict[str, Any], name: bids_view.BidsName) -> None:
+    """The case's BIDS name (a link to its image) and a sidecar holding its record."""
+    sidecar = {"CaseID": case.case_id, **bids_view.case_fields(case), "Split": case.split,
+               "Description": f"VQ-VAE reconstruction on the {doc['grid']} grid, [0, 1]",
+               "Image": doc["image"], "mri_vqvae": doc}
+    bids_view.publish(out, name, out / doc["image"], sidecar)
 
 
 def _kill_after() -> int | None:
@@ -241,7 +254,7 @@ def _kill_after() -> int | None:
 
 def merge_reconstruct(out: Path, merged: Merged) -> None:
     """The tables of a folder its parts reconstructed, as one process writes them."""
-    remove_stale_temps([out, out / "images", out / "cases"])
+    remove_stale_temps([out, out / "images", out / "cases", *bids_view.view_folders(out)])
     write_tables(out, {r["case_id"]: r for r in merged.records}, merged.header, merged.failures)
 
 
@@ -254,7 +267,8 @@ def _lock_on_main(out: Path) -> Iterator[None]:
         if distributed.is_main():
             try:
                 stack.enter_context(output_lock(out))
-                remove_stale_temps([out, out / "images", out / "cases"])
+                remove_stale_temps([out, out / "images", out / "cases",
+                                    *bids_view.view_folders(out)])
             except OutputError as exc:
                 error = exc
         error = distributed.broadcast_object(error)
@@ -275,6 +289,7 @@ def reconstruct_manifest(
     threads: int | None = None,
     preprocessed: str | Path | None = None,
     part: Part | None = None,
+    bids: bool = False,
 ) -> ReconstructResult:
     """Reconstruct every case of `split` (all if None) into `out_dir` (see the module doc).
 
@@ -285,9 +300,11 @@ def reconstruct_manifest(
     share of the cases and every rank returns the result of the whole run. `OutputError` comes
     first when `out_dir` is not writable or another run holds its lock (``out_dir/.lock``).
     With `part` only its share is done, and recorded under ``parts/`` instead of the tables
-    (`mri_vqvae.tasks.parts`; `merge_reconstruct` writes them).
+    (`mri_vqvae.tasks.parts`; `merge_reconstruct` writes them). With `bids` each case also
+    gets its BIDS name (`publish_case`).
     """
     from mri_vqvae.artifacts.loading import open_autoencoder_run
+    from mri_vqvae.config import config_digest
     from mri_vqvae.data.datasets import case_items
     from mri_vqvae.tasks.sample import cpu_threads
 
@@ -296,7 +313,12 @@ def reconstruct_manifest(
     with _lock_on_main(out) if part is None else part_lock(out, part) as held:
         source = open_autoencoder_run(vqvae_run)
         identity = folder_identity(source, native_space)
-        _claim_on_main(out, identity)
+        bids = bids or bids_view.has_view(out)  # a view there is kept in step (every rank)
+        _claim_on_main(out, identity, bids, bids_view.dataset_description(
+            COMMAND, config_digest(source.data), manifest.name, manifest.digest,
+            {"VQ-VAE": source.weights_sha256}))
+        names = bids_view.case_names(manifest.cases, "recon") if bids else {}
+        cases = {c.case_id: c for c in manifest.cases}
         dev = resolve_device(device)
         model = source.model.to(dev).eval()
         items = case_items(manifest, source.data, split)
@@ -306,6 +328,8 @@ def reconstruct_manifest(
             doc = finished_case(out, item, identity)
             if doc is not None:
                 records[item["case_id"]] = doc
+                if bids:
+                    publish_case(out, cases[item["case_id"]], doc, names[item["case_id"]])
         reused = sorted(records)
         todo = [item for item in mine if item["case_id"] not in records]
         computed: list[str] = []
@@ -327,6 +351,8 @@ def reconstruct_manifest(
                         recon, affine = _native(prepared, recon, source.data)
                     assert affine is not None
                     doc = commit_case(out, prepared, recon, affine, metrics, identity, session)
+                    if bids:
+                        publish_case(out, cases[item["case_id"]], doc, names[item["case_id"]])
                 except (MriVqvaeError, OSError, RuntimeError, ValueError) as exc:
                     cause = output_cause(exc, out)  # a full or read-only --out fails the run
                     if cause is not None:
@@ -363,13 +389,15 @@ def reconstruct_manifest(
         return ReconstructResult(out, computed, reused, failures, records)
 
 
-def _claim_on_main(out: Path, identity: dict[str, Any]) -> None:
-    """`claim_folder` on rank 0; its refusal (if any) is raised on every rank."""
-    error: ReconstructError | OutputError | None = None
+def _claim_on_main(out: Path, identity: dict[str, Any], bids: bool,
+                   description: dict[str, Any]) -> None:
+    """`claim_folder` and `bids_view.start_view` on rank 0; a refusal is raised on every rank."""
+    error: MriVqvaeError | None = None
     if distributed.is_main():
         try:
             claim_folder(out, identity)
-        except (ReconstructError, OutputError) as exc:
+            bids_view.start_view(out, bids, description)
+        except (ReconstructError, OutputError, bids_view.BidsError) as exc:
             error = exc
     error = distributed.broadcast_object(error)
     if error is not None:

@@ -38,12 +38,14 @@ from tqdm.auto import tqdm
 
 from mri_vqvae import __version__
 from mri_vqvae.artifacts.runs import unique_dir
+from mri_vqvae.config import config_digest
 from mri_vqvae.core.atomic import atomic_write_text
 from mri_vqvae.core.errors import MriVqvaeError
 from mri_vqvae.core.figures import orthogonal_montage
 from mri_vqvae.core.finite import NonFiniteError, describe_nonfinite
 from mri_vqvae.core.outputs import ensure_writable
 from mri_vqvae.core.provenance import describe_device, package_versions, utc_iso, utc_stamp
+from mri_vqvae.data import bids as bids_view
 from mri_vqvae.data.kit_sources import run_citations
 from mri_vqvae.data.writers import write_nifti
 
@@ -261,6 +263,16 @@ def sample_sidecar(
     }
 
 
+def _publish_sample(out: Path, image: Path, doc: dict[str, Any], field: str | None) -> None:
+    """Sample ``doc["sample_index"]``'s BIDS name (``sub-synth<i>``) and sidecar."""
+    modality = doc["label"] if field == "modality" else None
+    name = bids_view.synthetic_name(doc["sample_index"], modality)
+    sidecar = {"CaseID": image.name, **bids_view.id_fields(None, None, modality),
+               "Description": "synthetic volume drawn from the prior and decoded; no subject",
+               "Image": image.name, "mri_vqvae": doc}
+    bids_view.publish(out, name, image, sidecar)
+
+
 def sample_labels(classes: ClassLabels, label: str | None, start: int, count: int
                   ) -> list[int] | None:
     """Class indices of samples ``start .. start + count - 1``: `label`'s, or every class in
@@ -311,6 +323,7 @@ def sample_volumes(
     threads: int | None = 1,
     progress: bool = True,
     keep_volumes: bool = False,
+    bids: bool = False,
 ) -> SampleOutputs:
     """Draw ``settings.num_samples`` grids, decode them, write NIfTI + sidecar each + a montage.
 
@@ -318,7 +331,10 @@ def sample_volumes(
     data.spacing), ``sample_0000.json`` (`sample_sidecar`) and ``samples.png`` (first
     `MONTAGE_ROWS` samples). Every write is atomic. `threads`: see the module docstring;
     `keep_volumes` returns the decoded volumes too. NaN/±Inf logits or decoded voxels raise
-    `NonFiniteError` before that batch is written (earlier batches, all finite, stay).
+    `NonFiniteError` before that batch is written (earlier batches, all finite, stay). With
+    `bids` the folder is also a BIDS-Derivatives dataset: ``sub-synth0000/anat/
+    sub-synth0000_desc-synthetic_<suffix>.nii.gz`` (a link to sample_0000.nii.gz; the suffix is
+    the drawn class where the prior is conditioned on modality, `bids_view.suffix_of`).
     """
     s = settings.resolved(run)
     classes = class_labels(run)
@@ -326,6 +342,10 @@ def sample_volumes(
         classes.index(s.label)  # refuse an unknown name (or any name) before anything is written
     s.options(run)
     out = _prepare_out_dir(Path(out_dir))
+    bids = bids_view.start_view(out, bids, bids_view.dataset_description(
+        "sample", config_digest(run.data), None,
+        run.extra.get("manifest_digest"), {"prior": run.sha256s["prior"],
+                                           "VQ-VAE": run.sha256s["vqvae"]}))
     affine = centred_affine(run.data.spacing, run.data.spatial_size)
     generator = torch.Generator(device=run.device).manual_seed(s.seed)
     images: list[Path] = []
@@ -349,6 +369,8 @@ def sample_volumes(
                 doc = sample_sidecar(run, s, i, grid.numpy(), affine, name)
                 sidecars.append(out / f"sample_{i:04d}.json")
                 atomic_write_text(sidecars[-1], json.dumps(doc, indent=2) + "\n")
+                if bids:
+                    _publish_sample(out, images[-1], doc, classes.field)
                 grids.append(grid)
                 names.append(name)
                 if keep_volumes:
@@ -358,6 +380,7 @@ def sample_volumes(
             bar.update(b)
     title = f"{run.name}: T={s.temperature} top_k={s.top_k} seed={s.seed}"
     montage = orthogonal_montage(shown, run.data.spacing, out / "samples.png", title=title)
+    bids_view.write_participants(out)
     log.info("wrote %d samples, sidecars and a montage to %s", len(images), out)
     return SampleOutputs(out, images, sidecars, montage, torch.stack(grids), names,
                          np.stack(kept) if keep_volumes else None)
