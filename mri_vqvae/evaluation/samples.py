@@ -86,7 +86,9 @@ def draw_and_measure(run: PriorRun, model: VQVAE, held: HeldOut, num_samples: in
                      ) -> tuple[np.ndarray, dict[str, Any]]:
     """Draw samples into ``out/samples/``: (volumes (N, D, H, W) in [0, 1], the samples block)."""
     settings = SampleSettings(num_samples=num_samples, seed=seed, batch_size=batch_size)
+    start = time.perf_counter()
     drawn = sample_volumes(run, settings, out / "samples", threads=threads, keep_volumes=True)
+    seconds = time.perf_counter() - start
     assert drawn.volumes is not None
     volumes = np.clip(drawn.volumes, 0.0, 1.0)
     real = np.stack(held.volumes)
@@ -101,6 +103,8 @@ def draw_and_measure(run: PriorRun, model: VQVAE, held: HeldOut, num_samples: in
     return volumes, {
         "num_samples": num_samples,
         "seed": seed,
+        "seconds_per_sample": seconds / max(num_samples, 1),
+        "sample_threads": threads,
         "temperature": resolved.temperature,
         "top_k": resolved.top_k,
         "folder": "samples",
