@@ -29,6 +29,7 @@ def cli(verbose: bool) -> None:
 
 def _register() -> None:
     """Attach each stage's command; stage modules import heavy libraries only when they run."""
+    from pipelines import compare as compare_cmd
     from pipelines import data_kit, demo, encode, manifest_cmd, preprocess, train_prior, train_vqvae
     from pipelines import evaluate as evaluate_cmd
     from pipelines import export as export_cmd
@@ -52,6 +53,7 @@ def _register() -> None:
     cli.add_command(merge_cmd.merge)
     cli.add_command(export_cmd.export)
     cli.add_command(info_cmd.info)
+    cli.add_command(compare_cmd.compare)
 
 
 _register()

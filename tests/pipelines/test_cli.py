@@ -13,7 +13,7 @@ from pipelines.cli import cli
 from tests.support.volumes import write_nifti
 
 SUBCOMMANDS = ["demo", "data", "manifest", "preprocess", "sample", "likelihood", "encode",
-               "train-prior", "reconstruct", "evaluate", "export", "info"]
+               "train-prior", "reconstruct", "evaluate", "export", "info", "compare"]
 
 
 def test_help_lists_subcommands() -> None:
@@ -28,7 +28,7 @@ def test_help_lists_subcommands() -> None:
     [["demo"], ["data"], ["data", "kit"], ["manifest"], ["manifest", "build"],
      ["manifest", "verify"], ["manifest", "split"], ["manifest", "merge"], ["manifest", "fetch"],
      ["preprocess"], ["sample"], ["likelihood"], ["encode"], ["train-prior"], ["reconstruct"],
-     ["evaluate"], ["export"], ["info"]],
+     ["evaluate"], ["export"], ["info"], ["compare"]],
 )
 def test_each_subcommand_has_help(args: list[str]) -> None:
     result = CliRunner().invoke(cli, [*args, "--help"])
