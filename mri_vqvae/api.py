@@ -34,6 +34,7 @@ from mri_vqvae.tasks.sample import (
     draw_indices,
     sample_labels,
 )
+from mri_vqvae.tasks.sliding import field_of_view, reconstruct_volume
 
 Volume = str | Path | nib.Nifti1Image
 
@@ -113,13 +114,19 @@ class Model:
         return np.asarray(like.affine if isinstance(like, nib.Nifti1Image) else like, np.float64)
 
     @torch.no_grad()
-    def reconstruct(self, path: str | Path) -> nib.Nifti1Image:
+    def reconstruct(self, path: str | Path, spatial_size: tuple[int, int, int] | None = None,
+                    overlap: float = 0.5) -> nib.Nifti1Image:
         """The scan through the VQ-VAE, clamped to [0, 1], on its preprocessed grid: the image
-        `mri-vqvae reconstruct` writes (its forward pass, without the metrics it also takes)."""
-        image = self.preprocess(path)
+        `mri-vqvae reconstruct` writes (its forward pass, without the metrics it also takes).
+
+        `spatial_size`: a box larger than the training size to preprocess to, reconstructed by
+        a sliding window sharing `overlap` (``reconstruct --spatial-size``; `tasks.sliding`).
+        """
+        data, window = field_of_view(self.data, spatial_size, overlap)
+        image = nifti_image(*preprocess_scan(path, data))
         x = torch.from_numpy(np.asarray(image.dataobj, dtype=np.float32))[None, None]
-        out = self.vqvae(x.to(self.device))  # type: ignore[operator]
-        return nifti_image(out.reconstruction.float().clamp(0, 1)[0, 0].cpu(), image.affine)
+        recon, _ = reconstruct_volume(self.vqvae, x.to(self.device), window)  # type: ignore
+        return nifti_image(recon[0, 0].cpu(), image.affine)
 
     # --- the prior ---------------------------------------------------------------------------
 

@@ -33,6 +33,9 @@ Grids: by default the reconstruction lies on the preprocessed grid (RAS, ``data.
 affine with `mri_vqvae.tasks.likelihood.resample_to_grid` (MONAI ``ResampleToMatch``, bilinear here,
 zeros outside what the preprocessing crop kept), the helper `mri-vqvae likelihood --native` uses;
 intensities stay on the [0, 1] scale. Metrics are always measured on the preprocessed grid.
+With `spatial_size` larger than the training size the chain pads/crops to that box instead and
+each case is reconstructed by a sliding window (`mri_vqvae.tasks.sliding`; recorded in
+reconstruct.json as ``sliding_window``); at the training size nothing changes.
 
 Test hook: with ``MRI_VQVAE_TEST_KILL_AFTER_CASE=k`` in the environment, the process SIGKILLs
 itself right after committing the k-th case it computed (tests of resume use it; never set it
@@ -50,7 +53,7 @@ import os
 import signal
 import uuid
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -79,6 +82,7 @@ from mri_vqvae.metrics.image import CASE_METRICS
 from mri_vqvae.metrics.quality import quality_of
 from mri_vqvae.tasks.cases import Failure, Prepared, iter_prepared, progress, write_failures
 from mri_vqvae.tasks.parts import Merged, Part, finish_part, part_lock, refuse_distributed
+from mri_vqvae.tasks.sliding import SlidingWindow, field_of_view, reconstruct_volume
 
 if TYPE_CHECKING:
     from mri_vqvae.artifacts.loading import AutoencoderRun
@@ -91,7 +95,7 @@ FORMAT_VERSION = 1
 COMMAND = "reconstruct"
 KILL_ENV = "MRI_VQVAE_TEST_KILL_AFTER_CASE"
 CSV_COLUMNS = ("case_id", *CASE_METRICS, "codes_used")
-_IDENTITY = ("vqvae_sha256", "data", "grid")
+_IDENTITY = ("vqvae_sha256", "data", "grid", "sliding_window")
 
 
 class ReconstructError(MriVqvaeError, ValueError):
@@ -132,7 +136,7 @@ def claim_folder(out: Path, identity: dict[str, Any]) -> None:
             old = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as exc:
             raise ReconstructError(f"{path} is unreadable ({exc}); choose another --out") from None
-        changed = [k for k in _IDENTITY if old.get(k) != identity[k]]
+        changed = [k for k in _IDENTITY if old.get(k) != identity.get(k)]
         if changed:
             raise ReconstructError(
                 f"{out} already holds reconstructions made differently ({', '.join(changed)} "
@@ -169,14 +173,13 @@ def finished_case(out: Path, item: dict[str, Any], identity: dict[str, Any]
 
 
 @torch.no_grad()
-def reconstruct_prepared(model: torch.nn.Module, prepared: Prepared, device: torch.device
-                         ) -> tuple[np.ndarray, dict[str, Any]]:
+def reconstruct_prepared(model: torch.nn.Module, prepared: Prepared, device: torch.device,
+                         window: SlidingWindow | None = None) -> tuple[np.ndarray, dict[str, Any]]:
     """Reconstruct one preprocessed case: -> ((D, H, W) float32 in [0, 1], its metrics)."""
     assert prepared.volume is not None
     target = torch.from_numpy(prepared.volume)[None, None].to(device)
-    out = model(target)
-    recon = out.reconstruction.float().clamp(0, 1)
-    quality = quality_of(recon.cpu(), target.cpu(), prepared.item, out.indices)
+    recon, indices = reconstruct_volume(model, target, window)
+    quality = quality_of(recon.cpu(), target.cpu(), prepared.item, indices)
     return recon[0, 0].cpu().numpy(), asdict(quality)
 
 
@@ -290,6 +293,8 @@ def reconstruct_manifest(
     preprocessed: str | Path | None = None,
     part: Part | None = None,
     bids: bool = False,
+    spatial_size: tuple[int, int, int] | None = None,
+    overlap: float = 0.5,
 ) -> ReconstructResult:
     """Reconstruct every case of `split` (all if None) into `out_dir` (see the module doc).
 
@@ -301,7 +306,8 @@ def reconstruct_manifest(
     first when `out_dir` is not writable or another run holds its lock (``out_dir/.lock``).
     With `part` only its share is done, and recorded under ``parts/`` instead of the tables
     (`mri_vqvae.tasks.parts`; `merge_reconstruct` writes them). With `bids` each case also
-    gets its BIDS name (`publish_case`).
+    gets its BIDS name (`publish_case`). `spatial_size` / `overlap`: a larger field of view
+    and its sliding window's overlap (`mri_vqvae.tasks.sliding`; `SlidingWindowError` if bad).
     """
     from mri_vqvae.artifacts.loading import open_autoencoder_run
     from mri_vqvae.config import config_digest
@@ -312,7 +318,11 @@ def reconstruct_manifest(
     out = Path(out_dir)
     with _lock_on_main(out) if part is None else part_lock(out, part) as held:
         source = open_autoencoder_run(vqvae_run)
+        data, window = field_of_view(source.data, spatial_size, overlap)
+        source = replace(source, data=data)  # the chain pads/crops to the field of view
         identity = folder_identity(source, native_space)
+        if window is not None:
+            identity["sliding_window"] = window.as_dict()
         bids = bids or bids_view.has_view(out)  # a view there is kept in step (every rank)
         _claim_on_main(out, identity, bids, bids_view.dataset_description(
             COMMAND, config_digest(source.data), manifest.name, manifest.digest,
@@ -345,7 +355,7 @@ def reconstruct_manifest(
                 try:
                     if prepared.error is not None:
                         raise ReconstructError(prepared.error)
-                    recon, metrics = reconstruct_prepared(model, prepared, dev)
+                    recon, metrics = reconstruct_prepared(model, prepared, dev, window)
                     affine = prepared.affine
                     if native_space:
                         recon, affine = _native(prepared, recon, source.data)
