@@ -228,8 +228,10 @@ def _prior_passes(prior: PriorRun, scorer: Scorer, model: Any, held: HeldOut,
         drawn = distributed.broadcast_object(mine)
     sample_volumes, samples_block = drawn
     nearest = NearestScan(np.concatenate([sample_volumes, np.stack(held.volumes)]))
+    field = class_labels(prior).field  # the label field of a conditional prior, else None
+    groups = None if field is None else {c.case_id: str(getattr(c, field)) for c in manifest.cases}
     train = train_pass(model, scorer, source.data, _train_items(manifest, source, s), nearest,
-                       s.passes(), device)
+                       s.passes(), device, groups)
     likelihood = likelihood_block(held, train, prior.prior, source.codebook_size,
                                   s.num_resamples, s.seed)
     likelihood["lesions"] = lesion_block(
@@ -237,10 +239,13 @@ def _prior_passes(prior: PriorRun, scorer: Scorer, model: Any, held: HeldOut,
         out / "figures" if distributed.is_main() else None)
     if samples_block is not None:
         samples_block["memorisation"] = memorisation_block(nearest, s.num_samples, held)
+        volume_groups = None if groups is None else \
+            list(samples_block["labels"]) + [groups.get(c.case_id) for c in held.cases]
         plausible = plausibility_block(
             sample_volumes, np.stack(held.volumes), [c.case_id for c in held.cases],
             train.mean_volume(), train.num_volumes, source.data.spacing,
-            RegistrationSettings(seed=s.seed)) if distributed.is_main() else None
+            RegistrationSettings(seed=s.seed), volume_groups,
+            train.group_means()) if distributed.is_main() else None
         samples_block["plausibility"] = distributed.broadcast_object(plausible)
     return nearest, train, likelihood, samples_block
 

@@ -5,7 +5,8 @@ The held-out pass reconstructs each case once and keeps everything later steps u
 a prior, its bits per latent; for the first ``report_cases`` cases also the reconstruction and
 the prior's bits map (each latent filling its voxel block), so the report needs no second pass.
 The training pass scores the training grids under the prior, streams each training scan into
-a `NearestScan` and sums the scans (their mean is the plausibility checks' reference brain).
+a `NearestScan` and sums the scans, in all and per group (their means are the plausibility
+checks' reference brains).
 
 A conditional prior scores a case under the class named by its manifest field (``classes``:
 case_id -> class index); a case whose class the prior does not know gets NaN bits (left out of
@@ -129,25 +130,42 @@ class HeldOut:
 
 @dataclass
 class TrainPass:
-    """Bits per latent and code grid (d, h, w) of each scored training case, and failures."""
+    """Bits per latent and code grid (d, h, w) of each scored training case, failures, and the
+    running sums of the scans read: over all of them (key None) and per group (the value of the
+    prior's label field, e.g. each contrast, when the pass was given groups)."""
 
     bits: list[float] = field(default_factory=list)
     grids: list[Tensor] = field(default_factory=list)
     failures: list[Failure] = field(default_factory=list)
-    volume_sum: np.ndarray | None = None  # (D, H, W) float64 sum of the scans read
-    num_volumes: int = 0
+    sums: dict[str | None, tuple[np.ndarray, int]] = field(default_factory=dict)
 
-    def add_volume(self, volume: np.ndarray) -> None:
-        """Add a scan (D, H, W) to the running sum behind `mean_volume`."""
+    def add_volume(self, volume: np.ndarray, group: str | None = None) -> None:
+        """Add a scan (D, H, W) to the sum of all scans and, with `group`, of its group."""
         v = np.asarray(volume, np.float64)
-        self.volume_sum = v.copy() if self.volume_sum is None else self.volume_sum + v
-        self.num_volumes += 1
+        for key in {None, group}:
+            total, count = self.sums.get(key, (np.zeros_like(v), 0))
+            self.sums[key] = (total + v, count + 1)
 
-    def mean_volume(self) -> np.ndarray | None:
-        """The mean (D, H, W) float32 of the training scans read; None when none was."""
-        if self.volume_sum is None or not self.num_volumes:
-            return None
-        return (self.volume_sum / self.num_volumes).astype(np.float32)
+    def merge_sums(self, other: dict[str | None, tuple[np.ndarray, int]]) -> None:
+        """Add another share's sums (same keys meaning the same groups)."""
+        for key, (total, count) in other.items():
+            mine, n = self.sums.get(key, (np.zeros_like(total), 0))
+            self.sums[key] = (mine + total, n + count)
+
+    @property
+    def num_volumes(self) -> int:
+        """How many training scans were read."""
+        return self.sums.get(None, (None, 0))[1]
+
+    def mean_volume(self, group: str | None = None) -> np.ndarray | None:
+        """The mean (D, H, W) float32 of the training scans read (of `group`); None if none."""
+        total, count = self.sums.get(group, (None, 0))
+        return None if total is None or not count else (total / count).astype(np.float32)
+
+    def group_means(self) -> dict[str, np.ndarray]:
+        """The mean scan of every group read (empty when the pass had no groups)."""
+        return {k: m for k in self.sums if k is not None
+                and (m := self.mean_volume(k)) is not None}
 
 
 def held_out_pass(model: VQVAE, data: DataConfig, items: list[dict[str, Any]],
@@ -233,18 +251,21 @@ def _add_lesion(held: HeldOut, item: dict[str, Any], data: DataConfig, scorer: S
 
 
 def train_pass(model: VQVAE, scorer: Scorer, data: DataConfig, items: list[dict[str, Any]],
-               nearest: NearestScan, s: PassSettings, device: torch.device) -> TrainPass:
-    """Bits per latent and grids of each training case; streams every scan into `nearest`.
+               nearest: NearestScan, s: PassSettings, device: torch.device,
+               groups: Mapping[str, str] | None = None) -> TrainPass:
+    """Bits per latent and grids of each training case; streams every scan into `nearest` and
+    into the sums (per group: ``groups`` maps case_id -> group).
 
     Under torchrun each rank streams its share into its copy of `nearest`; the copies merge in
     rank order with the same strict ``>`` as one stream, so ties keep the earliest training case.
     """
     if not distributed.is_distributed():
-        return _train(model, scorer, data, items, nearest, s, device)
-    mine = _train(model, scorer, data, distributed.shard(items), nearest, s, device)
+        return _train(model, scorer, data, items, nearest, s, device, groups or {})
+    mine = _train(model, scorer, data, distributed.shard(items), nearest, s, device,
+                  groups or {})
     bits, grids, failures, found, sums = distributed.merge_shards(
         (mine.bits, mine.grids, mine.failures, [(nearest.best, nearest.best_id)],
-         [(mine.volume_sum, mine.num_volumes)]))
+         [mine.sums]))
     nearest.best = np.full(len(nearest.queries), -np.inf)
     nearest.best_id = [None] * len(nearest.queries)
     for best, best_id in found:  # one (best, best_id) per rank, in rank order
@@ -252,16 +273,15 @@ def train_pass(model: VQVAE, scorer: Scorer, data: DataConfig, items: list[dict[
             nearest.best[i] = float(best[i])
             nearest.best_id[i] = best_id[i]
     merged = TrainPass(bits, grids, failures)
-    for total, count in sums:  # one (sum, count) per rank
-        if total is not None:
-            merged.volume_sum = total if merged.volume_sum is None else merged.volume_sum + total
-            merged.num_volumes += count
+    for share in sums:  # one dict of sums per rank
+        merged.merge_sums(share)
     return merged
 
 
 @torch.no_grad()
 def _train(model: VQVAE, scorer: Scorer, data: DataConfig, items: list[dict[str, Any]],
-           nearest: NearestScan, s: PassSettings, device: torch.device) -> TrainPass:
+           nearest: NearestScan, s: PassSettings, device: torch.device,
+           groups: Mapping[str, str]) -> TrainPass:
     done = TrainPass()
     with progress(len(items), "train grids") as bar:
         for prepared in iter_prepared(items, data, s.num_workers, s.preprocessed):
@@ -276,5 +296,5 @@ def _train(model: VQVAE, scorer: Scorer, data: DataConfig, items: list[dict[str,
             done.bits.append(scorer.grid_bits(str(item["case_id"]), indices))
             done.grids.append(indices[0].cpu())
             nearest.update(str(item["case_id"]), prepared.volume)
-            done.add_volume(prepared.volume)
+            done.add_volume(prepared.volume, groups.get(str(item["case_id"])))
     return done

@@ -18,7 +18,7 @@ import csv
 import io
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -162,11 +162,16 @@ def _check_summary(name: str, sample_values: list[float], real_values: list[floa
 
 def plausibility_block(samples: np.ndarray, real: np.ndarray, real_ids: Sequence[str],
                        reference: np.ndarray | None, num_reference: int,
-                       spacing: Sequence[float], settings: RegistrationSettings | None = None
+                       spacing: Sequence[float], settings: RegistrationSettings | None = None,
+                       groups: Sequence[str | None] | None = None,
+                       group_references: Mapping[str, np.ndarray] | None = None
                        ) -> dict[str, Any]:
     """The plausibility checks of samples (N, X, Y, Z) and held-out scans (M, X, Y, Z), both in
     [0, 1] on the preprocessed grid, against `reference` (X, Y, Z; the mean of `num_reference`
-    training scans, None when there is none: the registered checks are then NaN).
+    training scans, None when there is none: the registered checks are then NaN). With
+    ``groups`` (one per sample, then per scan: e.g. the contrast a sample was drawn as and each
+    scan's) a volume whose group has a mean in ``group_references`` is registered to and
+    correlated with that mean instead: a T2w scan is judged against T2w anatomy.
 
     Each check (`CHECKS`) lists per-sample and per-scan values, the real range (min..max over
     the held-out scans; from 0 for the distance, `FLOORS`), the fraction of samples inside it and
@@ -174,7 +179,11 @@ def plausibility_block(samples: np.ndarray, real: np.ndarray, real_ids: Sequence
     outside every range).
     """
     s = settings or RegistrationSettings()
-    done = [_volume_checks(v, reference, spacing, s) for v in (*samples, *real)]
+    volumes = (*samples, *real)
+    own = list(groups) if groups is not None else [None] * len(volumes)
+    refs = dict(group_references or {})
+    done = [_volume_checks(v, refs.get(str(g), reference) if g is not None else reference,
+                           spacing, s) for v, g in zip(volumes, own, strict=True)]
     values = {k: [d[k] for d, _ in done] for k in CHECKS if k != "intensity_w1"}
     hists = [intensity_histogram(v) for v in (*samples, *real)]
     n = len(samples)
@@ -186,10 +195,13 @@ def plausibility_block(samples: np.ndarray, real: np.ndarray, real_ids: Sequence
     seconds = [t for _, t in done]
     failed = [reference is not None and not math.isfinite(values["reference_r"][i])
               for i in range(len(done))]
+    matched = [str(g) if g is not None and str(g) in refs else None for g in own]
     return {
         "reference": f"mean of the {num_reference} training scans read by this evaluation "
                      "(preprocessed grid)" if reference is not None
                      else "none: no training scan could be read",
+        "reference_groups": sorted(refs) if refs else None,
+        "reference_of": {"samples": matched[:n], "held_out": matched[n:]} if refs else None,
         "foreground_threshold": FOREGROUND,
         "registration": {**s.as_dict(), "seconds_per_volume": float(np.mean(seconds)),
                          "max_seconds": float(np.max(seconds)),

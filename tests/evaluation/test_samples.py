@@ -66,3 +66,36 @@ def test_without_a_reference_the_registered_checks_are_nan() -> None:
     assert block["registration"]["num_failed"] == {"samples": 0, "held_out": 0}
     assert block["checks"]["largest_component"]["samples"][0] == \
         block["checks"]["largest_component"]["held_out"][0]
+
+
+def test_each_volume_is_judged_against_the_mean_of_its_own_group() -> None:
+    first, second = _heads((1,))[0], np.flip(_heads((2,))[0], axis=1).copy()
+    volumes = np.stack([first, second])
+    groups = ["A", "B", "A", "B"]  # samples, then held-out scans
+    block = plausibility_block(volumes, volumes, ["a", "b"], (first + second) / 2, 2,
+                               (1.5, 1.5, 1.5), groups=groups,
+                               group_references={"A": first, "B": second})
+    assert block["reference_groups"] == ["A", "B"]
+    assert block["reference_of"] == {"samples": ["A", "B"], "held_out": ["A", "B"]}
+    check = block["checks"]["reference_r"]
+    assert check["samples"] == pytest.approx([1.0, 1.0], abs=1e-3)  # each is its group's mean
+    mixed = plausibility_block(volumes, volumes, ["a", "b"], (first + second) / 2, 2,
+                               (1.5, 1.5, 1.5))
+    assert max(mixed["checks"]["reference_r"]["samples"]) < 0.999
+    assert mixed["reference_groups"] is None
+
+
+def test_the_train_pass_sums_scans_in_all_and_per_group() -> None:
+    from mri_vqvae.evaluation.passes import TrainPass
+
+    a, b, c = (np.full((2, 2, 2), v, np.float32) for v in (1.0, 3.0, 8.0))
+    one, other = TrainPass(), TrainPass()
+    one.add_volume(a, "T1w")
+    one.add_volume(b, "T2w")
+    other.add_volume(c, "T1w")
+    one.merge_sums(other.sums)
+    assert one.num_volumes == 3
+    assert np.all(one.mean_volume() == 4.0)
+    assert {k: float(v.flat[0]) for k, v in one.group_means().items()} == {"T1w": 4.5,
+                                                                           "T2w": 3.0}
+    assert TrainPass().mean_volume() is None and TrainPass().group_means() == {}
