@@ -225,10 +225,13 @@ def _held_out(model: VQVAE, data: DataConfig, items: list[dict[str, Any]],
             bits = math.nan if scorer is None else scorer.grid_bits(quality.case_id, q.indices)
             if scorer is not None:
                 held.bits.append(bits)
-            if scorer is not None and LESION in item:
-                _add_lesion(held, item, data, scorer, q.indices)
-            if len(held.views) < s.report_cases:
-                latent = None if scorer is None else scorer.bits_map(quality.case_id, q.indices)
+            view = len(held.views) < s.report_cases
+            lesion = scorer is not None and LESION in item
+            latent = scorer.bits_map(quality.case_id, q.indices) \
+                if scorer is not None and (view or lesion) else None  # one map for both uses
+            if lesion:
+                _add_lesion(held, item, data, latent, q.indices)
+            if view:
                 held.views.append(CaseView(
                     quality, prepared.volume, recon[0, 0].clamp(0, 1).cpu().numpy(),
                     None if latent is None else block_upsample(latent, model.factor),
@@ -236,10 +239,11 @@ def _held_out(model: VQVAE, data: DataConfig, items: list[dict[str, Any]],
     return held
 
 
-def _add_lesion(held: HeldOut, item: dict[str, Any], data: DataConfig, scorer: Scorer,
-                indices: Tensor) -> None:
-    """Preprocess the case's lesion mask onto its grid and keep it with the prior's map; a mask
-    that cannot be read is logged and left out (the case itself was evaluated)."""
+def _add_lesion(held: HeldOut, item: dict[str, Any], data: DataConfig,
+                latent: np.ndarray | None, indices: Tensor) -> None:
+    """Preprocess the case's lesion mask onto its grid and keep it with the prior's map
+    `latent` (d, h, w); a mask that cannot be read is logged and left out (the case itself was
+    evaluated)."""
     case_id = str(item["case_id"])
     try:
         mask = with_masks(data)(dict(item))[LESION]
@@ -247,7 +251,7 @@ def _add_lesion(held: HeldOut, item: dict[str, Any], data: DataConfig, scorer: S
         log.warning("lesion mask of %s left out: %s", case_id, describe_error(exc))
         return
     held.lesions.append(LesionCase(case_id, np.asarray(mask[0].detach().cpu()) > 0.5,
-                                   indices[0].cpu(), scorer.bits_map(case_id, indices)))
+                                   indices[0].cpu(), latent))
 
 
 def train_pass(model: VQVAE, scorer: Scorer, data: DataConfig, items: list[dict[str, Any]],
