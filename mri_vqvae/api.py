@@ -123,10 +123,10 @@ class Model:
         a sliding window sharing `overlap` (``reconstruct --spatial-size``; `tasks.sliding`).
         """
         data, window = field_of_view(self.data, spatial_size, overlap)
-        image = nifti_image(*preprocess_scan(path, data))
-        x = torch.from_numpy(np.asarray(image.dataobj, dtype=np.float32))[None, None]
+        volume, affine = preprocess_scan(path, data)
+        x = torch.from_numpy(volume)[None, None]
         recon, _ = reconstruct_volume(self.vqvae, x.to(self.device), window)  # type: ignore
-        return nifti_image(recon[0, 0].cpu(), image.affine)
+        return nifti_image(recon[0, 0].cpu(), affine)
 
     # --- the prior ---------------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ from typing import Any
 from mri_vqvae.core.atomic import atomic_write_text
 from mri_vqvae.core.errors import EvaluationError
 from mri_vqvae.core.jsonio import json_ready
+from mri_vqvae.evaluation.report.evaluation_report import fmt
 from mri_vqvae.evaluation.report.html import Figure, Section, Table, write_html_report
 
 SAME = ("vqvae_sha256", "manifest_digest", "split")
@@ -73,28 +74,22 @@ def prior_row(folder: Path, metrics: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _fmt(value: Any, digits: int = 3) -> str:
-    if value is None:
-        return "n/a"
-    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
-
-
 def _sections(rows: Sequence[dict[str, Any]]) -> list[Section]:
     names = [f"{r['prior_kind']} ({Path(str(r['prior_run'])).name})" for r in rows]
     main = Table(
         ["prior", "held-out bits/latent", "unigram", "s / sample", "inside every range",
          "diversity (real)", "memorised", "MMD²", "lesion AUROC"],
-        [[n, f"{_fmt(r['held_out_bits'])} ({r['bits_are']})", _fmt(r["unigram_bits"]),
-          _fmt(r["seconds_per_sample"], 2), f"{_fmt(r['inside_every_range'], 2)} of "
-          f"{r['num_samples']}", f"{_fmt(r['diversity'])} ({_fmt(r['diversity_real'])})",
-          r["memorised"], _fmt(r["mmd2"]), _fmt(r["lesion_auroc"])]
+        [[n, f"{fmt(r['held_out_bits'], 3)} ({r['bits_are']})", fmt(r["unigram_bits"], 3),
+          fmt(r["seconds_per_sample"], 2), f"{fmt(r['inside_every_range'], 2)} of "
+          f"{r['num_samples']}", f"{fmt(r['diversity'], 3)} ({fmt(r['diversity_real'], 3)})",
+          r["memorised"], fmt(r["mmd2"], 3), fmt(r["lesion_auroc"], 3)]
          for n, r in zip(names, rows, strict=True)],
         "Bits: 'exact' is -log2 p; 'bound' an upper bound on it. Inside every range: the "
         "fraction of samples inside the held-out scans' range on every plausibility check. "
         "Diversity: mean pairwise MS-SSIM (lower = more diverse), real-vs-real in brackets.")
     checks = sorted({k for r in rows for k in r["inside_per_check"]})
     per_check = Table(["prior", *checks],
-                      [[n, *(_fmt(r["inside_per_check"].get(k), 2) for k in checks)]
+                      [[n, *(fmt(r["inside_per_check"].get(k), 2) for k in checks)]
                        for n, r in zip(names, rows, strict=True)],
                       "Fraction of samples inside the real range, per check.")
     montages = [Figure(Path(r["montage"]), f"{n}: samples beside held-out scans")
