@@ -29,11 +29,10 @@ import hashlib
 import io
 import json
 import logging
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,6 +42,7 @@ from torch.utils.data import Dataset
 from mri_vqvae.core import distributed
 from mri_vqvae.core.atomic import atomic_write_text
 from mri_vqvae.core.errors import MriVqvaeError
+from mri_vqvae.core.journal import CaseJournal, read_case_journal
 from mri_vqvae.core.provenance import utc_iso
 
 log = logging.getLogger(__name__)
@@ -97,21 +97,6 @@ def read_index(path: Path) -> dict[str, Any]:
 # --- writing (by `mri_vqvae.tasks.encode`) ------------------------------------------------------
 
 
-def _journal_entries(path: Path) -> list[dict[str, Any]]:
-    """The case entries of a journal; a line cut short by a kill is skipped."""
-    if not path.is_file():
-        return []
-    entries = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(entry, dict) and "case_id" in entry:
-            entries.append(entry)
-    return entries
-
-
 def _shown(value: Any) -> str:
     """A header value for an error message: at most 40 characters, None as absent."""
     return "absent" if value is None else str(value)[:40]
@@ -136,7 +121,7 @@ def previous_entries(out_dir: Path, header: Mapping[str, Any]) -> dict[str, dict
             f"{changed}: {diffs}): choose another --out or delete that folder"
         )
     cases = [e for e in doc.get("cases", []) if isinstance(e, dict)]
-    return {str(e["case_id"]): dict(e) for e in cases + _journal_entries(out_dir / JOURNAL)}
+    return {str(e["case_id"]): dict(e) for e in cases} | read_case_journal(out_dir / JOURNAL)
 
 
 class IndexWriter:
@@ -146,7 +131,7 @@ class IndexWriter:
     def __init__(self, out: Path, header: dict[str, Any], entries: dict[str, dict[str, Any]]):
         self.out, self.header, self.entries = out, header, entries
         self.main = distributed.is_main()
-        self._journal: IO[str] | None = None
+        self._journal = CaseJournal(self.out / JOURNAL)
 
     def write(self, failures: list[dict[str, str]]) -> None:
         """Write index.json with every entry and `failures`, then drop the journal it now holds."""
@@ -164,16 +149,10 @@ class IndexWriter:
         self.entries[entry["case_id"]] = entry
         if not self.main:
             return
-        if self._journal is None:
-            self._journal = open(self.out / JOURNAL, "a", encoding="utf-8")  # noqa: SIM115
-        self._journal.write(json.dumps(entry) + "\n")
-        self._journal.flush()
-        os.fsync(self._journal.fileno())
+        self._journal.append(entry)
 
     def close(self) -> None:
-        if self._journal is not None:
-            self._journal.close()
-            self._journal = None
+        self._journal.close()
 
 
 

@@ -23,17 +23,17 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import Any, TypeVar
 
 from mri_vqvae.core import distributed
 from mri_vqvae.core.atomic import atomic_write_text
 from mri_vqvae.core.errors import MriVqvaeError
+from mri_vqvae.core.journal import CaseJournal, read_case_journal
 from mri_vqvae.core.outputs import output_lock
 from mri_vqvae.tasks.cases import Failure
 
@@ -99,34 +99,15 @@ class PartJournal:
 
     def __init__(self, folder: Path, entries: dict[str, dict[str, Any]]) -> None:
         self.path = folder / RECORDS
-        self.entries = {**entries, **_read_lines(self.path)}
-        self._fh: IO[str] | None = None
+        self.entries = {**entries, **read_case_journal(self.path)}
+        self._journal = CaseJournal(self.path)
 
     def append(self, entry: dict[str, Any]) -> None:
         self.entries[entry["case_id"]] = entry
-        if self._fh is None:
-            self._fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
-        self._fh.write(json.dumps(entry) + "\n")
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
+        self._journal.append(entry)
 
     def close(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
-
-
-def _read_lines(path: Path) -> dict[str, dict[str, Any]]:
-    """The JSON lines of `path` by case_id (later lines win); a line cut short is skipped."""
-    if not path.is_file():
-        return {}
-    entries = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        with contextlib.suppress(json.JSONDecodeError):
-            entry = json.loads(line)
-            if isinstance(entry, dict) and "case_id" in entry:
-                entries[str(entry["case_id"])] = entry
-    return entries
+        self._journal.close()
 
 
 def finish_part(folder: Path, part: Part, command: str, header: dict[str, Any],
