@@ -30,7 +30,6 @@ import json
 import logging
 import os
 import shutil
-import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,7 +60,13 @@ from mri_vqvae.artifacts.checkpoint_folder import (
     verify_file,
 )
 from mri_vqvae.artifacts.resume import check_resume_state
-from mri_vqvae.core.atomic import atomic_path, atomic_write_text, make_temp_dir
+from mri_vqvae.core.atomic import (
+    atomic_path,
+    atomic_write_text,
+    fsync_dir,
+    make_temp_dir,
+    swap_in_folder,
+)
 from mri_vqvae.core.errors import CheckpointError
 from mri_vqvae.core.finite import describe_nonfinite
 from mri_vqvae.core.jsonio import json_ready
@@ -88,20 +93,6 @@ class LoadedCheckpoint:
 
 
 # --- saving --------------------------------------------------------------------------------------
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make renames inside `path` durable (best effort: not every OS can open a folder)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _first_nonfinite(tensors: Mapping[str, torch.Tensor]) -> tuple[str, str, int] | None:
@@ -209,7 +200,7 @@ def _write_files(
     }
     atomic_write_text(tmp / CONFIG, json.dumps(doc, indent=2, allow_nan=False) + "\n")
     atomic_write_text(tmp / MARKER, f"{utc_iso()}\n")
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
 
 
 def save_checkpoint(
@@ -260,15 +251,7 @@ def save_checkpoint(
     tmp = make_temp_dir(folder.parent, f".{folder.name}.tmp-")
     try:
         _write_files(tmp, model, tensors, kind, _config_dict(config), extra_doc, state, step)
-        if folder.exists():
-            old = folder.parent / f".{folder.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(folder, old)
-            os.replace(tmp, folder)
-            _fsync_dir(folder.parent)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, folder)
-        _fsync_dir(folder.parent)
+        swap_in_folder(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

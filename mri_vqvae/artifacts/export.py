@@ -25,9 +25,7 @@ under ``<runs root>/eval/``.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import uuid
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +43,7 @@ from mri_vqvae.artifacts.loading import (
     open_prior_run,
 )
 from mri_vqvae.artifacts.run_summary import training_summary
-from mri_vqvae.core.atomic import atomic_write_text, make_temp_dir
+from mri_vqvae.core.atomic import atomic_write_text, make_temp_dir, swap_in_folder
 from mri_vqvae.core.errors import MriVqvaeError
 from mri_vqvae.core.provenance import sha256_file, utc_iso
 from mri_vqvae.data.catalog import load_catalog
@@ -338,19 +336,6 @@ def _check_out(out: Path, force: bool) -> None:
                           "earlier export, so even --force does not replace it; choose another")
 
 
-def _swap_in(tmp: Path, out: Path) -> None:
-    """Rename the finished `tmp` to `out`; an existing `out` is moved aside first, then removed."""
-    if out.exists() and any(out.iterdir()):
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-        return
-    if out.exists():
-        out.rmdir()
-    os.replace(tmp, out)
-
-
 def export_run(run: str | Path, out: str | Path, metrics: str | Path | None = None,
                force: bool = False, vqvae: str | Path | None = None) -> Path:
     """Write the export folder of a VQ-VAE or prior run to `out` (see the module doc)."""
@@ -381,7 +366,7 @@ def export_run(run: str | Path, out: str | Path, metrics: str | Path | None = No
                 shutil.copyfile(run_dir / "config.yaml", tmp / "configs" / f"{FOLDERS[role]}.yaml")
         atomic_write_text(tmp / EXPORT_JSON, json.dumps(doc, indent=2, allow_nan=False) + "\n")
         atomic_write_text(tmp / CARD, card_markdown(doc))
-        _swap_in(tmp, out)
+        swap_in_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

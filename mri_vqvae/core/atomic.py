@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import stat
 import tempfile
 import threading
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
@@ -90,3 +92,32 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write UTF-8 `text` to `path` atomically."""
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Make renames inside `path` durable (best effort: not every OS can open a folder)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def swap_in_folder(tmp: Path, folder: Path) -> None:
+    """Rename the finished folder `tmp` to `folder` (same parent). An existing `folder` is first
+    renamed aside to ``.<name>.old-<hex>`` and removed after the swap, so `folder` is at every
+    moment either the old or the new one; the parent is fsynced."""
+    if folder.exists():
+        old = folder.parent / f".{folder.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(folder, old)
+        os.replace(tmp, folder)
+        fsync_dir(folder.parent)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, folder)
+    fsync_dir(folder.parent)
