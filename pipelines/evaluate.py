@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
+from mri_vqvae.tasks.parts import Part, PartError, parse_part
 from pipelines.common import (
     data_root_option,
     device_option,
@@ -13,6 +16,19 @@ from pipelines.common import (
     report_failures,
     vqvae_run_option,
 )
+
+if TYPE_CHECKING:
+    from mri_vqvae.data.manifest import Manifest
+    from mri_vqvae.evaluation.evaluate import EvaluateSettings
+
+
+def _parse_part(ctx: click.Context, param: click.Parameter, value: str | None) -> Part | None:
+    if value is None:
+        return None
+    try:
+        return parse_part(value)
+    except PartError as exc:
+        raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
 
 
 @click.command("evaluate")
@@ -27,7 +43,8 @@ from pipelines.common import (
 @click.option("--split", default="test", show_default=True,
               help="Held-out split: test or val (train is refused).")
 @click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
-              help="Output folder. Default: RUNS_ROOT/eval/<UTC>-<runs>/.")
+              help="Output folder. Default: RUNS_ROOT/eval/<UTC>-<runs>/. Required with --part; "
+                   "the run without --part into a folder with parts/ uses their records.")
 @click.option("--runs-root", default="runs", show_default=True, type=click.Path(file_okay=False))
 @click.option("-n", "--num-samples", default=8, show_default=True, type=click.IntRange(min=2),
               help="Samples drawn from the prior (with --prior).")
@@ -45,16 +62,23 @@ from pipelines.common import (
 @click.option("--viewer/--no-viewer", default=True, show_default=True,
               help="Interactive 3D viewers (NiiVue, inlined) in report.html; --no-viewer "
                    "leaves them out for a smaller page with no script.")
+@click.option("--part", "part", default=None, metavar="I/N", callback=_parse_part,
+              help="Evaluate only part I of N (1-based) of the sorted held-out cases, e.g. one "
+                   "task of a SLURM array, recording them under OUT/parts/ (no metrics.json or "
+                   "report). When all N have run, run the same command without --part into the "
+                   "same --out: it uses their records, does the rest and removes parts/.")
 @device_option
 @preprocessed_option
 def evaluate(vqvae_run: str, prior_run: str | None, manifest_path: str, data_root: str | None,
              split: str, out_dir: str | None, runs_root: str, num_samples: int, seed: int,
              num_resamples: int, max_train_cases: int | None, report_cases: int,
-             num_workers: int, strict: bool, viewer: bool, device: str,
+             num_workers: int, strict: bool, viewer: bool, part: Part | None, device: str,
              preprocessed: str | None) -> None:
     """Measure a VQ-VAE (and prior) on held-out scans: metrics.json, per_case.csv, report.html.
 
     Under torchrun the per-case passes are shared among the processes; rank 0 writes the files.
+    With --part I/N (separate jobs, no torchrun) only part I of the held-out pass runs; the
+    same command without --part then finishes the evaluation from the N parts.
     """
     from mri_vqvae.core import distributed
     from mri_vqvae.data.manifest import load_manifest
@@ -64,12 +88,19 @@ def evaluate(vqvae_run: str, prior_run: str | None, manifest_path: str, data_roo
     from mri_vqvae.metrics.image import METRICS
 
     refuse_split(split)  # before anything is loaded
+    if part is not None and out_dir is None:
+        raise click.UsageError("--part needs --out: every part and the final run (the same "
+                               "command without --part) must use one output folder")
     manifest = load_manifest(manifest_path, data_root=data_root, check_files=False)
     settings = EvaluateSettings(split=split, num_samples=num_samples, seed=seed,
                                 num_resamples=num_resamples, max_train_cases=max_train_cases,
                                 report_cases=report_cases, num_workers=num_workers, strict=strict,
                                 preprocessed=preprocessed, viewer=viewer)
     with distributed.process_group(device):  # under torchrun: each rank does a share of cases
+        if part is not None:  # refused under torchrun
+            assert out_dir is not None
+            _evaluate_part(vqvae_run, manifest, Path(out_dir), part, prior_run, settings, device)
+            return
         result = evaluate_runs(vqvae_run, manifest, out_dir, prior_run=prior_run,
                                settings=settings, device=device,
                                manifest_path=manifest_path, runs_root=runs_root)
@@ -86,6 +117,20 @@ def evaluate(vqvae_run: str, prior_run: str | None, manifest_path: str, data_roo
                    f"{stat_text(lik['unigram_bits']['held_out'])}")
     click.echo(f"wrote {result.metrics_path.resolve()} (+ per_case.csv, report.html)")
     report_failures(result.failures, False, "case(s)")
+
+
+def _evaluate_part(vqvae_run: str, manifest: Manifest, out: Path, part: Part,
+                   prior_run: str | None, settings: EvaluateSettings, device: str) -> None:
+    """`evaluate --part`: run the part, say where it went and what finishes the evaluation."""
+    from mri_vqvae.evaluation.evaluate import evaluate_part
+
+    done = evaluate_part(vqvae_run, manifest, out, part, prior_run=prior_run, settings=settings,
+                         device=device)
+    click.echo(f"part {part.index}/{part.count}: evaluated {len(done.evaluated)} held-out "
+               f"case(s), recorded in {done.folder.resolve()} (no metrics yet); when every "
+               f"part has run, run this command without --part into --out {out} to write "
+               "metrics.json, per_case.csv and report.html")
+    report_failures(done.failures, False, "case(s)")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,11 @@ training scan and checks the samples' anatomical plausibility against the held-o
 numbers go to metrics.json (`blocks`; per-case summaries by `statistics`), per_case.csv,
 failures.csv and (with samples) plausibility.csv, and report.html (`report.evaluation_report`)
 shows them with the figures of what the held-out pass kept.
+
+The held-out pass can be cut into jobs (``evaluate --part I/N``, e.g. a SLURM array):
+`evaluate_part` records part I's share under ``OUT/parts/``; the same command without ``--part``
+into that OUT reads the parts back instead of evaluating those cases, does the rest and writes
+the files one process writes (`held_parts`).
 """
 
 from __future__ import annotations
@@ -42,6 +47,12 @@ from mri_vqvae.evaluation.blocks import (
     reconstruction_block,
     unigram_case_bits,
 )
+from mri_vqvae.evaluation.held_parts import (
+    PartResult,
+    finished_parts,
+    part_header,
+    record_part,
+)
 from mri_vqvae.evaluation.heldout import check_held_out, recorded_manifest_digests
 from mri_vqvae.evaluation.lesions import lesion_block
 from mri_vqvae.evaluation.passes import (
@@ -63,6 +74,7 @@ from mri_vqvae.metrics.plausibility import RegistrationSettings
 from mri_vqvae.metrics.sets import NearestScan
 from mri_vqvae.metrics.statistics import BOOTSTRAP_RESAMPLES
 from mri_vqvae.tasks.cases import Failure, write_failures
+from mri_vqvae.tasks.parts import Part, clear_parts, part_lock, refuse_distributed
 from mri_vqvae.tasks.sample import class_labels
 
 if TYPE_CHECKING:
@@ -114,6 +126,17 @@ class EvaluationResult:
         return self.out_dir / "report.html"
 
 
+@dataclass(frozen=True)
+class _Inputs:
+    """The checked inputs of an evaluation: the VQ-VAE run, what `check_held_out` checked, and
+    the prior run with its scorer (both None without a prior)."""
+
+    source: AutoencoderRun
+    guard: dict[str, Any]
+    prior: PriorRun | None
+    scorer: Scorer | None
+
+
 def default_eval_dir(runs_root: str | Path, run_names: Sequence[str]) -> Path:
     """``runs_root/eval/<UTC>-<run>[_<run>]/``, created (``-2``... on a clash)."""
     from mri_vqvae.artifacts.runs import unique_dir
@@ -140,20 +163,80 @@ def evaluate_runs(
     Under torchrun the per-case passes (held-out metrics and bits, training bits and nearest
     scans) are sharded across the ranks and gathered in case order; rank 0 alone draws the
     samples and writes every file, and every rank returns the same result.
-    """
-    from mri_vqvae.artifacts.loading import open_autoencoder_run
 
+    When `out_dir` holds ``parts/`` (`evaluate_part` runs), their records stand in for the
+    held-out pass once every part has finished with this run's header (`PartError` otherwise,
+    nothing written); ``parts/`` is removed after the files are written.
+    """
     s = settings or EvaluateSettings()
     dev = resolve_device(device)
-    source = open_autoencoder_run(vqvae_run, dev)
+    inputs = _open_inputs(vqvae_run, manifest, prior_run, s.split, dev)
+    out = _out_dir(out_dir, runs_root, inputs.source, inputs.prior)
+    items = case_items(manifest, inputs.source.data, s.split)
+    header = part_header(inputs.source, inputs.prior, manifest, s.split, s.report_cases)
+    with finished_parts(out, header, [str(i["case_id"]) for i in items], s.report_cases,
+                        s.strict) as stored:
+        held = stored if stored is not None else held_out_pass(
+            inputs.source.model.eval(), inputs.source.data, items, inputs.scorer, s.passes(), dev)
+        result = _measure_and_write(out, held, inputs, manifest, manifest_path, s, dev)
+        if stored is not None and distributed.is_main():
+            clear_parts(out)  # their records are in the files now
+    return result
+
+
+def evaluate_part(
+    vqvae_run: str | Path,
+    manifest: Manifest,
+    out_dir: str | Path,
+    part: Part,
+    prior_run: str | Path | None = None,
+    settings: EvaluateSettings | None = None,
+    device: str | torch.device = "cpu",
+) -> PartResult:
+    """Part `part` of the held-out pass, recorded under ``out_dir/parts/<I>-of-<N>/``.
+
+    The same checks as `evaluate_runs`, then only the part's contiguous share of the held-out
+    cases is evaluated; no metrics.json or report is written (see the module doc: the final
+    `evaluate_runs` into `out_dir` reads the parts). A strict stop raises `EvaluationError` and
+    leaves the part unfinished (no part.json); a rerun of the part starts it again.
+    """
+    refuse_distributed(part)
+    s = settings or EvaluateSettings()
+    dev = resolve_device(device)
+    inputs = _open_inputs(vqvae_run, manifest, prior_run, s.split, dev)
+    out = Path(out_dir)
+    header = part_header(inputs.source, inputs.prior, manifest, s.split, s.report_cases)
+    with part_lock(out, part) as folder:
+        items = part.take(case_items(manifest, inputs.source.data, s.split))
+        held = held_out_pass(inputs.source.model.eval(), inputs.source.data, items,
+                             inputs.scorer, s.passes(), dev)
+        done = record_part(out, folder, part, header, held)
+    log.info("part %d/%d: evaluated %d held-out case(s), %d failed, recorded in %s",
+             part.index, part.count, len(done.evaluated), len(done.failures), folder)
+    return done
+
+
+def _open_inputs(vqvae_run: str | Path, manifest: Manifest, prior_run: str | Path | None,
+                 split: str, device: torch.device) -> _Inputs:
+    """The VQ-VAE run (checked to be evaluated on a held-out `split` of `manifest`) and the
+    prior run with its scorer; `EvaluationError` when they cannot be evaluated together."""
+    from mri_vqvae.artifacts.loading import open_autoencoder_run
+
+    source = open_autoencoder_run(vqvae_run, device)
     recorded = recorded_manifest_digests(source.run_dir, load_checkpoint(source.checkpoint).extra)
-    guard = check_held_out(manifest, s.split, recorded, f"VQ-VAE run {source.run_dir}")
-    prior = None if prior_run is None else _open_prior(prior_run, source, manifest, dev)
+    guard = check_held_out(manifest, split, recorded, f"VQ-VAE run {source.run_dir}")
+    prior = None if prior_run is None else _open_prior(prior_run, source, manifest, device)
     scorer = None if prior is None else _scorer(prior, manifest)
-    out = _out_dir(out_dir, runs_root, source, prior)
+    return _Inputs(source, guard, prior, scorer)
+
+
+def _measure_and_write(out: Path, held: HeldOut, inputs: _Inputs, manifest: Manifest,
+                       manifest_path: str | Path | None, s: EvaluateSettings,
+                       dev: torch.device) -> EvaluationResult:
+    """From the held-out pass on: the prior's passes, metrics.json, the tables and the report
+    (rank 0 writes; every rank returns the same result)."""
+    source, prior, scorer = inputs.source, inputs.prior, inputs.scorer
     model = source.model.eval()
-    held = held_out_pass(model, source.data, case_items(manifest, source.data, s.split), scorer,
-                         s.passes(), dev)
     if not held.cases:
         raise EvaluationError(
             f"no case of split {s.split!r} could be evaluated ({len(held.failures)} failed: "
@@ -165,7 +248,7 @@ def evaluate_runs(
         "inputs": inputs_block(source, prior, manifest, manifest_path,
                                {k: v for k, v in asdict(s).items()
                                 if k not in ("strict", "viewer")}),
-        "held_out_check": guard,
+        "held_out_check": inputs.guard,
         "reconstruction": reconstruction_block(held, s.num_resamples, s.seed,
                                                source.data.spatial_size, source.codebook_size),
         "likelihood": None,

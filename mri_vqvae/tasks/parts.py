@@ -16,7 +16,9 @@ but never the folder's tables. Its own records go to ``DIR/parts/<I>-of-<N>/``::
 `merge_parts` (``mri-vqvae merge DIR``) holds the folder's lock and every part's lock (so no part
 is running), checks that parts 1..N all ended with the same command and header, and returns
 their records and failures in part order, i.e. case order; the command's own merge then writes
-the tables exactly as one process would and `clear_parts` removes ``parts/``.
+the tables exactly as one process would and `clear_parts` removes ``parts/``. ``evaluate``
+parts are the exception: its final run (the same command without ``--part``, which has the
+models the rest of the evaluation needs) merges them (`mri_vqvae.evaluation.evaluate`).
 """
 
 from __future__ import annotations
@@ -153,6 +155,13 @@ def _ending(folder: Path) -> dict[str, Any] | None:
         raise PartError(f"{path} is unreadable ({exc}); rerun that part") from None
 
 
+def _differences(first: dict[str, Any], other: dict[str, Any]) -> list[str]:
+    """The command and header keys two part endings disagree on (``command``, ``header.<key>``)."""
+    found = ["command"] if first["command"] != other["command"] else []
+    a, b = first["header"], other["header"]
+    return found + [f"header.{k}" for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
+
+
 def _gather(out: Path, folders: dict[Part, Path]) -> Merged:
     counts = sorted({p.count for p in folders})
     if not counts:
@@ -166,16 +175,17 @@ def _gather(out: Path, folders: dict[Part, Path]) -> Merged:
     if missing:
         raise PartError(f"{out}: part(s) {missing} of {count} have not finished (no "
                         f"{PARTS}/<I>-of-{count}/{PART_DOC}): run them with --part I/{count} "
-                        "into this --out (a rerun resumes), then merge")
+                        "into this --out (a rerun resumes), then merge (evaluate parts: "
+                        "run the evaluate command again without --part)")
     first = docs[1]
     assert first is not None
     for i in range(2, count + 1):
         doc = docs[i]
         assert doc is not None
-        if doc["command"] != first["command"] or doc["header"] != first["header"]:
+        differ = _differences(first, doc)
+        if differ:
             raise PartError(f"{out}: part {i} of {count} was made by another run than part 1 "
-                            "(command, model, manifest, split or settings differ): rerun it "
-                            "with the same arguments")
+                            f"({', '.join(differ)} differ): rerun it with the same arguments")
     ordered = [docs[i] for i in range(1, count + 1)]
     return Merged(str(first["command"]), dict(first["header"]),
                   [r for d in ordered for r in d["records"]],  # type: ignore[index]
