@@ -192,3 +192,11 @@ def load(path: str | Path, device: str | torch.device = "cpu",
     """
     return Model(open_models(path, device, vqvae))
 
+
+
+def pretrained(name: str = "brain64_cohort", device: str | torch.device = "cpu") -> Model:
+    """The model shipped inside the package (`mri_vqvae.pretrained_models`; its model card is
+    ``mri_vqvae/pretrained_models/<name>/README.md``), loaded on `device`."""
+    from mri_vqvae.pretrained_models import pretrained_path
+
+    return load(pretrained_path(name), device)

@@ -1,8 +1,9 @@
 """`mri-vqvae demo`: the main job on the embedded default data (the offline real-MRI kit).
 
 kit → manifest verify → preprocess → train VQ-VAE → encode → train prior → sample → evaluate on
-the held-out test split → report.html, each stage writing into one demo folder; `--quick` runs the
-same chain at toy sizes.
+the held-out test split → report.html, each stage writing into one demo folder; then the shipped
+pretrained model on its own test split, beside (`pipelines.demo_pretrained`). `--quick` runs the
+chain at toy sizes, without the pretrained stage unless asked.
 """
 
 from __future__ import annotations
@@ -29,9 +30,13 @@ from pipelines.common import config_options, default_cache_dir, report_failures,
               help="Toy sizes for CI (config demo_quick): the whole chain in a few minutes.")
 @click.option("-n", "--num-samples", default=4, show_default=True,
               type=click.IntRange(min=0), help="Synthetic volumes (0: none).")
+@click.option("--pretrained/--no-pretrained", default=None,
+              help="Also evaluate the shipped pretrained model (mri_vqvae/pretrained_models/"
+                   "brain64_cohort) on its test split and show it beside this run's models "
+                   "(about 2 minutes). Default: on, off with --quick.")
 @config_options
 def demo(out_dir: str, kit_dir: str | None, quick: bool, num_samples: int,
-         config_name: str | None, overrides: tuple[str, ...]) -> None:
+         pretrained: bool | None, config_name: str | None, overrides: tuple[str, ...]) -> None:
     """Run the whole chain on the embedded default data and print where the report is."""
     from mri_vqvae.artifacts.loading import open_prior_run
     from mri_vqvae.data.kit import build_kit
@@ -49,7 +54,8 @@ def demo(out_dir: str, kit_dir: str | None, quick: bool, num_samples: int,
     config = resolve(config_name or ("demo_quick" if quick else "demo"), overrides)
     kit_root = Path(kit_dir) if kit_dir else default_cache_dir() / "kit"
     run_dir = Path(out_dir) / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    step = _Stages(total=7)
+    with_pretrained = (not quick) if pretrained is None else pretrained
+    step = _Stages(total=8 if with_pretrained else 7)
 
     step(f"kit → {kit_root}")
     manifest_path = build_kit(kit_root, config.kit, config.augment)
@@ -101,6 +107,13 @@ def demo(out_dir: str, kit_dir: str | None, quick: bool, num_samples: int,
     )
     click.echo(f"      metrics: {result.metrics_path.resolve()}")
     _results(result.metrics)
+    if with_pretrained:
+        from pipelines.demo_pretrained import evaluate_pretrained, side_by_side
+
+        step("the shipped pretrained model on its test split")
+        shipped = evaluate_pretrained(run_dir, kit_root, config, num_samples, preprocessed)
+        if shipped is not None:
+            side_by_side(result.metrics, shipped, config)
     _summary([vq.run_dir, prior.run_dir], step)
     click.echo(f"demo finished: everything is under {run_dir.resolve()}")
     click.echo(f"report: {result.report_path.resolve()}")

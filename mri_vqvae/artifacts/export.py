@@ -9,7 +9,10 @@ An export folder loads with no run folder present::
     <DIR>/configs/<role>.yaml  each run's config.yaml, where the run has one
 
 Each checkpoint is the run's own: ``model.safetensors`` copied byte for byte (sha256 checked),
-``config.json`` as recorded minus the resume state (``state.pt`` is not exported). Weights are not
+``config.json`` as recorded minus the resume state (``state.pt`` is not exported) and minus the
+training machine's folders: a prior's ``extra.vqvae_checkpoint`` becomes ``../vqvae`` (the export's
+own VQ-VAE, resolved against the prior folder) and ``extra.latents_dir`` the latents folder's
+name. Weights are not
 re-saved: safetensors writes its header metadata in hash-map order, so a re-save can change the
 file's sha256, which the prior records for its VQ-VAE. The folder is built in a hidden sibling
 and renamed into place, so DIR is either complete or absent; a non-empty DIR is replaced only with
@@ -316,8 +319,19 @@ def _copy_checkpoint(src: Path, dst: Path) -> None:
     if sha256_file(dst / WEIGHTS) != meta["files"][WEIGHTS]:
         raise ExportError(f"copying {weights} to {dst} changed its bytes; check the disk")
     doc = {**meta, "files": {WEIGHTS: meta["files"][WEIGHTS]}}
+    if isinstance(meta.get("extra"), dict) and "vqvae_checkpoint" in meta["extra"]:
+        doc["extra"] = _portable_prior_extra(meta["extra"])
     atomic_write_text(dst / CONFIG, json.dumps(doc, indent=2, allow_nan=False) + "\n")
     atomic_write_text(dst / MARKER, f"{utc_iso()}\n")
+
+
+def _portable_prior_extra(extra: dict[str, Any]) -> dict[str, Any]:
+    """A prior's extra without the training machine's absolute folders: the VQ-VAE is the
+    export's own (``../vqvae`` from the prior folder), the latents folder keeps only its name."""
+    portable = {**extra, "vqvae_checkpoint": f"../{FOLDERS['autoencoder']}"}
+    if extra.get("latents_dir"):
+        portable["latents_dir"] = Path(str(extra["latents_dir"])).name
+    return portable
 
 
 def _check_out(out: Path, force: bool) -> None:

@@ -6,9 +6,9 @@ checkpoint folder itself. Every command that reads a trained model goes through 
 
 A prior checkpoint's ``extra`` records the VQ-VAE it was trained on::
 
-    {"latents_dir", "vqvae_checkpoint" (absolute folder), "vqvae_sha256" (of its
-     model.safetensors), "manifest_digest", "latent_shape" [d, h, w], "codebook_size",
-     "data" (the DataConfig of the training chain)}
+    {"latents_dir", "vqvae_checkpoint" (absolute folder; in an export ``../vqvae``, relative
+     to the prior's folder), "vqvae_sha256" (of its model.safetensors), "manifest_digest",
+     "latent_shape" [d, h, w], "codebook_size", "data" (the DataConfig of the training chain)}
 
 `open_prior_run` loads both models and refuses a VQ-VAE whose weights do not hash to
 ``vqvae_sha256`` (a retrained or edited checkpoint would decode codes the prior never saw).
@@ -196,8 +196,10 @@ def _check_extra(extra: dict[str, Any], where: Path) -> DataConfig:
 
 
 def _vqvae_folder(recorded: str, override: str | Path | None, prior_folder: Path) -> Path:
-    """The VQ-VAE checkpoint: `override` (a run or checkpoint folder), else the recorded one."""
-    folder = Path(override if override is not None else recorded).expanduser().resolve()
+    """The VQ-VAE checkpoint: `override` (a run or checkpoint folder), else the recorded one (a
+    relative one, as exports record it, is relative to the prior's checkpoint folder)."""
+    folder = Path(override if override is not None else recorded).expanduser()
+    folder = (folder if folder.is_absolute() else prior_folder / folder).resolve()
     try:
         return find_checkpoint(folder, "autoencoder")[1]
     except CheckpointError as exc:

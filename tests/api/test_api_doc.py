@@ -37,3 +37,4 @@ def test_the_example_runs(runs: SharedRuns, tmp_path: Path,
         exec(compile(code, f"{DOC}:python block {i + 1}", "exec"), namespace)  # noqa: S102
     assert (tmp_path / "export" / "README.md").is_file()
     assert (tmp_path / "recon.nii.gz").is_file() and (tmp_path / "sample_3.nii.gz").is_file()
+    assert (tmp_path / "recon_pretrained.nii.gz").is_file()

@@ -76,6 +76,16 @@ def test_a_vqvae_export_holds_its_checkpoint_without_resume_state(
     assert mv.load(out).prior is None
 
 
+def test_an_export_records_no_folder_of_the_training_machine(exported: Path) -> None:
+    extra = json.loads((exported / "prior" / "config.json").read_text())["extra"]
+    assert extra["vqvae_checkpoint"] == "../vqvae"
+    assert "/" not in extra["latents_dir"] and extra["latents_dir"]
+    assert str(exported.parent) not in (exported / "prior" / "config.json").read_text()
+    from mri_vqvae.artifacts.loading import open_prior_run
+    run = open_prior_run(exported / "prior")  # the recorded ../vqvae, no override
+    assert run.paths.vqvae_checkpoint == (exported / "vqvae").resolve()
+
+
 def test_the_facts_of_an_export_are_its_runs(runs: SharedRuns, exported: Path) -> None:
     assert model_facts(open_models(exported)) == model_facts(open_models(runs.prior))
 
