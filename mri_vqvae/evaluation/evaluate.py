@@ -314,7 +314,7 @@ def _prior_passes(prior: PriorRun, scorer: Scorer, model: Any, held: HeldOut,
     field = class_labels(prior).field  # the label field of a conditional prior, else None
     groups = None if field is None else {c.case_id: str(getattr(c, field)) for c in manifest.cases}
     train = train_pass(model, scorer, source.data, _train_items(manifest, source, s), nearest,
-                       s.passes(), device, groups)
+                       s.passes(), device, groups, _real_train_cases(manifest))
     likelihood = likelihood_block(held, train, prior.prior, source.codebook_size,
                                   s.num_resamples, s.seed)
     likelihood["lesions"] = lesion_block(
@@ -333,13 +333,23 @@ def _prior_passes(prior: PriorRun, scorer: Scorer, model: Any, held: HeldOut,
     return nearest, train, likelihood, samples_block
 
 
+def _real_train_cases(manifest: Manifest) -> set[str] | None:
+    """The training cases that are scans, not augmented copies (the plausibility references);
+    None (all) when every training case is a copy."""
+    real = {c.case_id for c in manifest.cases if c.split == "train" and c.origin != "augmented"}
+    return real or None
+
+
 def _train_items(manifest: Manifest, source: AutoencoderRun, s: EvaluateSettings
                  ) -> list[dict[str, Any]]:
+    """The training cases read; with ``max_train_cases`` a seeded subset that takes real scans
+    before augmented copies (so the references are real anatomy), in manifest order."""
     items = case_items(manifest, source.data, "train")
     if s.max_train_cases is not None and len(items) > s.max_train_cases:
-        rng = np.random.default_rng(s.seed)
-        keep = sorted(rng.choice(len(items), size=s.max_train_cases, replace=False).tolist())
-        items = [items[i] for i in keep]
+        copies = {c.case_id for c in manifest.cases if c.origin == "augmented"}
+        order = np.random.default_rng(s.seed).permutation(len(items)).tolist()
+        order.sort(key=lambda i: items[i]["case_id"] in copies)  # stable: real scans first
+        items = [items[i] for i in sorted(order[:s.max_train_cases])]
     return items
 
 

@@ -5,8 +5,8 @@ The held-out pass reconstructs each case once and keeps everything later steps u
 a prior, its bits per latent; for the first ``report_cases`` cases also the reconstruction and
 the prior's bits map (each latent filling its voxel block), so the report needs no second pass.
 The training pass scores the training grids under the prior, streams each training scan into
-a `NearestScan` and sums the scans, in all and per group (their means are the plausibility
-checks' reference brains).
+a `NearestScan` and sums the real scans (augmented copies left out when the evaluation says so),
+in all and per group (their means are the plausibility checks' reference brains).
 
 A conditional prior scores a case under the class named by its manifest field (``classes``:
 case_id -> class index); a case whose class the prior does not know gets NaN bits (left out of
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
@@ -131,8 +131,8 @@ class HeldOut:
 @dataclass
 class TrainPass:
     """Bits per latent and code grid (d, h, w) of each scored training case, failures, and the
-    running sums of the scans read: over all of them (key None) and per group (the value of the
-    prior's label field, e.g. each contrast, when the pass was given groups)."""
+    running sums of the reference scans read: over all of them (key None) and per group (the
+    value of the prior's label field, e.g. each contrast, when the pass was given groups)."""
 
     bits: list[float] = field(default_factory=list)
     grids: list[Tensor] = field(default_factory=list)
@@ -256,17 +256,20 @@ def _add_lesion(held: HeldOut, item: dict[str, Any], data: DataConfig,
 
 def train_pass(model: VQVAE, scorer: Scorer, data: DataConfig, items: list[dict[str, Any]],
                nearest: NearestScan, s: PassSettings, device: torch.device,
-               groups: Mapping[str, str] | None = None) -> TrainPass:
+               groups: Mapping[str, str] | None = None,
+               reference_cases: Collection[str] | None = None) -> TrainPass:
     """Bits per latent and grids of each training case; streams every scan into `nearest` and
-    into the sums (per group: ``groups`` maps case_id -> group).
+    the scans of `reference_cases` (None: all) into the sums (per group: ``groups`` maps
+    case_id -> group).
 
     Under torchrun each rank streams its share into its copy of `nearest`; the copies merge in
     rank order with the same strict ``>`` as one stream, so ties keep the earliest training case.
     """
     if not distributed.is_distributed():
-        return _train(model, scorer, data, items, nearest, s, device, groups or {})
+        return _train(model, scorer, data, items, nearest, s, device, groups or {},
+                      reference_cases)
     mine = _train(model, scorer, data, distributed.shard(items), nearest, s, device,
-                  groups or {})
+                  groups or {}, reference_cases)
     bits, grids, failures, found, sums = distributed.merge_shards(
         (mine.bits, mine.grids, mine.failures, [(nearest.best, nearest.best_id)],
          [mine.sums]))
@@ -285,7 +288,7 @@ def train_pass(model: VQVAE, scorer: Scorer, data: DataConfig, items: list[dict[
 @torch.no_grad()
 def _train(model: VQVAE, scorer: Scorer, data: DataConfig, items: list[dict[str, Any]],
            nearest: NearestScan, s: PassSettings, device: torch.device,
-           groups: Mapping[str, str]) -> TrainPass:
+           groups: Mapping[str, str], reference_cases: Collection[str] | None) -> TrainPass:
     done = TrainPass()
     with progress(len(items), "train grids") as bar:
         for prepared in iter_prepared(items, data, s.num_workers, s.preprocessed):
@@ -300,5 +303,6 @@ def _train(model: VQVAE, scorer: Scorer, data: DataConfig, items: list[dict[str,
             done.bits.append(scorer.grid_bits(str(item["case_id"]), indices))
             done.grids.append(indices[0].cpu())
             nearest.update(str(item["case_id"]), prepared.volume)
-            done.add_volume(prepared.volume, groups.get(str(item["case_id"])))
+            if reference_cases is None or str(item["case_id"]) in reference_cases:
+                done.add_volume(prepared.volume, groups.get(str(item["case_id"])))
     return done

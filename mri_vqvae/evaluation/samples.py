@@ -32,6 +32,7 @@ from mri_vqvae.metrics.plausibility import (
     RegistrationSettings,
     foreground_fraction,
     head_overlap,
+    inner_structure_correlation,
     inside_fraction,
     intensity_histogram,
     largest_component_fraction,
@@ -67,6 +68,10 @@ MONTAGE = Path("figures") / "samples_vs_held_out.png"
 CHECKS = {
     "reference_r": "Pearson r with the reference brain inside its head (reference > "
                    "foreground), after rigid registration to it",
+    "inner_structure_r": "Pearson r of fine structure (volume minus its Gaussian blur, sigma 2 "
+                         "voxels) with the reference's, deep inside the reference's head "
+                         "(beyond 35 % of its largest depth), after rigid registration: internal "
+                         "anatomy, not the outline",
     "head_overlap": "Dice overlap of the head (voxels > foreground) with the reference's head "
                     "after rigid registration: the head's size and shape",
     "symmetry_r": "Pearson r of the registered volume and its left-right mirror (about the "
@@ -137,6 +142,8 @@ def _volume_checks(volume: np.ndarray, reference: np.ndarray | None, spacing: Se
     return {
         "reference_r": math.nan if reference is None
         else reference_correlation(registered, reference),
+        "inner_structure_r": math.nan if reference is None
+        else inner_structure_correlation(registered, reference),
         "head_overlap": math.nan if reference is None else head_overlap(registered, reference),
         "symmetry_r": mirror_symmetry(registered),
         "largest_component": largest_component_fraction(volume),
@@ -198,7 +205,8 @@ def plausibility_block(samples: np.ndarray, real: np.ndarray, real_ids: Sequence
     matched = [str(g) if g is not None and str(g) in refs else None for g in own]
     return {
         "reference": f"mean of the {num_reference} training scans read by this evaluation "
-                     "(preprocessed grid)" if reference is not None
+                     "(preprocessed grid; augmented copies left out when real scans were read)"
+                     if reference is not None
                      else "none: no training scan could be read",
         "reference_groups": sorted(refs) if refs else None,
         "reference_of": {"samples": matched[:n], "held_out": matched[n:]} if refs else None,

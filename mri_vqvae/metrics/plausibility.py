@@ -8,6 +8,10 @@ centred by the pad/crop), X the left-right axis; ``spacing`` is (sx, sy, sz) in 
   affine: an affine transform stretches a fragment over the whole head and makes it look right;
 * `masked_correlation` with the reference inside the reference's head (after registration), and
   `head_overlap`, the Dice overlap of the two head masks (after registration);
+* `inner_structure_correlation`: the correlation of fine structure (a volume minus its Gaussian
+  blur) with the reference's, only deep inside the reference's head (`inner_head`): ventricles,
+  white and grey matter where the reference has them. The outline, which the other checks
+  judge, is left out, so a head-shaped volume with a textured inside fails it;
 * `mirror_symmetry`: correlation of a volume and its left-right mirror inside the head;
 * `largest_component_fraction` and `foreground_fraction` of the head mask (``> FOREGROUND``);
 * `intensity_histogram` / `wasserstein1`: the distance between head-intensity distributions;
@@ -114,6 +118,43 @@ def reference_correlation(registered: np.ndarray | None, reference: np.ndarray,
     if registered is None:
         return math.nan
     return masked_correlation(registered, reference, np.asarray(reference) > foreground)
+
+
+INNER_DEPTH = 0.35  # inner head: deeper than this fraction of the head's largest depth
+DETAIL_SIGMA = 2.0  # voxels: fine structure = volume - Gaussian blur of this sigma
+
+
+def inner_head(reference: np.ndarray, depth: float = INNER_DEPTH,
+               foreground: float = FOREGROUND) -> np.ndarray:
+    """Bool (X, Y, Z): voxels of the reference's head (largest component of ``> foreground``,
+    holes filled) whose distance to the head's surface exceeds `depth` times the largest such
+    distance; all False for an empty head."""
+    mask = sitk.GetImageFromArray((np.asarray(reference) > foreground).astype(np.uint8))
+    components = sitk.RelabelComponent(sitk.ConnectedComponent(mask), sortByObjectSize=True)
+    head = sitk.BinaryFillhole(components == 1)
+    inside = sitk.GetArrayFromImage(sitk.SignedMaurerDistanceMap(
+        head, insideIsPositive=True, squaredDistance=False, useImageSpacing=False))
+    inside = np.where(sitk.GetArrayFromImage(head) > 0, inside, 0.0)
+    deepest = float(inside.max())
+    return inside > depth * deepest if deepest > 0 else np.zeros(inside.shape, bool)
+
+
+def fine_structure(volume: np.ndarray, sigma: float = DETAIL_SIGMA) -> np.ndarray:
+    """`volume` (X, Y, Z) minus its Gaussian blur (sigma in voxels): edges and small structures."""
+    image = sitk.GetImageFromArray(np.ascontiguousarray(volume, dtype=np.float32))
+    return np.asarray(volume, np.float32) - sitk.GetArrayFromImage(
+        sitk.SmoothingRecursiveGaussian(image, sigma))
+
+
+def inner_structure_correlation(registered: np.ndarray | None, reference: np.ndarray,
+                                inner: np.ndarray | None = None) -> float:
+    """Correlation of the fine structure of a registered volume (X, Y, Z) with the reference's
+    inside the reference's inner head (`inner`, default `inner_head(reference)`); NaN when the
+    registration failed (None) or the inner head is empty."""
+    if registered is None:
+        return math.nan
+    region = inner_head(reference) if inner is None else inner
+    return masked_correlation(fine_structure(registered), fine_structure(reference), region)
 
 
 def head_overlap(registered: np.ndarray | None, reference: np.ndarray,

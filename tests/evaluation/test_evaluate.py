@@ -40,6 +40,7 @@ from mri_vqvae.metrics.plausibility import (
     RegistrationSettings,
     foreground_fraction,
     head_overlap,
+    inner_structure_correlation,
     inside_fraction,
     intensity_histogram,
     largest_component_fraction,
@@ -407,6 +408,8 @@ def test_plausibility_block_holds_the_functions_values(evaluated: Path,
     registered = [register_rigid(v, reference, CFG.data.spacing, settings)
                   for v in samples + real]
     direct["reference_r"] = [reference_correlation(r, reference) for r in registered]
+    direct["inner_structure_r"] = [inner_structure_correlation(r, reference)
+                                   for r in registered]
     direct["head_overlap"] = [head_overlap(r, reference) for r in registered]
     direct["symmetry_r"] = [mirror_symmetry(r) for r in registered]
     direct["largest_component"] = [largest_component_fraction(v) for v in samples + real]

@@ -10,8 +10,11 @@ import SimpleITK as sitk
 
 from mri_vqvae.metrics.plausibility import (
     RegistrationSettings,
+    fine_structure,
     foreground_fraction,
     head_overlap,
+    inner_head,
+    inner_structure_correlation,
     inside_fraction,
     intensity_histogram,
     largest_component_fraction,
@@ -154,3 +157,52 @@ def test_head_overlap_is_one_for_the_head_and_low_for_a_fragment_even_after_regi
     assert math.isnan(head_overlap(None, reference))
     assert math.isnan(head_overlap(np.zeros_like(reference), np.zeros_like(reference)))
 
+
+
+def _ball(shape: tuple[int, int, int], radius: float) -> np.ndarray:
+    grid = np.stack(np.meshgrid(*[np.arange(n) - (n - 1) / 2 for n in shape], indexing="ij"))
+    return np.sqrt((grid**2).sum(0)) <= radius
+
+
+def test_the_inner_head_is_the_deep_core_of_the_largest_component() -> None:
+    head = _ball(SHAPE, 12.0).astype(np.float32)
+    head[0:3, 0:3, 0:3] = 1.0  # a speck in a corner: not part of the head
+    inner = inner_head(head, depth=0.5)
+    assert inner.sum() > 0 and not inner[0:3, 0:3, 0:3].any()
+    assert np.array_equal(inner, inner & _ball(SHAPE, 6.5))  # deeper than half of ~12 voxels
+    assert inner[_ball(SHAPE, 5.0)].all()
+    assert not inner_head(np.zeros(SHAPE, np.float32)).any()
+
+
+def test_fine_structure_is_flat_inside_a_constant_region() -> None:
+    volume = _ball(SHAPE, 12.0).astype(np.float32)
+    detail = fine_structure(volume, sigma=1.0)
+    assert np.abs(detail[_ball(SHAPE, 6.0)]).max() < 1e-3  # far from the edge: nothing left
+    assert np.abs(detail).max() > 0.1  # the edge remains
+
+
+def _anatomy(seed: int) -> np.ndarray:
+    """A head with fixed internal structure: dark 'ventricles' and a bright 'white matter' shell,
+    plus a little noise (seeded)."""
+    head = _ball(SHAPE, 13.0) * 0.5
+    head = head + 0.3 * (_ball(SHAPE, 9.0) & ~_ball(SHAPE, 5.0))
+    core = np.zeros(SHAPE, bool)
+    core[12:15, 13:17, 10:18] = True
+    core[17:20, 13:17, 10:18] = True
+    head = np.where(core, 0.1, head)
+    head = head + np.random.default_rng(seed).normal(0, 0.02, SHAPE)
+    return np.clip(head, 0, 1).astype(np.float32)
+
+
+def test_inner_structure_tells_anatomy_from_a_textured_head_of_the_same_outline() -> None:
+    reference = _anatomy(0)
+    registered = register_rigid(_moved(_anatomy(1)), reference)
+    same = inner_structure_correlation(registered, reference)
+    texture = np.random.default_rng(2).uniform(0.2, 0.9, SHAPE)
+    texture = sitk.GetArrayFromImage(sitk.SmoothingRecursiveGaussian(
+        sitk.GetImageFromArray(texture.astype(np.float32)), 1.0))
+    blob = np.where(_ball(SHAPE, 13.0), texture, 0).astype(np.float32)  # same outline
+    other = inner_structure_correlation(register_rigid(blob, reference), reference)
+    assert same > 0.5 and abs(other) < 0.2, (same, other)
+    assert reference_correlation(register_rigid(blob, reference), reference) > 0.3  # the outline
+    assert math.isnan(inner_structure_correlation(None, reference))

@@ -252,7 +252,7 @@ def _plausibility(metrics: Mapping[str, Any], figures: Path) -> Section:
                     f"{plaus['foreground_threshold']}."),
         Figure(strips, "Each check per sample and per held-out scan; the shaded band is the "
                        "range of the held-out scans"),
-        f"Affine registration to the reference ({reg['metric']}, {reg['iterations']} iterations "
+        f"Rigid registration to the reference ({reg['metric']}, {reg['iterations']} iterations "
         f"at shrink factors {reg['shrink']}, seed {reg['seed']}): "
         f"{fmt(reg['seconds_per_volume'], 2)} s per volume on average; failed for "
         f"{failed['samples']} sample(s) and {failed['held_out']} held-out scan(s) (NaN, counted "
