@@ -156,3 +156,33 @@ def test_likelihood_cli_manifest_needs_one_source(heads: Path, run_dir: Path,
     result = CliRunner().invoke(cli, ["likelihood", "--prior", str(run_dir), "--manifest",
                                       str(heads), "--out", str(tmp_path / "m"), "--part", "3/2"])
     assert result.exit_code != 0 and "--part" in result.output
+
+
+def test_the_slurm_array_script_encodes_as_one_process(heads: Path, tmp_path: Path) -> None:
+    """scripts/slurm_encode_array.sh run as sbatch would run three array tasks (the SLURM
+    variables set, the commands on PATH), then merged: one process's latents."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.support.paths import REPO
+
+    run = save_vqvae_run(tmp_path / "vq")
+    encode_manifest(run, load_manifest(heads), tmp_path / "one", device="cpu")
+    out = tmp_path / "array"
+    bin_dir = str(Path(sys.executable).parent)
+    for task in range(3):
+        env = dict(os.environ, VQVAE=str(run), MANIFEST=str(heads), OUT=str(out),
+                   SLURM_ARRAY_TASK_ID=str(task), SLURM_ARRAY_TASK_COUNT="3",
+                   SLURM_CPUS_PER_TASK="1", PATH=bin_dir + os.pathsep + os.environ["PATH"])
+        proc = subprocess.run(["bash", str(REPO / "scripts" / "slurm_encode_array.sh")],
+                              env=env, capture_output=True, text=True, timeout=300, check=False)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(p.name for p in (out / PARTS).iterdir()) == ["1-of-3", "2-of-3", "3-of-3"]
+    _merge(out)
+    drop = ("updated_utc", "manifest_path")  # the CLI records the manifest's path
+    assert _doc(out / "index.json", drop) == _doc(tmp_path / "one" / "index.json", drop)
+    missing = subprocess.run(["bash", str(REPO / "scripts" / "slurm_encode_array.sh")],
+                             env={"PATH": os.environ["PATH"]}, capture_output=True, text=True,
+                             timeout=60, check=False)
+    assert missing.returncode != 0 and "set VQVAE" in missing.stderr
