@@ -5,7 +5,7 @@ A folder a command writes with ``--bids`` is also a BIDS 1.9 derivative dataset:
     dataset_description.json       Name, BIDSVersion, DatasetType "derivative", GeneratedBy
                                    (config and manifest digests), SourceDatasets (the manifest)
     participants.tsv / .json       participant_id and the manifest's subject_id it came from
-    .bidsignore                    the tool's own files (images/, cases/, index.json, ...)
+    .bidsignore                    the tool's own files (images, cases, index.json, ...)
     sub-<label>/[ses-<label>/]anat/sub-<label>[_ses-<label>][_ce-<label>][_run-<n>]
         _desc-<preproc|recon|bitsmap|synthetic>_<suffix>.nii.gz   + a .json sidecar (same stem)
 
@@ -27,7 +27,10 @@ character gets those digits alone). Several cases of one subject, session and co
 anatomical contrast (T1w, T2w, FLAIR, PDw, T2starw, ..., case-insensitive; T1 -> T1w, T2 -> T2w,
 PD -> PDw, T2star -> T2starw, T1ce/T1Gd -> T1w with ``ce-gadolinium``); anything else falls back
 to T1w (the project's default contrast) and the sidecar records ``"SuffixFallback": true`` with
-the original ``Modality``. Stdlib only.
+the original ``Modality``. Every sidecar holds ``"SkullStripped": false``, which BIDS requires of
+anatomical derivatives: mri-vqvae never strips the skull (a source that arrived stripped, like the
+kit's MNI template, is not detected). Checked in the tests with the official validator
+(``bids-validator-deno``, a dev dependency). Stdlib only.
 """
 
 from __future__ import annotations
@@ -64,7 +67,9 @@ _SUFFIXES = {s.lower(): (s, None) for s in ("T1w", "T2w", "PDw", "T2starw", "FLA
 _SUFFIXES |= {"t1": ("T1w", None), "t2": ("T2w", None), "pd": ("PDw", None),
               "t2star": ("T2starw", None), "t1ce": ("T1w", "gadolinium"),
               "t1gd": ("T1w", "gadolinium")}
-_IGNORED = ("images/", "montages/", "cases/", "maps/", "parts/", "*.csv", "index.json",
+# Folder names without a trailing slash: the official validator (bids-validator 3) does not
+# apply a "name/" pattern to the folder itself and reports it as NOT_INCLUDED.
+_IGNORED = ("images", "montages", "cases", "maps", "parts", "*.csv", "index.json",
             "reconstruct.json", "sample_*", "*.png")
 
 
@@ -294,6 +299,7 @@ def publish(out: str | Path, name: BidsName, image: Path, sidecar: Mapping[str, 
     meta = out / name.path(".json")
     check_owner(out, name, sidecar["CaseID"])
     _link_or_copy(image, target)
+    sidecar = {"SkullStripped": False, **sidecar}  # required for anat derivatives
     _write_if_changed(meta, json.dumps(sidecar, indent=2, sort_keys=True) + "\n")
     return target
 
@@ -314,7 +320,8 @@ def write_participants(out: str | Path) -> Path | None:
         rows[folder.name] = re.sub(r"\s", " ", str(original))
     text = "participant_id\tsubject_id\n" + "".join(f"{k}\t{v}\n" for k, v in rows.items())
     _write_if_changed(out / PARTICIPANTS, text)
-    columns = {"subject_id": {"Description": "the manifest's subject_id this label was derived "
+    columns = {"participant_id": {"Description": "the BIDS subject label (sub-<label>)"},
+               "subject_id": {"Description": "the manifest's subject_id this label was derived "
                                              "from (n/a: a synthetic volume or unknown)"}}
     _write_if_changed(out / "participants.json", json.dumps(columns, indent=2) + "\n")
     return out / PARTICIPANTS

@@ -1,5 +1,6 @@
-"""Checks of a BIDS-Derivatives view against the BIDS schema (bidsschematools, a dev dependency)
-and the stricter rules mri-vqvae promises (alphanumeric labels, entity order, known suffixes)."""
+"""Checks of a BIDS-Derivatives view against the BIDS schema (bidsschematools, a dev dependency),
+the official validator (bids-validator-deno, a dev dependency: its errors, not its warnings) and
+the stricter rules mri-vqvae promises (alphanumeric labels, entity order, known suffixes)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import csv
 import fnmatch
 import json
 import re
+import subprocess
+import sys
 from functools import lru_cache
 from pathlib import Path
 
@@ -38,9 +41,26 @@ def _ignored(name: str, patterns: list[str]) -> bool:
     return any(fnmatch.fnmatch(name, p.rstrip("/")) for p in patterns)
 
 
-def view_problems(out: Path) -> list[str]:
-    """Everything wrong with `out` as a BIDS derivative dataset (empty: valid)."""
-    problems = []
+def validator_errors(out: Path) -> list[str]:
+    """The official BIDS validator's errors on `out` ("CODE location"), run from this venv.
+    Warnings (no README, no Authors) are not errors: a derivative written by a tool cannot know
+    its authors."""
+    validator = Path(sys.executable).with_name("bids-validator-deno")
+    proc = subprocess.run([str(validator), str(out), "--json"], capture_output=True, text=True,
+                          timeout=300, check=False)
+    try:
+        issues = json.loads(proc.stdout)["issues"]["issues"]
+    except (ValueError, KeyError):
+        return [f"bids-validator-deno gave no report (exit {proc.returncode}): "
+                f"{proc.stderr[-500:]}"]
+    return [f"{i['code']} {i.get('subCode') or ''} {i.get('location')}".replace("  ", " ")
+            for i in issues if i.get("severity") == "error"]
+
+
+def view_problems(out: Path, official: bool = True) -> list[str]:
+    """Everything wrong with `out` as a BIDS derivative dataset (empty: valid); `official`
+    False leaves the official validator out (for views of placeholder bytes, not NIfTI)."""
+    problems = validator_errors(out) if official else []
     schema = _schema()[0]
     doc = json.loads((out / "dataset_description.json").read_text())
     dataset_rules = schema.rules.json.dataset  # type: ignore[attr-defined]
