@@ -57,7 +57,8 @@ def strict_option(func: Callable[..., Any]) -> Callable[..., Any]:
                         help="Stop at the first bad case and exit non-zero.")(func)
 
 
-def _parse_part(ctx: click.Context, param: click.Parameter, value: str | None) -> Part | None:
+def part_callback(ctx: click.Context, param: click.Parameter, value: str | None) -> Part | None:
+    """The click callback of a ``--part I/N`` option: a `Part`, None, or a usage error."""
     if value is None:
         return None
     try:
@@ -69,7 +70,7 @@ def _parse_part(ctx: click.Context, param: click.Parameter, value: str | None) -
 def part_option(func: Callable[..., Any]) -> Callable[..., Any]:
     """Add ``--part I/N`` (passed as a `Part` or None): this job's share of the sorted cases."""
     return click.option(
-        "--part", "part", default=None, metavar="I/N", callback=_parse_part,
+        "--part", "part", default=None, metavar="I/N", callback=part_callback,
         help="Do only part I of N (1-based) of the sorted cases, e.g. one task of a SLURM array; "
         "parts may run at once into one --out. When all N have run: mri-vqvae merge OUT.",
     )(func)

@@ -8,10 +8,11 @@ from typing import TYPE_CHECKING
 
 import click
 
-from mri_vqvae.tasks.parts import Part, PartError, parse_part
+from mri_vqvae.tasks.parts import Part
 from pipelines.common import (
     data_root_option,
     device_option,
+    part_callback,
     preprocessed_option,
     report_failures,
     vqvae_run_option,
@@ -20,15 +21,6 @@ from pipelines.common import (
 if TYPE_CHECKING:
     from mri_vqvae.data.manifest import Manifest
     from mri_vqvae.evaluation.evaluate import EvaluateSettings
-
-
-def _parse_part(ctx: click.Context, param: click.Parameter, value: str | None) -> Part | None:
-    if value is None:
-        return None
-    try:
-        return parse_part(value)
-    except PartError as exc:
-        raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
 
 
 @click.command("evaluate")
@@ -62,7 +54,7 @@ def _parse_part(ctx: click.Context, param: click.Parameter, value: str | None) -
 @click.option("--viewer/--no-viewer", default=True, show_default=True,
               help="Interactive 3D viewers (NiiVue, inlined) in report.html; --no-viewer "
                    "leaves them out for a smaller page with no script.")
-@click.option("--part", "part", default=None, metavar="I/N", callback=_parse_part,
+@click.option("--part", "part", default=None, metavar="I/N", callback=part_callback,
               help="Evaluate only part I of N (1-based) of the sorted held-out cases, e.g. one "
                    "task of a SLURM array, recording them under OUT/parts/ (no metrics.json or "
                    "report). When all N have run, run the same command without --part into the "
