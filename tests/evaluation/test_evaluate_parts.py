@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from mri_vqvae.core.errors import EvaluationError
-from mri_vqvae.data.manifest import load_manifest, write_manifest
+from mri_vqvae.data.manifest import Manifest, load_manifest, write_manifest
 from mri_vqvae.evaluation import evaluate as evaluate_module
 from mri_vqvae.evaluation.evaluate import EvaluateSettings, evaluate_part, evaluate_runs
 from mri_vqvae.tasks.parts import PARTS, PartError, parse_part
@@ -54,6 +54,14 @@ def _parts(world: dict[str, Path], out: Path, *extra: str, order: tuple[int, ...
         result = _cli(world, out, "--part", f"{i}/2", *extra)
         assert result.exit_code == 0, result.output
         assert "without --part" in result.output
+
+
+def _both_parts(world: dict[str, Path], out: Path) -> tuple[Manifest, Path]:
+    """Parts 1 and 2 of 2 into `out`, called directly; the manifest and `out`."""
+    manifest = load_manifest(world["manifest"])
+    for i in (1, 2):
+        evaluate_part(world["vqvae"], manifest, out, parse_part(f"{i}/2"), settings=QUICK)
+    return manifest, out
 
 
 def _metrics(out: Path) -> dict[str, Any]:
@@ -114,10 +122,7 @@ def test_part_without_out_is_refused(world: dict[str, Path]) -> None:
 
 def test_parts_of_another_model_are_refused_naming_what_differs(world: dict[str, Path],
                                                                 tmp_path: Path) -> None:
-    manifest = load_manifest(world["manifest"])
-    out = tmp_path / "out"
-    for i in (1, 2):
-        evaluate_part(world["vqvae"], manifest, out, parse_part(f"{i}/2"), settings=QUICK)
+    manifest, out = _both_parts(world, tmp_path / "out")
     with pytest.raises(PartError, match=r"another vqvae_sha256 than this run"):
         evaluate_runs(world["other_vq"], manifest, out, settings=QUICK)
     with pytest.raises(PartError, match=r"another prior_sha256 than this run"):
@@ -152,10 +157,7 @@ def test_merge_refuses_evaluate_parts_and_says_what_finishes_them(world: dict[st
 
 def test_a_strict_final_run_stops_at_a_part_s_failed_case(world: dict[str, Path],
                                                            tmp_path: Path) -> None:
-    manifest = load_manifest(world["manifest"])
-    out = tmp_path / "out"
-    for i in (1, 2):
-        evaluate_part(world["vqvae"], manifest, out, parse_part(f"{i}/2"), settings=QUICK)
+    manifest, out = _both_parts(world, tmp_path / "out")
     with pytest.raises(EvaluationError, match=r"^case te2 \("):
         evaluate_runs(world["vqvae"], manifest, out, settings=replace(QUICK, strict=True))
     assert not (out / "metrics.json").exists()
