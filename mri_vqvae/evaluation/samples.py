@@ -32,6 +32,7 @@ from mri_vqvae.metrics.plausibility import (
     RegistrationSettings,
     foreground_fraction,
     head_overlap,
+    inner_head,
     inner_structure_correlation,
     inside_fraction,
     intensity_histogram,
@@ -132,9 +133,11 @@ def draw_and_measure(run: PriorRun, model: VQVAE, held: HeldOut, num_samples: in
     }
 
 
-def _volume_checks(volume: np.ndarray, reference: np.ndarray | None, spacing: Sequence[float],
-                   settings: RegistrationSettings) -> tuple[dict[str, float], float]:
-    """The checks of one volume (X, Y, Z) but the histogram distance, and seconds registering."""
+def _volume_checks(volume: np.ndarray, reference: np.ndarray | None, inner: np.ndarray | None,
+                   spacing: Sequence[float], settings: RegistrationSettings
+                   ) -> tuple[dict[str, float], float]:
+    """The checks of one volume (X, Y, Z) but the histogram distance, and seconds registering;
+    `inner` is `inner_head(reference)`, computed once per reference by the caller."""
     start = time.perf_counter()
     registered = None if reference is None else register_rigid(volume, reference, spacing,
                                                                  settings)
@@ -143,7 +146,7 @@ def _volume_checks(volume: np.ndarray, reference: np.ndarray | None, spacing: Se
         "reference_r": math.nan if reference is None
         else reference_correlation(registered, reference),
         "inner_structure_r": math.nan if reference is None
-        else inner_structure_correlation(registered, reference),
+        else inner_structure_correlation(registered, reference, inner),
         "head_overlap": math.nan if reference is None else head_overlap(registered, reference),
         "symmetry_r": mirror_symmetry(registered),
         "largest_component": largest_component_fraction(volume),
@@ -189,8 +192,10 @@ def plausibility_block(samples: np.ndarray, real: np.ndarray, real_ids: Sequence
     volumes = (*samples, *real)
     own = list(groups) if groups is not None else [None] * len(volumes)
     refs = dict(group_references or {})
-    done = [_volume_checks(v, refs.get(str(g), reference) if g is not None else reference,
-                           spacing, s) for v, g in zip(volumes, own, strict=True)]
+    chosen = [refs.get(str(g), reference) if g is not None else reference for g in own]
+    inners = {id(r): inner_head(r) for r in chosen if r is not None}  # one per reference
+    done = [_volume_checks(v, r, None if r is None else inners[id(r)], spacing, s)
+            for v, r in zip(volumes, chosen, strict=True)]
     values = {k: [d[k] for d, _ in done] for k in CHECKS if k != "intensity_w1"}
     hists = [intensity_histogram(v) for v in (*samples, *real)]
     n = len(samples)
