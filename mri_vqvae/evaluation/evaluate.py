@@ -346,9 +346,9 @@ def _train_items(manifest: Manifest, source: AutoencoderRun, s: EvaluateSettings
     before augmented copies (so the references are real anatomy), in manifest order."""
     items = case_items(manifest, source.data, "train")
     if s.max_train_cases is not None and len(items) > s.max_train_cases:
-        copies = {c.case_id for c in manifest.cases if c.origin == "augmented"}
+        real = _real_train_cases(manifest) or set()
         order = np.random.default_rng(s.seed).permutation(len(items)).tolist()
-        order.sort(key=lambda i: items[i]["case_id"] in copies)  # stable: real scans first
+        order.sort(key=lambda i: items[i]["case_id"] not in real)  # stable: real scans first
         items = [items[i] for i in sorted(order[:s.max_train_cases])]
     return items
 
