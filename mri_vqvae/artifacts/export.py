@@ -50,7 +50,7 @@ from mri_vqvae.core.atomic import atomic_write_text, make_temp_dir, swap_in_fold
 from mri_vqvae.core.errors import MriVqvaeError
 from mri_vqvae.core.provenance import sha256_file, utc_iso
 from mri_vqvae.data.catalog import load_catalog
-from mri_vqvae.data.kit_sources import source_citations
+from mri_vqvae.data.kit_sources import run_citations, source_citations
 from mri_vqvae.models.registry import Role, model_kind
 
 EXPORT_FORMAT = "mri-vqvae-export"
@@ -207,6 +207,16 @@ def training_sources(run_dir: Path) -> dict[str, Any]:
                for sid, n in counts.items()]
     return {"known": True, "train_cases": len(cases), "sources": sources,
             "citations": source_citations(counts, catalog)}
+
+
+def training_citations(folder: str | Path) -> list[str]:
+    """Citation lines of the data the VQ-VAE of a run folder or an export folder learnt from: a
+    run's manifest copy (`run_citations`); an export, which has none, what its export.json
+    recorded."""
+    folder = Path(folder)
+    if (folder / EXPORT_JSON).is_file():
+        return list(read_export(folder)["training_data"]["citations"])
+    return run_citations(folder)
 
 
 def _summary(block: dict[str, Any]) -> dict[str, Any]:

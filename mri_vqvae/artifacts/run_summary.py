@@ -25,10 +25,16 @@ def _read(path: Path) -> dict[str, Any]:
     return loaded if isinstance(loaded, dict) else {}
 
 
-def training_summary(run_dir: str | Path) -> dict[str, Any]:
+def training_summary(run_dir: str | Path, role: str = "autoencoder") -> dict[str, Any]:
     """``{stage, run, steps_done, max_steps, stop_reason, complete, best_step, precision,
-    time_limit_minutes}`` of a run folder; missing facts are None (an older run may lack some)."""
+    time_limit_minutes}`` of a run folder; missing facts are None (an older run may lack some).
+    An export folder (no run.json) gives the summary its export.json recorded for `role`
+    (``autoencoder`` or ``prior``) when the run was exported."""
     run_dir = Path(run_dir)
+    if not (run_dir / "run.json").is_file():
+        recorded = (_read(run_dir / "export.json").get(role) or {}).get("training")
+        if isinstance(recorded, dict):
+            return recorded
     info = _read(run_dir / "run.json")
     config = _read(run_dir / "config.yaml")
     stage = info.get("stage") or run_dir.parent.name

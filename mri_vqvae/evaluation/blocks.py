@@ -14,7 +14,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mri_vqvae.data.kit_sources import citations, run_citations
+from mri_vqvae.artifacts.export import training_citations
+from mri_vqvae.data.kit_sources import citations
 from mri_vqvae.evaluation.passes import HeldOut, TrainPass
 from mri_vqvae.metrics.image import CASE_METRICS, ms_ssim_settings
 from mri_vqvae.metrics.quality import FOREGROUND
@@ -56,7 +57,7 @@ def inputs_block(source: AutoencoderRun, prior: PriorRun | None, manifest: Manif
         **settings,
         "ci_level": CI_LEVEL,
         "data_citations": {"evaluated": citations(manifest),
-                           "trained_on": run_citations(source.run_dir)},
+                           "trained_on": training_citations(source.run_dir)},
     }
 
 

@@ -254,7 +254,7 @@ def _measure_and_write(out: Path, held: HeldOut, inputs: _Inputs, manifest: Mani
         "likelihood": None,
         "samples": None,
         "training": [training_summary(source.run_dir)]
-        + ([] if prior is None else [training_summary(prior.paths.run_dir)]),
+        + ([] if prior is None else [training_summary(prior.paths.run_dir, "prior")]),
     }
     nearest, train = None, TrainPass()
     if prior is not None and scorer is not None:

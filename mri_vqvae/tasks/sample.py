@@ -37,6 +37,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mri_vqvae import __version__
+from mri_vqvae.artifacts.export import training_citations
+from mri_vqvae.artifacts.loading import find_checkpoint
 from mri_vqvae.artifacts.runs import unique_dir
 from mri_vqvae.config import config_digest
 from mri_vqvae.core.atomic import atomic_write_text
@@ -46,7 +48,6 @@ from mri_vqvae.core.finite import NonFiniteError, describe_nonfinite
 from mri_vqvae.core.outputs import ensure_writable
 from mri_vqvae.core.provenance import describe_device, package_versions, utc_iso, utc_stamp
 from mri_vqvae.data import bids as bids_view
-from mri_vqvae.data.kit_sources import run_citations
 from mri_vqvae.data.writers import write_nifti
 
 if TYPE_CHECKING:
@@ -259,7 +260,8 @@ def sample_sidecar(
         "spacing": list(run.data.spacing),
         "affine": np.asarray(affine).tolist(),
         **run_provenance(run),
-        "training_data": run_citations(run.paths.vqvae_checkpoint.parent.parent),
+        "training_data": training_citations(find_checkpoint(run.paths.vqvae_checkpoint,
+                                                            "autoencoder")[0]),
     }
 
 

@@ -69,5 +69,9 @@ def test_the_shipped_model_reproduces_its_card_on_the_kit_test_split(tmp_path: P
         assert measured[name]["n"] == card["reconstruction"][name]["n"] == 10
         assert measured[name]["mean"] == pytest.approx(card["reconstruction"][name]["mean"],
                                                        abs=tolerance)
+    assert result.metrics["training"] == [CARD["autoencoder"]["training"],
+                                          CARD["prior"]["training"]]
+    trained_on = result.metrics["inputs"]["data_citations"]["trained_on"]
+    assert trained_on == CARD["training_data"]["citations"]  # credited through the export
     bits = result.metrics["likelihood"]["held_out"]
     assert bits["mean"] == pytest.approx(card["bits_per_latent"]["mean"], abs=0.02)

@@ -86,6 +86,26 @@ def test_an_export_records_no_folder_of_the_training_machine(exported: Path) -> 
     assert run.paths.vqvae_checkpoint == (exported / "vqvae").resolve()
 
 
+def test_an_export_keeps_its_runs_training_summary_and_data_credits(
+        runs: SharedRuns, exported: Path, tmp_path: Path) -> None:
+    from mri_vqvae.artifacts.export import training_citations
+    from mri_vqvae.artifacts.loading import open_prior_run
+    from mri_vqvae.artifacts.run_summary import training_summary
+    from mri_vqvae.data.kit_sources import run_citations
+    from mri_vqvae.tasks.sample import SampleSettings, sample_volumes
+
+    card = json.loads((exported / "export.json").read_text())
+    assert training_summary(exported) == card["autoencoder"]["training"]
+    assert training_summary(exported, "prior") == card["prior"]["training"]
+    assert training_summary(exported, "prior") == training_summary(runs.prior)
+    assert training_citations(exported) == run_citations(runs.vqvae)
+    assert training_citations(runs.vqvae) == run_citations(runs.vqvae)
+    sampled = sample_volumes(open_prior_run(exported / "prior"), SampleSettings(2, seed=0),
+                             tmp_path / "s")
+    sidecar = json.loads((sampled.montage.parent / "sample_0000.json").read_text())
+    assert sidecar["training_data"] == run_citations(runs.vqvae)  # credited, not "unknown"
+
+
 def test_the_facts_of_an_export_are_its_runs(runs: SharedRuns, exported: Path) -> None:
     assert model_facts(open_models(exported)) == model_facts(open_models(runs.prior))
 
