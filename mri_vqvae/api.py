@@ -22,6 +22,7 @@ import torch
 
 from mri_vqvae.artifacts.export import OpenedModels, export_run, model_facts, open_models
 from mri_vqvae.artifacts.loading import PriorRun
+from mri_vqvae.core.device import cpu_threads
 from mri_vqvae.core.errors import MriVqvaeError
 from mri_vqvae.data.writers import nifti_image
 from mri_vqvae.tasks.likelihood import likelihood_map, preprocess_scan, resample_to_grid
@@ -29,7 +30,6 @@ from mri_vqvae.tasks.sample import (
     SampleSettings,
     centred_affine,
     class_labels,
-    cpu_threads,
     decode_volumes,
     draw_indices,
     sample_labels,

@@ -1,6 +1,10 @@
-"""Which device a process computes on: the one reading of ``auto | cpu | cuda``."""
+"""Which device a process computes on (the one reading of ``auto | cpu | cuda``) and with how
+many CPU threads."""
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import torch
 
@@ -33,3 +37,20 @@ def resolve_device(name: str | torch.device, setting: str = "--device") -> torch
         raise DeviceError(
             f"{setting}={text!r} is not a device; use one of {list(DEVICES)} (or cuda:N)"
         ) from None
+
+
+@contextlib.contextmanager
+def cpu_threads(device: torch.device, threads: int | None) -> Iterator[None]:
+    """Run the block with ``torch.set_num_threads(threads)`` on CPU; restore the count after.
+
+    No-op on other devices or when `threads` is None or 0.
+    """
+    if device.type != "cpu" or not threads:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(threads))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -311,8 +311,8 @@ def reconstruct_manifest(
     """
     from mri_vqvae.artifacts.loading import open_autoencoder_run
     from mri_vqvae.config import config_digest
+    from mri_vqvae.core.device import cpu_threads
     from mri_vqvae.data.datasets import case_items
-    from mri_vqvae.tasks.sample import cpu_threads
 
     refuse_distributed(part)
     out = Path(out_dir)

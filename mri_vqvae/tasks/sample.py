@@ -21,12 +21,11 @@ afterwards); pass a larger number on a quiet many-core machine.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -42,6 +41,7 @@ from mri_vqvae.artifacts.loading import find_checkpoint
 from mri_vqvae.artifacts.runs import unique_dir
 from mri_vqvae.config import config_digest
 from mri_vqvae.core.atomic import atomic_write_text
+from mri_vqvae.core.device import cpu_threads
 from mri_vqvae.core.errors import MriVqvaeError
 from mri_vqvae.core.figures import orthogonal_montage
 from mri_vqvae.core.finite import NonFiniteError, describe_nonfinite
@@ -74,23 +74,6 @@ def centred_affine(spacing: Sequence[float], shape: Sequence[int]) -> np.ndarray
     affine = np.diag([*sp, 1.0])
     affine[:3, 3] = -sp * (np.asarray(shape, dtype=np.float64) - 1) / 2
     return affine
-
-
-@contextlib.contextmanager
-def cpu_threads(device: torch.device, threads: int | None) -> Iterator[None]:
-    """Run the block with ``torch.set_num_threads(threads)`` on CPU; restore the count after.
-
-    No-op on other devices or when `threads` is None or 0.
-    """
-    if device.type != "cpu" or not threads:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(int(threads))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def grid_sha256(grid: np.ndarray) -> str:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import nibabel as nib
 import pytest
+import torch
 
 from mri_vqvae.config import load_config
 from mri_vqvae.core.errors import DownloadError
@@ -117,3 +118,20 @@ def test_missing_apt_skips_debian_sources(monkeypatch: pytest.MonkeyPatch, tmp_p
     monkeypatch.setattr(kit_mod.shutil, "which", lambda name: None)
     with pytest.raises(DownloadError, match="apt-get is not available"):
         kit_mod._download_deb("mricron-data", "1", tmp_path)
+
+
+def test_pseudo_subject_bytes_do_not_depend_on_the_thread_count(kit_root: Path,
+                                                                tmp_path: Path) -> None:
+    source = kit_root / kit_mod.real_path(kit_mod.KIT_FILES[0])
+    before = torch.get_num_threads()
+    written = []
+    for threads in (1, 3):
+        torch.set_num_threads(threads)
+        try:
+            out = tmp_path / f"threads{threads}.nii.gz"
+            kit_mod.make_pseudo_subject(source, out, CFG.kit, CFG.augment, seed=7)
+        finally:
+            torch.set_num_threads(before)
+        assert torch.get_num_threads() == before  # the pin is undone afterwards
+        written.append(out.read_bytes())
+    assert written[0] == written[1]
