@@ -2,10 +2,13 @@
 short training the demo just ran.
 
 The pretrained model (`mri_vqvae.pretrained_models`) was trained on the kit with every cohort
-contrast, so it is evaluated on that kit setting's manifest (built from the same cached kit) and
-its test split: the same patients as the demo's test split, with T2w and FLAIR scans too. When that
-manifest cannot be built as the model recorded it (e.g. no cohort mirror), the stage says why and
-is skipped; the demo's own results stand.
+contrast, so it is evaluated on the manifest it carries (its training manifest, over that kit
+setting built into the same cached kit folder) and its test split: the same patients as the
+demo's test split, with T2w and FLAIR scans too. The carried manifest, not the one built here, is
+used because the kit's augmented copies differ in bytes on another instruction set (AVX2), which
+changes a freshly built manifest's digest; the real scans are checked by sha256. When they are
+not available (e.g. no cohort mirror), the stage says why and is skipped; the demo's own results
+stand.
 """
 
 from __future__ import annotations
@@ -22,23 +25,23 @@ from mri_vqvae.core.errors import MriVqvaeError
 def evaluate_pretrained(run_dir: Path, kit_root: Path, demo_config: ExperimentConfig,
                         num_samples: int, preprocessed: Path) -> dict[str, Any] | None:
     """metrics.json of the shipped model evaluated into ``run_dir/pretrained`` (None: skipped)."""
+    from mri_vqvae.artifacts.export import MANIFEST, training_manifest
     from mri_vqvae.data.kit import build_kit
-    from mri_vqvae.data.manifest import load_manifest
     from mri_vqvae.evaluation.evaluate import EvaluateSettings, evaluate_runs
     from mri_vqvae.pretrained_models import pretrained_path
 
     folder = pretrained_path()
     trained = load_config(folder / "configs" / "vqvae.yaml")
     try:
-        manifest_path = build_kit(kit_root, trained.kit, trained.augment)
-        manifest = load_manifest(manifest_path)
+        build_kit(kit_root, trained.kit, trained.augment)
+        manifest = training_manifest(folder, kit_root)
         settings = EvaluateSettings(
             split="test", num_samples=max(num_samples, 2), seed=demo_config.seed,
             max_train_cases=8,
             preprocessed=str(preprocessed) if trained.data == demo_config.data else None)
         result = evaluate_runs(folder / "vqvae", manifest, run_dir / "pretrained",
                                prior_run=folder / "prior", settings=settings,
-                               manifest_path=manifest_path)
+                               manifest_path=folder / MANIFEST)
     except MriVqvaeError as exc:
         click.echo(f"      skipped: the pretrained model's test split is not available here "
                    f"({exc})", err=True)

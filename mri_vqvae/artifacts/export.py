@@ -7,6 +7,7 @@ An export folder loads with no run folder present::
     <DIR>/vqvae/               the VQ-VAE checkpoint: model.safetensors, config.json, COMPLETE
     <DIR>/prior/               the prior checkpoint (exports of a prior run)
     <DIR>/configs/<role>.yaml  each run's config.yaml, where the run has one
+    <DIR>/manifest.json        the VQ-VAE run's copy of its training manifest, where it has one
 
 Each checkpoint is the run's own: ``model.safetensors`` copied byte for byte (sha256 checked),
 ``config.json`` as recorded minus the resume state (``state.pt`` is not exported) and minus the
@@ -50,13 +51,16 @@ from mri_vqvae.core.atomic import atomic_write_text, make_temp_dir, swap_in_fold
 from mri_vqvae.core.errors import MriVqvaeError
 from mri_vqvae.core.provenance import sha256_file, utc_iso
 from mri_vqvae.data.catalog import load_catalog
+from mri_vqvae.data.checks import file_problems
 from mri_vqvae.data.kit_sources import run_citations, source_citations
+from mri_vqvae.data.manifest import Manifest, load_manifest
 from mri_vqvae.models.registry import Role, model_kind
 
 EXPORT_FORMAT = "mri-vqvae-export"
 EXPORT_VERSION = 1
 EXPORT_JSON = "export.json"
 CARD = "README.md"
+MANIFEST = "manifest.json"
 FOLDERS: dict[Role, str] = {"autoencoder": "vqvae", "prior": "prior"}
 _WHAT = ("pass a training run folder (runs/vqvae/<run> or runs/prior/<run>) or a folder written "
          "by `mri-vqvae export`")
@@ -383,6 +387,8 @@ def export_run(run: str | Path, out: str | Path, metrics: str | Path | None = No
         if opened.prior is not None:
             checkpoints["prior"] = (opened.prior.paths.prior_checkpoint,
                                     opened.prior.paths.run_dir)
+        if (opened.autoencoder.run_dir / MANIFEST).is_file():
+            shutil.copyfile(opened.autoencoder.run_dir / MANIFEST, tmp / MANIFEST)
         for role, (folder, run_dir) in checkpoints.items():
             _copy_checkpoint(folder, tmp / FOLDERS[role])
             if (run_dir / "config.yaml").is_file():
@@ -395,3 +401,26 @@ def export_run(run: str | Path, out: str | Path, metrics: str | Path | None = No
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def training_manifest(export: str | Path, data_root: str | Path) -> Manifest:
+    """The export's training manifest (``manifest.json``) over a local copy of its data.
+
+    Every case that is not ``augmented`` (the real scans, so every held-out split) must be under
+    `data_root` with the recorded sha256; augmented cases are not checked, because their bytes
+    depend on the CPU that computed them (docs/architecture.md, the offline kit), and `evaluate`
+    reads real training scans first. Raises `ExportError` naming the first bad files (or a
+    missing manifest.json).
+    """
+    path = Path(export) / MANIFEST
+    if not path.is_file():
+        raise ExportError(f"{export} has no {MANIFEST}: it was exported before exports carried "
+                          "their training manifest; pass the manifest the model was trained on")
+    manifest = load_manifest(path, data_root=data_root, check_files=False)
+    real = [c for c in manifest.cases if c.origin != "augmented"]
+    problems = file_problems(manifest.data_root, real, checksums=True)
+    if problems:
+        listed = "; ".join(str(p) for p in problems[:3])
+        raise ExportError(f"the data under {manifest.data_root} is not what {path} records "
+                          f"({len(problems)} real case(s)): {listed}")
+    return manifest

@@ -3,8 +3,9 @@
 ``brain64_cohort``: the brain64 VQ-VAE (64x80x64 at 2.5 mm -> 16x20x16 codes of 512) trained
 8,800 steps on the offline kit with the MS cohort (T1w, T2w, FLAIR), and a 3D gated PixelCNN prior
 over its codes conditioned on the contrast. Its README.md is the model card (training data,
-licences, held-out metrics with n, intended use, limits); ``scripts/train_pretrained.sh`` is the
-command that made it. About 12 MB (fp32 safetensors).
+licences, held-out metrics with n, intended use, limits); its manifest.json the training manifest
+(`mri_vqvae.artifacts.export.training_manifest` opens it over a local kit);
+``scripts/train_pretrained.sh`` is the command that made it. About 12 MB (fp32 safetensors).
 """
 
 from __future__ import annotations

@@ -68,7 +68,8 @@ def test_an_export_loads_alone_with_identical_tensors_and_outputs(
 def test_a_vqvae_export_holds_its_checkpoint_without_resume_state(
         runs: SharedRuns, tmp_path: Path) -> None:
     out = export_run(runs.vqvae, tmp_path / "vq")
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "export.json", "vqvae"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "export.json", "manifest.json",
+                                                     "vqvae"]
     weights = out / "vqvae" / "model.safetensors"
     assert sha256_file(weights) == sha256_file(runs.vqvae / "checkpoints/best/model.safetensors")
     assert json.loads((out / "vqvae" / "config.json").read_text())["files"].keys() == {
@@ -208,3 +209,63 @@ def test_a_legacy_prior_run_exports_and_loads(tmp_path: Path) -> None:
     assert loaded.prior.sha256s == mv.load(prior_run, vqvae=vq_run).prior.sha256s
     facts = json.loads((out / "export.json").read_text())
     assert facts["kind"] == "vqvae + pixelcnn" and facts["prior"]["training_steps"] == 3
+
+
+def _data_copy(runs: SharedRuns, dest: Path) -> Path:
+    """A copy of the shared runs' case files only (the data a user holds), under `dest`."""
+    from mri_vqvae.data.manifest import load_manifest
+    manifest = load_manifest(runs.vqvae / "manifest.json")
+    for case in manifest.cases:
+        (dest / case.path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(manifest.data_root / case.path, dest / case.path)
+    return dest
+
+
+def test_an_export_carries_its_training_manifest(runs: SharedRuns, exported: Path,
+                                                 tmp_path: Path) -> None:
+    from mri_vqvae.artifacts.export import training_manifest
+    from mri_vqvae.data.manifest import load_manifest
+    carried = exported / "manifest.json"
+    assert carried.read_bytes() == (runs.vqvae / "manifest.json").read_bytes()
+    manifest = training_manifest(exported, _data_copy(runs, tmp_path / "data"))
+    assert manifest.digest == load_manifest(runs.vqvae / "manifest.json").digest
+    assert manifest.data_root == (tmp_path / "data").resolve()
+
+
+def test_training_manifest_refuses_a_changed_real_scan_and_names_it(
+        runs: SharedRuns, exported: Path, tmp_path: Path) -> None:
+    from mri_vqvae.artifacts.export import training_manifest
+    data = _data_copy(runs, tmp_path / "data")
+    victim = training_manifest(exported, data).cases[0]
+    raw = bytearray((data / victim.path).read_bytes())
+    raw[-1] ^= 0xFF
+    (data / victim.path).write_bytes(bytes(raw))
+    with pytest.raises(ExportError, match=victim.case_id):
+        training_manifest(exported, data)
+
+
+def test_training_manifest_does_not_check_augmented_bytes(runs: SharedRuns, exported: Path,
+                                                          tmp_path: Path) -> None:
+    """Augmented copies differ in bytes between instruction sets; they are not verified."""
+    import dataclasses
+
+    from mri_vqvae.artifacts.export import training_manifest
+    from mri_vqvae.data.manifest import load_manifest, write_manifest
+    copy = tmp_path / "export"
+    shutil.copytree(exported, copy)
+    manifest = load_manifest(runs.vqvae / "manifest.json")
+    train = [c for c in manifest.cases if c.split == "train"]
+    parent = train[0]
+    child = dataclasses.replace(parent, case_id="copy-aug00", origin="augmented",
+                                derived_from=parent.case_id, path="augmented/copy-aug00.nii.gz")
+    write_manifest(dataclasses.replace(manifest, cases=(*manifest.cases, child)),
+                   copy / "manifest.json")
+    data = _data_copy(runs, tmp_path / "data")
+    (data / "augmented").mkdir()
+    raw = bytearray((data / parent.path).read_bytes())
+    raw[-1] ^= 0xFF  # not the recorded sha256 (the parent's)
+    (data / child.path).write_bytes(bytes(raw))
+    assert "copy-aug00" in {c.case_id for c in training_manifest(copy, data).cases}
+    (copy / "manifest.json").unlink()
+    with pytest.raises(ExportError, match="no manifest.json"):
+        training_manifest(copy, data)
