@@ -242,6 +242,53 @@ def test_zero_temperature_and_top_k_one_are_greedy_whatever_the_seed() -> None:
     assert torch.equal(greedy, model.sample((1, *GRID[1:]), _gen(3), top_k=1))
 
 
+def test_complete_keeps_the_unmasked_codes_and_fills_the_masked_ones() -> None:
+    model, grids = _prior(), _grid(3, (2, *GRID[1:]))
+    masked = torch.rand(grids.shape, generator=_gen(4)).flatten(1).argsort(1) < 25
+    masked = masked.view(grids.shape)
+    done = model.complete(grids, masked, _gen(0), steps=4)
+    assert done.dtype == torch.long and done.shape == grids.shape
+    assert torch.equal(done[~masked], grids[~masked])
+    assert int(done.min()) >= 0 and int(done.max()) < K
+    assert torch.equal(done, model.complete(grids, masked, _gen(0), steps=4))  # seeded
+    assert torch.equal(model.complete(grids, torch.zeros_like(masked), _gen(0)), grids)
+
+
+def test_complete_with_everything_masked_is_sample() -> None:
+    model, grids = _prior(num_classes=2), _grid(5, (2, *GRID[1:]))
+    labels = torch.tensor([1, 0])
+    everything = torch.ones(grids.shape, dtype=torch.bool)
+    assert torch.equal(model.complete(grids, everything, _gen(7), labels, steps=6),
+                       model.sample(grids.shape, _gen(7), labels, steps=6))
+
+
+def test_complete_decodes_on_the_schedule_of_the_masked_count() -> None:
+    model, seen, grid = _prior(), [], _grid(1)
+    masked = torch.zeros(grid.shape, dtype=torch.bool)
+    masked.view(-1)[:40] = True
+    hook = model.net.register_forward_hook(lambda _m, args, _o: seen.append(args[0].clone()))
+    try:
+        model.complete(grid, masked, _gen(2), steps=5)
+    finally:
+        hook.remove()
+    expected, left = [40], 40
+    for s in range(4):
+        left = still_masked(s, 5, 40, left)
+        expected.append(left)
+    assert [int((t == K).sum()) for t in seen] == expected
+
+
+@pytest.mark.parametrize(("make", "match"), [
+    (lambda g: torch.zeros(g.shape, dtype=torch.long), "bool tensor"),
+    (lambda g: torch.zeros(g.shape[1:], dtype=torch.bool), "bool tensor"),
+    (lambda g: torch.arange(g.numel()).view(g.shape) < g[0].numel() + 3, "same number"),
+])
+def test_complete_refuses_a_bad_mask(make, match: str) -> None:
+    grids = _grid(0, (2, *GRID[1:]))
+    with pytest.raises(PriorInputError, match=match):
+        _prior().complete(grids, make(grids), _gen(0))
+
+
 @pytest.mark.parametrize(("options", "match"), [
     ({"steps": 0}, "steps must be an integer >= 1"),
     ({"temperature": -1.0}, "temperature must be"),

@@ -24,7 +24,8 @@ the unmasked ones, in any order.
   over the mask size is the only approximation of the sum). The bound is on the likelihood of
   the one-at-a-time random-order model; `sample` decodes many positions per step, a faster
   approximation of that model.
-* ``sample``: parallel decoding from the all-MASK grid (`sampling.decode`).
+* ``sample``: parallel decoding from the all-MASK grid (`sampling.decode`); ``complete`` decodes
+  only the masked positions of given grids (inpainting; the coarse-to-fine experiment).
 * ``prepare``: the head's bias starts at the log of the add-one smoothed code frequencies of the
   train grids (the first predictions are the unigram, not uniform).
 """
@@ -45,8 +46,8 @@ from mri_vqvae.models.priors.absorbing.masking import (
     training_mask,
 )
 from mri_vqvae.models.priors.absorbing.network import BidirectionalNet3D
-from mri_vqvae.models.priors.absorbing.sampling import check_sampling, decode
-from mri_vqvae.models.priors.base import check_indices, check_labels
+from mri_vqvae.models.priors.absorbing.sampling import Predict, check_sampling, decode
+from mri_vqvae.models.priors.base import PriorInputError, check_indices, check_labels
 
 LN2 = math.log(2.0)
 
@@ -160,11 +161,58 @@ class AbsorbingPrior(nn.Module):
         self.check_grid(shape[1:])
         labels = check_labels(labels, shape[0], self.num_classes)
         labels = None if labels is None else labels.to(device)
+        return decode(self._predictor(labels), shape, generator, self.mask_token, device,
+                      temperature=temperature, top_k=top_k, steps=steps, greedy=greedy)
+
+    @torch.no_grad()
+    def complete(
+        self,
+        indices: Tensor,
+        masked: Tensor,
+        generator: torch.Generator,
+        labels: Tensor | None = None,
+        *,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        steps: int | None = None,
+        greedy: bool = False,
+    ) -> Tensor:
+        """Redraw the `masked` positions of code grids, keeping the others: (B, d, h, w) int64.
+
+        indices (B, d, h, w) valid codes; masked (B, d, h, w) bool with the same number of True
+        positions in every grid. The masked positions are decoded as `sample` decodes a whole
+        grid, conditioned on the kept codes (with every position masked, `complete` draws what
+        `sample` draws from the same generator state). `PriorInputError` for a bad mask.
+        """
+        indices, labels = self.checked(indices, labels)
+        steps = self.config.sample_steps if steps is None else steps
+        check_sampling(tuple(indices.shape), generator, indices.device, steps, temperature,
+                       top_k, self.codebook_size)
+        _check_mask(masked, tuple(indices.shape))
+        labels = None if labels is None else labels.to(indices.device)
+        start = indices.masked_fill(masked.to(indices.device), self.mask_token).flatten(1)
+        return decode(self._predictor(labels), tuple(indices.shape), generator, self.mask_token,
+                      indices.device, temperature=temperature, top_k=top_k, steps=steps,
+                      greedy=greedy, start=start)
+
+    def _predictor(self, labels: Tensor | None) -> Predict:
+        """tokens (B, d, h, w), positions (B, c) -> logits (B, c, K) there (`sampling.Predict`)."""
 
         def predict(tokens: Tensor, where: Tensor) -> Tensor:
             features = self.net(tokens, labels).flatten(1, 3)  # (B, n, C)
             picked = features.gather(1, where[..., None].expand(-1, -1, features.shape[-1]))
             return self.head(picked)
 
-        return decode(predict, shape, generator, self.mask_token, device,
-                      temperature=temperature, top_k=top_k, steps=steps, greedy=greedy)
+        return predict
+
+
+def _check_mask(masked: Tensor, shape: tuple[int, ...]) -> None:
+    """`PriorInputError` unless `masked` is bool of `shape` with equal True counts per grid."""
+    if masked.dtype != torch.bool or tuple(masked.shape) != shape:
+        raise PriorInputError(f"masked must be a bool tensor of the grids' shape {shape}, "
+                              f"received {masked.dtype} {tuple(masked.shape)}")
+    counts = masked.flatten(1).sum(1)
+    if bool((counts != counts[0]).any()):
+        raise PriorInputError("masked must mask the same number of positions in every grid "
+                              f"(decoded together), received {counts.tolist()}; complete the "
+                              "grids one at a time")

@@ -52,17 +52,23 @@ def check_sampling(shape: Sequence[int], generator: object, device: torch.device
 
 def decode(predict: Predict, shape: Sequence[int], generator: torch.Generator, mask_token: int,
            device: torch.device, *, temperature: float, top_k: int | None, steps: int,
-           greedy: bool) -> Tensor:
+           greedy: bool, start: Tensor | None = None) -> Tensor:
     """Grids (B, d, h, w) int64 in [0, mask_token) decoded in `steps` steps (module doc).
 
-    Raises `NonFiniteError` (no grid returned) when the logits are NaN/±Inf.
+    `start` (B, n) int64, optional: the tokens to begin from instead of the all-MASK grid; only
+    its `mask_token` positions (the same number in every row) are decoded, over the same cosine
+    schedule scaled to that number; the others are kept. Raises `NonFiniteError` (no grid
+    returned) when the logits are NaN/±Inf.
     """
     batch, grid = shape[0], tuple(shape[1:])
-    positions = math.prod(grid)
-    tokens = torch.full((batch, positions), mask_token, dtype=torch.long, device=device)
-    masked_now = positions
+    if start is None:
+        start = torch.full((batch, math.prod(grid)), mask_token, dtype=torch.long, device=device)
+    tokens = start.clone()
+    masked_now = total = int((tokens[0] == mask_token).sum())
     for step in range(steps):
-        keep = still_masked(step, steps, positions, masked_now)
+        if masked_now == 0:
+            break
+        keep = still_masked(step, steps, total, masked_now)
         reveal = masked_now - keep
         if reveal == 0:
             continue
