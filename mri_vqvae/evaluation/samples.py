@@ -32,6 +32,7 @@ from mri_vqvae.metrics.plausibility import (
     RegistrationSettings,
     foreground_fraction,
     head_overlap,
+    inner_detail,
     inner_head,
     inner_structure_correlation,
     inside_fraction,
@@ -73,6 +74,9 @@ CHECKS = {
                          "voxels) with the reference's, deep inside the reference's head "
                          "(beyond 35 % of its largest depth), after rigid registration: internal "
                          "anatomy, not the outline",
+    "inner_detail": "standard deviation of the fine structure (as for inner_structure_r) in the "
+                    "same deep region of the registered volume, over its mean intensity there: "
+                    "how much detail, not whether it is anatomy (a blurred head scores low)",
     "head_overlap": "Dice overlap of the head (voxels > foreground) with the reference's head "
                     "after rigid registration: the head's size and shape",
     "symmetry_r": "Pearson r of the registered volume and its left-right mirror (about the "
@@ -147,6 +151,7 @@ def _volume_checks(volume: np.ndarray, reference: np.ndarray | None, inner: np.n
         else reference_correlation(registered, reference),
         "inner_structure_r": math.nan if reference is None
         else inner_structure_correlation(registered, reference, inner),
+        "inner_detail": math.nan if inner is None else inner_detail(registered, inner),
         "head_overlap": math.nan if reference is None else head_overlap(registered, reference),
         "symmetry_r": mirror_symmetry(registered),
         "largest_component": largest_component_fraction(volume),

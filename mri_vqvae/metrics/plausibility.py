@@ -12,6 +12,9 @@ centred by the pad/crop), X the left-right axis; ``spacing`` is (sx, sy, sz) in 
   blur) with the reference's, only deep inside the reference's head (`inner_head`): ventricles,
   white and grey matter where the reference has them. The outline, which the other checks
   judge, is left out, so a head-shaped volume with a textured inside fails it;
+* `inner_detail`: how much fine structure there is in the same region, relative to its mean
+  intensity (a blurred head has little; texture counts as much as anatomy, which
+  `inner_structure_correlation` tells apart);
 * `mirror_symmetry`: correlation of a volume and its left-right mirror inside the head;
 * `largest_component_fraction` and `foreground_fraction` of the head mask (``> FOREGROUND``);
 * `intensity_histogram` / `wasserstein1`: the distance between head-intensity distributions;
@@ -155,6 +158,18 @@ def inner_structure_correlation(registered: np.ndarray | None, reference: np.nda
         return math.nan
     region = inner_head(reference) if inner is None else inner
     return masked_correlation(fine_structure(registered), fine_structure(reference), region)
+
+
+def inner_detail(registered: np.ndarray | None, inner: np.ndarray) -> float:
+    """Standard deviation of the fine structure of a registered volume (X, Y, Z) inside `inner`
+    (the reference's inner head) over the volume's mean intensity there: scale-free detail
+    contrast. NaN when the registration failed (None), `inner` is empty or the region is dark."""
+    if registered is None or not inner.any():
+        return math.nan
+    mean = float(np.asarray(registered, np.float64)[inner].mean())
+    if mean <= 1e-6:
+        return math.nan
+    return float(np.asarray(fine_structure(registered), np.float64)[inner].std() / mean)
 
 
 def head_overlap(registered: np.ndarray | None, reference: np.ndarray,

@@ -40,6 +40,8 @@ from mri_vqvae.metrics.plausibility import (
     RegistrationSettings,
     foreground_fraction,
     head_overlap,
+    inner_detail,
+    inner_head,
     inner_structure_correlation,
     inside_fraction,
     intensity_histogram,
@@ -410,6 +412,8 @@ def test_plausibility_block_holds_the_functions_values(evaluated: Path,
     direct["reference_r"] = [reference_correlation(r, reference) for r in registered]
     direct["inner_structure_r"] = [inner_structure_correlation(r, reference)
                                    for r in registered]
+    inner = inner_head(reference)
+    direct["inner_detail"] = [inner_detail(r, inner) for r in registered]
     direct["head_overlap"] = [head_overlap(r, reference) for r in registered]
     direct["symmetry_r"] = [mirror_symmetry(r) for r in registered]
     direct["largest_component"] = [largest_component_fraction(v) for v in samples + real]

@@ -61,7 +61,7 @@ def test_without_a_reference_the_registered_checks_are_nan() -> None:
     real = _heads((1, 2))
     block = plausibility_block(real[:1], real, ["a", "b"], None, 0, (1.0, 1.0, 1.0))
     assert block["reference"].startswith("none")
-    for name in ("reference_r", "symmetry_r"):
+    for name in ("reference_r", "symmetry_r", "inner_structure_r", "inner_detail"):
         assert all(math.isnan(v) for v in block["checks"][name]["held_out"])
     assert block["registration"]["num_failed"] == {"samples": 0, "held_out": 0}
     assert block["checks"]["largest_component"]["samples"][0] == \

@@ -13,6 +13,7 @@ from mri_vqvae.metrics.plausibility import (
     fine_structure,
     foreground_fraction,
     head_overlap,
+    inner_detail,
     inner_head,
     inner_structure_correlation,
     inside_fraction,
@@ -206,3 +207,18 @@ def test_inner_structure_tells_anatomy_from_a_textured_head_of_the_same_outline(
     assert same > 0.5 and abs(other) < 0.2, (same, other)
     assert reference_correlation(register_rigid(blob, reference), reference) > 0.3  # the outline
     assert math.isnan(inner_structure_correlation(None, reference))
+
+
+def test_inner_detail_is_low_for_a_blurred_head_and_scale_free() -> None:
+    reference = _anatomy(0)
+    inner = inner_head(reference)
+    sharp = inner_detail(reference, inner)
+    blurred = sitk.GetArrayFromImage(sitk.SmoothingRecursiveGaussian(
+        sitk.GetImageFromArray(reference), 2.0))
+    assert inner_detail(blurred, inner) < 0.5 * sharp, (inner_detail(blurred, inner), sharp)
+    assert inner_detail(0.5 * reference, inner) == pytest.approx(sharp, rel=1e-5)
+    texture = np.random.default_rng(3).uniform(0.2, 0.9, SHAPE).astype(np.float32)
+    assert inner_detail(texture, inner) > sharp  # detail, not anatomy: inner_structure judges that
+    assert math.isnan(inner_detail(None, inner))
+    assert math.isnan(inner_detail(reference, np.zeros(SHAPE, bool)))
+    assert math.isnan(inner_detail(np.zeros(SHAPE, np.float32), inner))
