@@ -404,23 +404,16 @@ def export_run(run: str | Path, out: str | Path, metrics: str | Path | None = No
 
 
 def training_manifest(export: str | Path, data_root: str | Path) -> Manifest:
-    """The export's training manifest (``manifest.json``) over a local copy of its data.
-
-    Every case that is not ``augmented`` (the real scans, so every held-out split) must be under
-    `data_root` with the recorded sha256; augmented cases are not checked, because their bytes
-    depend on the CPU that computed them (docs/architecture.md, the offline kit), and `evaluate`
-    reads real training scans first. Raises `ExportError` naming the first bad files (or a
-    missing manifest.json).
-    """
+    """The export's ``manifest.json`` over `data_root`, every real case checked by sha256 (not
+    the augmented copies, whose bytes depend on the CPU: docs/architecture.md); `ExportError`
+    names the first bad files, or a missing manifest.json."""
     path = Path(export) / MANIFEST
     if not path.is_file():
-        raise ExportError(f"{export} has no {MANIFEST}: it was exported before exports carried "
-                          "their training manifest; pass the manifest the model was trained on")
+        raise ExportError(f"{export} has no {MANIFEST} (exported before exports carried it); "
+                          "pass the manifest the model was trained on")
     manifest = load_manifest(path, data_root=data_root, check_files=False)
     real = [c for c in manifest.cases if c.origin != "augmented"]
-    problems = file_problems(manifest.data_root, real, checksums=True)
-    if problems:
-        listed = "; ".join(str(p) for p in problems[:3])
+    if problems := file_problems(manifest.data_root, real, checksums=True):
         raise ExportError(f"the data under {manifest.data_root} is not what {path} records "
-                          f"({len(problems)} real case(s)): {listed}")
+                          f"({len(problems)} real case(s)): {'; '.join(map(str, problems[:3]))}")
     return manifest

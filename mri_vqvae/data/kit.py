@@ -28,13 +28,10 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import torch
 from tqdm.auto import tqdm
 
-from mri_vqvae.config import DOMAIN_RANDOMISATION, AugmentConfig, KitConfig, config_digest
+from mri_vqvae.config import AugmentConfig, KitConfig, config_digest
 from mri_vqvae.core.atomic import atomic_path, atomic_write_text
-from mri_vqvae.core.device import cpu_threads
 from mri_vqvae.core.errors import DownloadError
 from mri_vqvae.core.provenance import sha256_file
 from mri_vqvae.data.case import Case
@@ -48,8 +45,7 @@ from mri_vqvae.data.kit_sources import (
     source_citations,
 )
 from mri_vqvae.data.manifest import Manifest, write_manifest
-from mri_vqvae.data.transforms import pseudo_subject_chain
-from mri_vqvae.data.writers import write_nifti
+from mri_vqvae.data.pseudo_subjects import kit_augmentation, make_pseudo_subject
 
 log = logging.getLogger(__name__)
 
@@ -270,42 +266,6 @@ def _download_archive(kf: KitFile, downloads: Path) -> Path:
             "registry served a different file, so it is not used"
         )
     return archive
-
-
-# --- pseudo-subjects --------------------------------------------------------------------------
-
-
-def kit_augmentation(augment: AugmentConfig) -> AugmentConfig:
-    """The training augmentation with every anatomy and contrast step switched on (each
-    pseudo-subject differs) and domain randomisation at its defaults (off): a training-time
-    step, so configs differing only there share one kit."""
-    return augment.model_copy(
-        update={
-            name: getattr(augment, name).model_copy(update={"prob": 1.0})
-            for name in ("affine", "elastic", "bias_field", "contrast")
-        }
-        | {name: AugmentConfig.model_fields[name].default for name in DOMAIN_RANDOMISATION}
-        | {"enabled": True}
-    )
-
-
-PSEUDO_SUBJECT_THREADS = 2
-"""torch threads that compute every pseudo-subject, whatever the machine's core count: the
-resampling and smoothing of the augmentation round differently with another thread count (with
-1 thread all 32 copies differed in bytes from 2 threads), and 2 is what the kits of the shipped
-model and of CI were built with. The bytes still depend on the CPU's instruction set (AVX2 against
-AVX-512: 7 of 32 copies differ), which the manifest digest shows; real cases are pinned by
-sha256."""
-
-
-def make_pseudo_subject(source: Path, out: Path, kit: KitConfig, augment: AugmentConfig,
-                        seed: int) -> None:
-    """Write one augmented copy of `source` (RAS, `kit.spacing` mm, intensities in [0, 1])."""
-    chain = pseudo_subject_chain(kit.spacing, kit_augmentation(augment), seed)
-    with cpu_threads(torch.device("cpu"), PSEUDO_SUBJECT_THREADS):
-        image = chain({"image": str(source)})["image"]  # MetaTensor (1, X, Y, Z)
-    volume = image[0].detach().cpu().numpy().clip(0, None)
-    write_nifti(out, volume, np.asarray(image.affine, dtype=np.float64))
 
 
 # --- the manifest ---------------------------------------------------------------------------
