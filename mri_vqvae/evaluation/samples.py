@@ -30,6 +30,7 @@ from mri_vqvae.evaluation.passes import HeldOut
 from mri_vqvae.evaluation.report.figures import paired_montage
 from mri_vqvae.metrics.plausibility import (
     RegistrationSettings,
+    fine_structure,
     foreground_fraction,
     head_overlap,
     inner_detail,
@@ -137,21 +138,29 @@ def draw_and_measure(run: PriorRun, model: VQVAE, held: HeldOut, num_samples: in
     }
 
 
-def _volume_checks(volume: np.ndarray, reference: np.ndarray | None, inner: np.ndarray | None,
-                   spacing: Sequence[float], settings: RegistrationSettings
-                   ) -> tuple[dict[str, float], float]:
+def _inner_of(reference: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(`inner_head`, `fine_structure`) of a reference: computed once, shared by its volumes."""
+    return inner_head(reference), fine_structure(reference)
+
+
+def _volume_checks(volume: np.ndarray, reference: np.ndarray | None,
+                   inner: tuple[np.ndarray, np.ndarray] | None, spacing: Sequence[float],
+                   settings: RegistrationSettings) -> tuple[dict[str, float], float]:
     """The checks of one volume (X, Y, Z) but the histogram distance, and seconds registering;
-    `inner` is `inner_head(reference)`, computed once per reference by the caller."""
+    `inner` is `_inner_of(reference)`, computed once per reference by the caller."""
     start = time.perf_counter()
     registered = None if reference is None else register_rigid(volume, reference, spacing,
                                                                  settings)
     seconds = time.perf_counter() - start
+    fine = None if registered is None else fine_structure(registered)  # once, for both checks
     return {
         "reference_r": math.nan if reference is None
         else reference_correlation(registered, reference),
-        "inner_structure_r": math.nan if reference is None
-        else inner_structure_correlation(registered, reference, inner),
-        "inner_detail": math.nan if inner is None else inner_detail(registered, inner),
+        "inner_structure_r": math.nan if reference is None or inner is None
+        else inner_structure_correlation(registered, reference, inner[0], fine=fine,
+                                         reference_fine=inner[1]),
+        "inner_detail": math.nan if inner is None else inner_detail(registered, inner[0],
+                                                                   fine=fine),
         "head_overlap": math.nan if reference is None else head_overlap(registered, reference),
         "symmetry_r": mirror_symmetry(registered),
         "largest_component": largest_component_fraction(volume),
@@ -198,7 +207,7 @@ def plausibility_block(samples: np.ndarray, real: np.ndarray, real_ids: Sequence
     own = list(groups) if groups is not None else [None] * len(volumes)
     refs = dict(group_references or {})
     chosen = [refs.get(str(g), reference) if g is not None else reference for g in own]
-    inners = {id(r): inner_head(r) for r in chosen if r is not None}  # one per reference
+    inners = {id(r): _inner_of(r) for r in chosen if r is not None}  # one per reference
     done = [_volume_checks(v, r, None if r is None else inners[id(r)], spacing, s)
             for v, r in zip(volumes, chosen, strict=True)]
     values = {k: [d[k] for d, _ in done] for k in CHECKS if k != "intensity_w1"}

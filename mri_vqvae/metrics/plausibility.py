@@ -150,26 +150,34 @@ def fine_structure(volume: np.ndarray, sigma: float = DETAIL_SIGMA) -> np.ndarra
 
 
 def inner_structure_correlation(registered: np.ndarray | None, reference: np.ndarray,
-                                inner: np.ndarray | None = None) -> float:
+                                inner: np.ndarray | None = None, *,
+                                fine: np.ndarray | None = None,
+                                reference_fine: np.ndarray | None = None) -> float:
     """Correlation of the fine structure of a registered volume (X, Y, Z) with the reference's
     inside the reference's inner head (`inner`, default `inner_head(reference)`); NaN when the
-    registration failed (None) or the inner head is empty."""
+    registration failed (None) or the inner head is empty. `fine` / `reference_fine`: the two
+    `fine_structure`s when the caller already has them (computed here otherwise)."""
     if registered is None:
         return math.nan
     region = inner_head(reference) if inner is None else inner
-    return masked_correlation(fine_structure(registered), fine_structure(reference), region)
+    fine = fine_structure(registered) if fine is None else fine
+    reference_fine = fine_structure(reference) if reference_fine is None else reference_fine
+    return masked_correlation(fine, reference_fine, region)
 
 
-def inner_detail(registered: np.ndarray | None, inner: np.ndarray) -> float:
+def inner_detail(registered: np.ndarray | None, inner: np.ndarray, *,
+                 fine: np.ndarray | None = None) -> float:
     """Standard deviation of the fine structure of a registered volume (X, Y, Z) inside `inner`
     (the reference's inner head) over the volume's mean intensity there: scale-free detail
-    contrast. NaN when the registration failed (None), `inner` is empty or the region is dark."""
+    contrast. NaN when the registration failed (None), `inner` is empty or the region is dark.
+    `fine`: the volume's `fine_structure` when the caller already has it."""
     if registered is None or not inner.any():
         return math.nan
     mean = float(np.asarray(registered, np.float64)[inner].mean())
     if mean <= 1e-6:
         return math.nan
-    return float(np.asarray(fine_structure(registered), np.float64)[inner].std() / mean)
+    fine = fine_structure(registered) if fine is None else fine
+    return float(np.asarray(fine, np.float64)[inner].std() / mean)
 
 
 def head_overlap(registered: np.ndarray | None, reference: np.ndarray,
