@@ -19,6 +19,7 @@ from mri_vqvae.core.errors import CheckpointError
 from mri_vqvae.models.autoencoders.vqvae.config import VQVAEConfig
 from mri_vqvae.models.priors.absorbing.config import AbsorbingConfig
 from mri_vqvae.models.priors.pixelcnn.config import PixelCNNConfig
+from mri_vqvae.models.priors.twolevel.config import TwoLevelConfig
 from mri_vqvae.models.priors.unigram.config import UnigramConfig
 
 Role = Literal["autoencoder", "prior"]
@@ -58,6 +59,9 @@ KINDS: dict[str, ModelKind] = {
         ModelKind("absorbing", "prior", AbsorbingConfig,
                   "mri_vqvae.models.priors.absorbing.model:AbsorbingPrior",
                   "mri_vqvae.models.priors.absorbing.network:state_numel"),
+        ModelKind("twolevel", "prior", TwoLevelConfig,
+                  "mri_vqvae.models.priors.twolevel.model:TwoLevelPrior",
+                  "mri_vqvae.models.priors.twolevel.model:state_numel"),
     )
 }
 LEGACY_KINDS = {"prior": "pixelcnn"}

@@ -17,7 +17,8 @@ from mri_vqvae.core.errors import MriVqvaeError
 from mri_vqvae.models.priors.base import PriorInputError
 from mri_vqvae.models.priors.pixelcnn.config import PixelCNNConfig
 from mri_vqvae.models.priors.pixelcnn.draw import sample_categorical
-from mri_vqvae.models.priors.pixelcnn.model import GatedPixelCNN3D, causal_mask, state_numel
+from mri_vqvae.models.priors.pixelcnn.layers import causal_mask
+from mri_vqvae.models.priors.pixelcnn.model import GatedPixelCNN3D, state_numel
 from mri_vqvae.models.priors.pixelcnn.sampling import teacher_forced_logits
 from tests.support.paths import REPO
 

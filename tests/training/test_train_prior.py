@@ -27,6 +27,7 @@ from mri_vqvae.config import ExperimentConfig, load_config
 from mri_vqvae.core.errors import ConfigError
 from mri_vqvae.data.manifest import load_manifest
 from mri_vqvae.models.priors.pixelcnn.model import GatedPixelCNN3D
+from mri_vqvae.models.priors.twolevel.model import TwoLevelPrior
 from mri_vqvae.models.priors.unigram.baseline import uniform_bits, unigram_bits
 from mri_vqvae.models.priors.unigram.model import UnigramPrior
 from mri_vqvae.tasks.encode import encode_manifest
@@ -233,6 +234,38 @@ def test_a_unigram_prior_trains_end_to_end_from_its_fitted_frequencies(
     loaded = load_checkpoint(run_dir / "checkpoints" / "last")
     assert loaded.kind == "unigram" and isinstance(loaded.model, UnigramPrior)
     assert loaded.config["codebook_size"] == 32 and report["likelihood"] == "exact"
+
+
+TWO_LEVEL = ["prior.kind=twolevel", "prior.coarse_codes=4", "prior.context_dim=4",
+             "prior.coarse.hidden_channels=4", "prior.fine.hidden_channels=4",
+             "train_prior.max_steps=3"]
+
+
+def test_a_two_level_prior_trains_end_to_end_and_its_checkpoint_keeps_the_coarse_map(
+    latents: Path, tmp_path: Path
+) -> None:
+    """prepare fits the coarse map on the train grids once; the checkpoint carries it, so the
+    reloaded prior's val bits are those the run logged, and likelihood.json calls them a bound."""
+    args = ["train-prior", "--latents", str(latents), "--config", "smoke", "--runs-root",
+            str(tmp_path), *(a for o in TWO_LEVEL for a in ("--set", o))]
+    result = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    (run_dir,) = (tmp_path / "prior").iterdir()
+    loaded = load_checkpoint(run_dir / "checkpoints" / "last")
+    assert loaded.kind == "twolevel" and isinstance(loaded.model, TwoLevelPrior)
+    prior = loaded.model.eval()
+    index = load_latents(latents)
+    fresh = TwoLevelPrior(prior.config)
+    fresh.prepare(_grids(index, "train"), None)
+    assert torch.equal(fresh.centres, prior.centres)
+    with torch.no_grad():
+        bits = float(prior.grid_bits(_grids(index, "val")).mean())
+    last_val = read_metrics(run_dir, "val")[-1]
+    assert last_val["step"] == 3 and last_val["bits_per_latent"] == pytest.approx(bits, rel=1e-4)
+    report = json.loads((run_dir / "likelihood.json").read_text())
+    assert report["likelihood"] == "bound"
+    grids = prior.sample((2, *index.latent_shape), torch.Generator().manual_seed(0))
+    assert grids.shape == (2, *index.latent_shape) and int(grids.max()) < 32
 
 
 def _relabelled(latents: Path, out: Path, modality: dict[str, str]) -> Path:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mri_vqvae.models.priors.absorbing.config import AbsorbingConfig
-from mri_vqvae.models.priors.pixelcnn.model import AxialPosition
+from mri_vqvae.models.priors.pixelcnn.layers import AxialPosition
 
 
 class ResidualBlock3D(nn.Module):

@@ -40,6 +40,10 @@ class PixelCNNConfig(PriorSettings):
     max_grid_size: int = Field(
         64, ge=1, description="largest latent grid extent per axis the position embedding covers"
     )
+    context_dim: int = Field(
+        0, ge=0, description="width of a given per-position context map added to every gated "
+        "layer (the two-level prior's coarse grid); 0 = none",
+    )
 
     @field_validator("kernel_size")
     @classmethod

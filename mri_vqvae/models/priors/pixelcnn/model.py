@@ -13,15 +13,17 @@ no blind spot: with enough layers position ``(z, y, x)`` depends on every earlie
 raster order, including later columns of earlier rows and later rows of earlier slices.
 
 Each stack's weight is stored only over the bounding box of its mask-B taps (depth
-``(k//2+1, k, k)``, height ``(1, k//2+1, k)``, width ``(1, 1, k//2+1)``), so no compute is spent on
-taps that are always zero. ``causal_mask`` gives the same masks embedded in the full k x k x k
-window, the form the tests check against a golden pattern.
+``(k//2+1, k, k)``, height ``(1, k//2+1, k)``, width ``(1, 1, k//2+1)``), so no compute is spent
+on taps that are always zero (`mri_vqvae.models.priors.pixelcnn.layers`; its ``causal_mask``
+gives the masks in the full k x k x k window, the form the tests check against a golden pattern).
 
 Options (`PixelCNNConfig`): ``dilations`` spreads a layer's taps r apart along all three axes (a
 tap at offset o reads p + r * o), which keeps every mask causal and, with the first layer at
 r = 1, leaves no blind spot; ``position_embedding`` adds learned tables of z, y and x (summed,
 `AxialPosition`) projected into each stack of every gated layer, like the class conditioning.
-Neither depends on codes, so causality is unchanged.
+``context_dim`` adds a given per-position feature map (B, d, h, w, E_c), e.g. the embedded
+coarse grid of the two-level prior, projected the same way. None of the three depends on this
+grid's codes, so causality is unchanged.
 
 Sampling (naive and cached) lives in `mri_vqvae.models.priors.pixelcnn.sampling`;
 `GatedPixelCNN3D.sample` is the entry.
@@ -43,9 +45,7 @@ from mri_vqvae.models.priors.base import (
     check_labels,
 )
 from mri_vqvae.models.priors.pixelcnn.config import PixelCNNConfig
-
-STACKS = ("depth", "height", "width")
-MASK_TYPES = ("A", "B")
+from mri_vqvae.models.priors.pixelcnn.layers import AxialPosition, CausalConv3d
 
 
 def gate(x: Tensor, dim: int = 1) -> Tensor:
@@ -57,94 +57,6 @@ def gate(x: Tensor, dim: int = 1) -> Tensor:
     return torch.tanh(f) * torch.sigmoid(g)
 
 
-def causal_mask(kernel_size: int, stack: str, mask_type: str) -> Tensor:
-    """The 0/1 taps a stack reads in a (k, k, k) window centred on the output, indexed [dz, dy, dx].
-
-    Mask A excludes the tap at offset 0 along the stack's own axis (the current slice, row or
-    voxel), mask B includes it. Returns a float32 tensor of shape (k, k, k).
-    """
-    if kernel_size < 3 or kernel_size % 2 == 0:
-        raise PriorInputError(f"kernel_size must be odd and >= 3, received {kernel_size}")
-    if stack not in STACKS or mask_type not in MASK_TYPES:
-        raise PriorInputError(
-            f"unknown stack/mask {stack!r}/{mask_type!r}: use one of {STACKS} and one of "
-            f"{MASK_TYPES}"
-        )
-    c = kernel_size // 2
-    upto = c + 1 if mask_type == "B" else c
-    mask = torch.zeros(kernel_size, kernel_size, kernel_size)
-    if stack == "depth":
-        mask[:upto] = 1
-    elif stack == "height":
-        mask[c, :upto] = 1
-    else:
-        mask[c, c, :upto] = 1
-    return mask
-
-
-def _support_box(kernel_size: int, stack: str) -> tuple[tuple[int, int], ...]:
-    """Offsets (lo, hi) from the centre, per axis (d, h, w), of the stack's mask-B taps."""
-    c = kernel_size // 2
-    full = (-c, c)
-    if stack == "depth":
-        return ((-c, 0), full, full)
-    if stack == "height":
-        return ((0, 0), (-c, 0), full)
-    return ((0, 0), (0, 0), (-c, 0))
-
-
-class CausalConv3d(nn.Module):
-    """A 3D convolution over one stack's causal taps; ``weight * mask`` is applied in forward.
-
-    (B, C_in, d, h, w) -> (B, C_out, d, h, w); the output at p reads inputs at
-    p + dilation * offset for the offsets where `causal_mask` is 1.
-    """
-
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int,
-        stack: str,
-        mask_type: str,
-        dilation: int = 1,
-    ) -> None:
-        super().__init__()
-        full = causal_mask(kernel_size, stack, mask_type)
-        self.kernel_size = kernel_size
-        self.stack = stack
-        self.mask_type = mask_type
-        self.dilation = dilation
-        c = kernel_size // 2
-        self.box = _support_box(kernel_size, stack)
-        index = tuple(slice(lo + c, hi + c + 1) for lo, hi in self.box)
-        shape = tuple(hi - lo + 1 for lo, hi in self.box)
-        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, *shape))
-        self.bias = nn.Parameter(torch.zeros(out_channels))
-        self.register_buffer("mask", full[index].reshape(1, 1, *shape).clone())
-        (dl, dh), (hl, hh), (wl, wh) = self.box
-        self.pads = tuple(dilation * v for v in (-wl, wh, -hl, hh, -dl, dh))
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-
-    def masked_weight(self) -> Tensor:
-        """The weight with forbidden taps zeroed: (C_out, C_in, *box)."""
-        return self.weight * self.mask
-
-    def full_mask(self) -> Tensor:
-        """This layer's mask embedded in the (k, k, k) window (what `causal_mask` returns)."""
-        k, c = self.kernel_size, self.kernel_size // 2
-        out = torch.zeros(k, k, k, dtype=self.mask.dtype, device=self.mask.device)
-        index = tuple(slice(lo + c, hi + c + 1) for lo, hi in self.box)
-        out[index] = self.mask[0, 0]
-        return out
-
-    def forward(self, x: Tensor) -> Tensor:
-        """(B, C_in, d, h, w) -> (B, C_out, d, h, w), causal along this stack's axis."""
-        return F.conv3d(
-            F.pad(x, self.pads), self.masked_weight(), self.bias, dilation=self.dilation
-        )
-
-
 def _plus(x: Tensor, *offsets: Tensor | None) -> Tensor:
     """``x`` plus each offset that is not None (broadcast), left to right."""
     for offset in offsets:
@@ -153,42 +65,10 @@ def _plus(x: Tensor, *offsets: Tensor | None) -> Tensor:
     return x
 
 
-class AxialPosition(nn.Module):
-    """Learned embedding of the absolute latent position: ``depth[z] + height[y] + width[x]``.
-
-    One (max_grid_size, E) table per axis; grids up to ``max_grid_size`` per axis.
-    """
-
-    def __init__(self, max_grid_size: int, dim: int) -> None:
-        super().__init__()
-        self.max_grid_size = max_grid_size
-        self.depth = nn.Embedding(max_grid_size, dim)
-        self.height = nn.Embedding(max_grid_size, dim)
-        self.width = nn.Embedding(max_grid_size, dim)
-
-    def check(self, grid: Sequence[int]) -> None:
-        """Raise `PriorInputError` for a grid (d, h, w) larger than the tables."""
-        if max(grid) > self.max_grid_size:
-            raise PriorInputError(
-                f"latent grid {tuple(grid)} exceeds max_grid_size={self.max_grid_size} of this "
-                "prior's position embedding: use a grid of at most that extent per axis, or "
-                "train a prior with a larger max_grid_size"
-            )
-
-    def slice(self, z: int, h: int, w: int) -> Tensor:
-        """Features of slice z of an (any, h, w) grid: (h, w, E)."""
-        return self.depth.weight[z] + self.height.weight[:h, None] + self.width.weight[None, :w]
-
-    def forward(self, d: int, h: int, w: int) -> Tensor:
-        """Features of every position of a (d, h, w) grid: (d, h, w, E)."""
-        zy = self.depth.weight[:d, None, None] + self.height.weight[None, :h, None]
-        return zy + self.width.weight[None, None, :w]
-
-
 class GatedLayer3D(nn.Module):
     """One gated layer holding the depth, height and width stacks and their links.
 
-    pre-activations (2C channels each; c = class offsets, q = position offsets):
+    pre-activations (2C channels each; c = class offsets, q = position + context offsets):
         a = depth(D) + c_d + q_d
         b = height(H) + depth_to_height(a) + c_h + q_h
         e = width(W) + height_to_width(b) + c_w + q_w
@@ -208,6 +88,7 @@ class GatedLayer3D(nn.Module):
         dropout: float,
         dilation: int = 1,
         position_dim: int = 0,
+        context_dim: int = 0,
     ) -> None:
         super().__init__()
         two = 2 * channels
@@ -221,6 +102,7 @@ class GatedLayer3D(nn.Module):
         self.out = nn.Conv3d(channels, two, 1)
         self.cond = nn.Embedding(num_classes, 3 * two) if num_classes > 0 else None
         self.position = nn.Linear(position_dim, 3 * two, bias=False) if position_dim else None
+        self.context = nn.Linear(context_dim, 3 * two, bias=False) if context_dim else None
         self.dropout = nn.Dropout(dropout)
         self.residual = mask_type == "B"
         if self.residual and in_channels != channels:
@@ -233,11 +115,22 @@ class GatedLayer3D(nn.Module):
         cd, ch, cw = self.cond(labels).chunk(3, dim=1)
         return cd, ch, cw
 
-    def position_offsets(self, position: Tensor | None) -> tuple[Tensor, Tensor, Tensor] | None:
-        """Per-stack position offsets, each (..., 2C), of `AxialPosition` features (..., E)."""
-        if self.position is None or position is None:
+    def place_offsets(
+        self, position: Tensor | None, context: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor] | None:
+        """Per-stack offsets (..., 2C): position features (..., E) plus context (B, ..., E_c).
+
+        Position and context are projected separately and summed (broadcast over the batch).
+        """
+        parts = [
+            proj(features)
+            for proj, features in ((self.position, position), (self.context, context))
+            if proj is not None and features is not None
+        ]
+        if not parts:
             return None
-        qd, qh, qw = self.position(position).chunk(3, dim=-1)
+        total = parts[0] if len(parts) == 1 else parts[0] + parts[1]
+        qd, qh, qw = total.chunk(3, dim=-1)
         return qd, qh, qw
 
     def forward(
@@ -247,15 +140,17 @@ class GatedLayer3D(nn.Module):
         w: Tensor,
         labels: Tensor | None = None,
         position: Tensor | None = None,
+        context: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Three (B, C_in, d, h, w) stack inputs -> three (B, C, d, h, w) outputs and a skip.
 
-        ``labels`` (B,) or None; ``position`` (d, h, w, E) `AxialPosition` features or None.
+        ``labels`` (B,) or None; ``position`` (d, h, w, E) `AxialPosition` features or None;
+        ``context`` (B, d, h, w, E_c) given features or None.
         """
         cond = self.conditioning(labels)
         classes = [None] * 3 if cond is None else [c[:, :, None, None, None] for c in cond]
-        pos = self.position_offsets(position)
-        places = [None] * 3 if pos is None else [q.permute(3, 0, 1, 2) for q in pos]
+        pos = self.place_offsets(position, context)
+        places = [None] * 3 if pos is None else [q.movedim(-1, -4) for q in pos]
         a = _plus(self.depth(d), classes[0], places[0])
         b = _plus(self.height(h) + self.depth_to_height(a), classes[1], places[1])
         e = _plus(self.width(w) + self.height_to_width(b), classes[2], places[2])
@@ -291,6 +186,7 @@ class GatedPixelCNN3D(PositionwisePrior):
                 cfg.dropout,
                 dilation,
                 pos_dim,
+                cfg.context_dim,
             )
             for i, dilation in enumerate(cfg.layer_dilations())
         )
@@ -315,31 +211,54 @@ class GatedPixelCNN3D(PositionwisePrior):
         if self.position is not None:
             self.position.check(grid)
 
+    def check_context(self, context: Tensor | None, batch: int, grid: Sequence[int]) -> None:
+        """Raise `PriorInputError` unless ``context`` is (B, d, h, w, context_dim) float or None
+        exactly when this prior takes no context."""
+        dim = self.config.context_dim
+        if dim == 0:
+            if context is not None:
+                raise PriorInputError("context was given but this prior has context_dim=0")
+            return
+        want = (batch, *grid, dim)
+        if context is None or not context.is_floating_point() or tuple(context.shape) != want:
+            got = None if context is None else (context.dtype, tuple(context.shape))
+            raise PriorInputError(
+                f"this prior is conditioned on a per-position context: pass a float tensor of "
+                f"shape {want}, received {got}"
+            )
+
     # ---- likelihood ---------------------------------------------------------------------------
 
-    def forward_embedded(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
+    def forward_embedded(
+        self, x: Tensor, labels: Tensor | None = None, context: Tensor | None = None
+    ) -> Tensor:
         """Logits from already-embedded codes: (B, E, d, h, w) float -> (B, K, d, h, w).
 
         The float input path exists for gradient-based causality checks; ``labels`` are assumed
         valid (use `forward` for checked input). A grid larger than the position embedding's
-        ``max_grid_size`` raises `PriorInputError`.
+        ``max_grid_size``, or a context (B, d, h, w, context_dim) of another shape, raises
+        `PriorInputError`.
         """
         self.check_grid(x.shape[2:])
+        self.check_context(context, x.shape[0], x.shape[2:])
         position = None if self.position is None else self.position(*x.shape[2:])
         d = h = w = x
         skip: Tensor | None = None
         for layer in self.layers:
-            d, h, w, s = layer(d, h, w, labels, position)
+            d, h, w, s = layer(d, h, w, labels, position, context)
             skip = s if skip is None else skip + s
         assert skip is not None
         return self.head_out(F.relu(self.head_hidden(F.relu(skip))))
 
-    def forward(self, indices: Tensor, labels: Tensor | None = None) -> Tensor:
-        """Logits (B, K, d, h, w) for codes (B, d, h, w) int64 in [0, K); labels (B,) or None."""
+    def forward(
+        self, indices: Tensor, labels: Tensor | None = None, context: Tensor | None = None
+    ) -> Tensor:
+        """Logits (B, K, d, h, w) for codes (B, d, h, w) int64 in [0, K); labels (B,) or None;
+        context (B, d, h, w, context_dim) or None."""
         indices = self.check_indices(indices)
         labels = self.check_labels(labels, indices.shape[0])
         x = self.embedding(indices).permute(0, 4, 1, 2, 3)
-        return self.forward_embedded(x, labels)
+        return self.forward_embedded(x, labels, context)
 
     # ---- the Prior protocol (mri_vqvae.models.priors.base) ------------------------------------
 
@@ -348,9 +267,11 @@ class GatedPixelCNN3D(PositionwisePrior):
     def prepare(self, train: Tensor, labels: Tensor | None) -> None:
         """Nothing to set up from data: the network learns everything by gradient."""
 
-    def bits(self, indices: Tensor, labels: Tensor | None = None) -> Tensor:
+    def bits(
+        self, indices: Tensor, labels: Tensor | None = None, context: Tensor | None = None
+    ) -> Tensor:
         """``-log2 p(i_p | i_<p)`` at every position: (B, d, h, w) float."""
-        logits = self(indices, labels)
+        logits = self(indices, labels, context)
         return F.cross_entropy(logits.float(), indices.long(), reduction="none") / math.log(2.0)
 
     @torch.no_grad()
@@ -364,6 +285,7 @@ class GatedPixelCNN3D(PositionwisePrior):
         top_k: int | None = None,
         method: str = "fast",
         greedy: bool = False,
+        context: Tensor | None = None,
     ) -> Tensor:
         """Draw code grids (B, d, h, w) int64 for ``shape = (B, d, h, w)`` in raster order.
 
@@ -373,6 +295,7 @@ class GatedPixelCNN3D(PositionwisePrior):
         from scratch, per position. Both return identical indices for the same seed.
         ``temperature=0`` or ``greedy`` takes the argmax (an ablation, not a sampler). NaN/±Inf
         logits raise `mri_vqvae.core.finite.NonFiniteError` instead of drawing garbage codes.
+        ``context`` (B, d, h, w, context_dim) is required exactly when ``context_dim > 0``.
         """
         from mri_vqvae.models.priors.pixelcnn.sampling import sample_grid
 
@@ -385,6 +308,7 @@ class GatedPixelCNN3D(PositionwisePrior):
             labels=labels,
             method=method,
             greedy=greedy,
+            context=context,
         )
 
 
@@ -399,7 +323,7 @@ def _layer_numel(in_channels: int, cfg: PixelCNNConfig) -> int:
     links = 2 * (two * two + two) + (cfg.hidden_channels * two + two)
     cond = cfg.num_classes * 3 * two
     position = cfg.embedding_dim * 3 * two if cfg.position_embedding else 0
-    return stacks + links + cond + position
+    return stacks + links + cond + position + cfg.context_dim * 3 * two
 
 
 def state_numel(cfg: PixelCNNConfig) -> int:

@@ -3,7 +3,7 @@
 Both samplers run the same per-position arithmetic (`StepState`): a depth step per slice, a
 height step per row and a width step per voxel, each a fixed-shape computation on a fixed-shape
 window of earlier activations (a dilated layer's window holds every r-th earlier slice, row or
-voxel; position offsets are computed per slice from `AxialPosition`). The cached sampler runs
+voxel; position and context offsets are computed per slice). The cached sampler runs
 every step once and keeps its outputs; the naive sampler, for every position, recomputes from
 scratch every step that position depends on (all slices up to it, all rows of its slice up to it,
 all voxels of its row up to it). The two therefore call the same kernels on bit-identical inputs,
@@ -64,7 +64,7 @@ class _LayerKernels:
 
     def __init__(self, layer: GatedLayer3D, labels: Tensor | None) -> None:
         c = layer.depth.kernel_size // 2
-        self.position_offsets = layer.position_offsets
+        self.place_offsets = layer.place_offsets
         self.dilation = layer.dilation
         self.reach = c * layer.dilation  # zero padding each side of a window, in latents
         self.residual = layer.residual
@@ -94,7 +94,7 @@ class StepState:
         emb        (B, d, h, w, E)   embedded codes (only positions before the current one are read)
         depth_out  L x (B, C, d, h, w)  depth-stack outputs per layer
         h_link     L x (B, 2C, h, w)   depth -> height link for the current slice
-        w_place    L x (h, w, 2C)      width-stack position offsets of the current slice (or None)
+        w_place    L x ([B,] h, w, 2C) width-stack position/context offsets of the slice (or None)
         height_out L x (B, C, h, w)    height-stack outputs for the current slice
         w_link     L x w x (B, 2C)     height -> width link (+ biases, class and position), row
         emb_row    (B, P + w, E)       codes of the current row, P zero columns in front
@@ -106,9 +106,15 @@ class StepState:
     """
 
     def __init__(
-        self, model: GatedPixelCNN3D, batch: int, grid: Sequence[int], labels: Tensor | None
+        self,
+        model: GatedPixelCNN3D,
+        batch: int,
+        grid: Sequence[int],
+        labels: Tensor | None,
+        context: Tensor | None = None,
     ) -> None:
         self.model = model
+        self.context = context  # (B, d, h, w, E_c) or None
         p = next(model.parameters())
         opts = {"dtype": p.dtype, "device": p.device}
         self.kernels = [_LayerKernels(layer, labels) for layer in model.layers]
@@ -164,6 +170,7 @@ class StepState:
         _, h, w = self.emb.shape[1:4]
         position = self.model.position
         features = None if position is None else position.slice(z, h, w)  # (h, w, E)
+        context = None if self.context is None else self.context[:, z]  # (B, h, w, E_c)
         for i, k in enumerate(self.kernels):
             if i == 0:  # mask A: the slices before z (the first layer is never dilated)
                 win = _window(self.emb, 1, z - 1, k.taps).permute(0, 4, 1, 2, 3)
@@ -174,9 +181,9 @@ class StepState:
             a = F.conv2d(win, k.depth_w, k.depth_b, dilation=k.dilation)  # (B, 2C, h, w)
             if k.cond is not None:
                 a = a + k.cond[0][:, :, None, None]
-            place = k.position_offsets(features)
+            place = k.place_offsets(features, context)
             if place is not None:
-                a = a + place[0].permute(2, 0, 1)
+                a = a + place[0].movedim(-1, -3)
             new = gate(a)
             if k.residual:
                 new = new + self.depth_out[i - 1][:, :, z]
@@ -185,7 +192,7 @@ class StepState:
             if k.cond is not None:
                 link = link + k.cond[1][:, :, None, None]
             if place is not None:
-                link = link + place[1].permute(2, 0, 1)
+                link = link + place[1].movedim(-1, -3)
             self.h_link[i] = link
             self.w_place[i] = None if place is None else place[2]
 
@@ -208,7 +215,7 @@ class StepState:
                 link = link + k.cond[2][:, None, :]
             place = self.w_place[i]
             if place is not None:
-                link = link + place[y]
+                link = link + place[..., y, :, :]
             self.w_link[i] = link.unbind(1)
 
     def width_step(self, x: int) -> Tensor:
@@ -289,13 +296,17 @@ def _check_shape(shape: Sequence[int]) -> tuple[int, int, int, int]:
 
 @torch.no_grad()
 def teacher_forced_logits(
-    model: GatedPixelCNN3D, indices: Tensor, labels: Tensor | None = None
+    model: GatedPixelCNN3D,
+    indices: Tensor,
+    labels: Tensor | None = None,
+    context: Tensor | None = None,
 ) -> Tensor:
     """Logits (B, K, d, h, w) of a given grid computed with the samplers' step arithmetic."""
     indices = model.check_indices(indices)
     labels = model.check_labels(labels, indices.shape[0])
     model.check_grid(indices.shape[1:])
-    state = StepState(model, indices.shape[0], indices.shape[1:], labels)
+    model.check_context(context, indices.shape[0], indices.shape[1:])
+    state = StepState(model, indices.shape[0], indices.shape[1:], labels, context)
     rows: list[Tensor] = []
 
     def replay(logits: Tensor) -> Tensor:
@@ -318,6 +329,7 @@ def sample_grid(
     labels: Tensor | None = None,
     method: str = "fast",
     greedy: bool = False,
+    context: Tensor | None = None,
 ) -> Tensor:
     """Sample code grids (B, d, h, w) int64 from ``model``; see `GatedPixelCNN3D.sample`.
 
@@ -342,7 +354,8 @@ def sample_grid(
     labels = model.check_labels(labels, batch)
     if labels is not None:
         labels = labels.to(device)
-    state = StepState(model, batch, (d, h, w), labels)
+    model.check_context(context, batch, (d, h, w))
+    state = StepState(model, batch, (d, h, w), labels, context)
     out = torch.zeros(batch, d, h, w, dtype=torch.long, device=device)
     all_finite = torch.ones((), dtype=torch.bool, device=device)
     steps = [0]

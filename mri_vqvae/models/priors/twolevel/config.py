@@ -1,0 +1,59 @@
+"""Configuration of the two-level prior (section ``prior:`` with ``kind: twolevel``)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from mri_vqvae.models.priors.pixelcnn.config import PixelCNNConfig
+from mri_vqvae.models.priors.settings import PriorSettings
+
+
+def _coarse_stage() -> PixelCNNConfig:
+    """Whole-grid reach on an 8x10x8 coarse grid (offsets 1..11 along each axis), with position."""
+    return PixelCNNConfig(num_layers=6, dilations=(1, 1, 2, 4, 2, 1), position_embedding=True)
+
+
+def _fine_stage() -> PixelCNNConfig:
+    """The plain PixelCNN's size, with position (where in its coarse block a latent sits)."""
+    return PixelCNNConfig(position_embedding=True, dropout=0.1)
+
+
+class TwoLevelConfig(PriorSettings):
+    """A coarse PixelCNN over a grid of code clusters and a fine PixelCNN conditioned on it
+    (`mri_vqvae.models.priors.twolevel.model.TwoLevelPrior`).
+
+    The coarse grid is a function of the fine one (each ``factor``^3 block of codes mapped to one
+    of ``coarse_codes`` clusters, fitted on the train grids), so both stages are trained as one
+    model on the same grids. In ``coarse`` and ``fine`` the fields ``codebook_size``,
+    ``num_classes``, ``label_field`` and ``context_dim`` are set by the two-level prior.
+    """
+
+    kind: Literal["twolevel"] = "twolevel"
+    factor: int = Field(2, ge=2, description="fine latents per coarse latent along each axis")
+    coarse_codes: int = Field(
+        32, ge=2, description="clusters of code blocks: the coarse grid's codebook size"
+    )
+    code_features: int = Field(
+        16, ge=1, description="dimensions of the code features the blocks are clustered by"
+    )
+    context_dim: int = Field(
+        32, ge=1, description="width of the coarse-grid context added to every fine gated layer"
+    )
+    coarse: PixelCNNConfig = Field(default_factory=_coarse_stage,
+                                   description="the coarse stage (a PixelCNN)")
+    fine: PixelCNNConfig = Field(default_factory=_fine_stage,
+                                 description="the fine stage (a PixelCNN with context)")
+
+    def coarse_config(self) -> PixelCNNConfig:
+        """The coarse stage's settings with what the two-level prior decides filled in."""
+        return self.coarse.model_copy(update={
+            "codebook_size": self.coarse_codes, "num_classes": self.num_classes,
+            "label_field": self.label_field, "context_dim": 0, "top_k": None})
+
+    def fine_config(self) -> PixelCNNConfig:
+        """The fine stage's settings with what the two-level prior decides filled in."""
+        return self.fine.model_copy(update={
+            "codebook_size": self.codebook_size, "num_classes": self.num_classes,
+            "label_field": self.label_field, "context_dim": self.context_dim, "top_k": None})

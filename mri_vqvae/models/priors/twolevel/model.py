@@ -1,0 +1,140 @@
+"""Two-level prior over code grids: p(codes) via a coarse grid of code clusters.
+
+The coarse grid ``c = coarse_map(codes)`` (one of ``coarse_codes`` clusters per factor^3 block,
+`mri_vqvae.models.priors.twolevel.coarse_map`) is modelled by a whole-grid PixelCNN, and the
+codes by a fine PixelCNN that also sees the embedded coarse grid at every position (a
+non-causal 3x3x3 network over the coarse grid, then repeated over each block: the context of
+`GatedPixelCNN3D`). The coarse stage draws the layout of a head over the whole field of view in
+a few hundred steps; the fine stage only fills each block in.
+
+Likelihood: ``bits(codes) = -log2 p(c) - log2 p(codes | c)`` with ``c`` the map of ``codes``. The
+fine stage may put some mass on grids whose map is not ``c``, so these values sum to at most one
+over all grids: a valid code length and an upper bound on the sampler's own ``-log2 p``, reported
+as ``"bound"``. `bits` spreads each coarse position's bits evenly over its block, so the map's
+mean is the grid's total bits per fine latent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mri_vqvae.models.priors.base import (
+    PositionwisePrior,
+    PriorInputError,
+    check_indices,
+    check_labels,
+)
+from mri_vqvae.models.priors.pixelcnn.model import GatedPixelCNN3D
+from mri_vqvae.models.priors.pixelcnn.model import state_numel as pixelcnn_numel
+from mri_vqvae.models.priors.twolevel import coarse_map
+from mri_vqvae.models.priors.twolevel.config import TwoLevelConfig
+
+
+class TwoLevelPrior(PositionwisePrior):
+    """``coarse`` models the cluster grid (B, d/f, h/f, w/f), ``fine`` the codes given it."""
+
+    likelihood = "bound"
+    sample_options = ("temperature", "top_k", "method", "greedy")
+
+    def __init__(self, config: TwoLevelConfig | None = None) -> None:
+        super().__init__()
+        cfg = config if config is not None else TwoLevelConfig()
+        self.config = cfg
+        self.codebook_size = cfg.codebook_size
+        self.num_classes = cfg.num_classes
+        self.factor = cfg.factor
+        self.coarse = GatedPixelCNN3D(cfg.coarse_config())
+        self.fine = GatedPixelCNN3D(cfg.fine_config())
+        width = cfg.context_dim
+        self.coarse_embedding = nn.Embedding(cfg.coarse_codes, width)
+        self.context_in = nn.Conv3d(width, width, 3, padding=1)
+        self.context_out = nn.Conv3d(width, width, 3, padding=1)
+        self.register_buffer("code_features", torch.zeros(cfg.codebook_size, cfg.code_features))
+        self.register_buffer("centres", torch.zeros(cfg.coarse_codes, cfg.code_features))
+        self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
+
+    # ---- the coarse map ------------------------------------------------------------------------
+
+    def prepare(self, train: Tensor, labels: Tensor | None) -> None:
+        """Fit the coarse map (code features, cluster centres) on the train grids (N, d, h, w)."""
+        train = check_indices(train, self.codebook_size)
+        coarse_map.check_divisible(train.shape[1:], self.factor)
+        cfg = self.config
+        features = coarse_map.fit_code_features(train, cfg.codebook_size, cfg.code_features)
+        blocks = coarse_map.block_features(train, features, self.factor)
+        centres = coarse_map.kmeans(blocks.reshape(-1, blocks.shape[-1]), cfg.coarse_codes)
+        self.code_features.copy_(features.to(self.code_features))
+        self.centres.copy_(centres.to(self.centres))
+        self.fitted.fill_(True)
+
+    def coarse_grid(self, indices: Tensor) -> Tensor:
+        """The cluster of each block: codes (B, d, h, w) -> (B, d/f, h/f, w/f) int64."""
+        if not bool(self.fitted):
+            raise PriorInputError(
+                "this two-level prior has no coarse map yet: call prepare(train_grids, labels) "
+                "(train-prior does) or load a trained checkpoint"
+            )
+        indices = check_indices(indices, self.codebook_size)
+        return coarse_map.coarse_codes(indices, self.code_features, self.centres, self.factor)
+
+    def context(self, coarse: Tensor) -> Tensor:
+        """Fine-stage context of a cluster grid: (B, d', h', w') -> (B, f d', f h', f w', E_c)."""
+        x = self.coarse_embedding(coarse).permute(0, 4, 1, 2, 3)
+        x = self.context_out(F.relu(self.context_in(x)))
+        for axis in (2, 3, 4):
+            x = x.repeat_interleave(self.factor, dim=axis)
+        return x.permute(0, 2, 3, 4, 1)
+
+    # ---- the Prior protocol ---------------------------------------------------------------------
+
+    def bits(self, indices: Tensor, labels: Tensor | None = None) -> Tensor:
+        """Fine bits plus each block's coarse bits spread evenly: (B, d, h, w) float."""
+        coarse = self.coarse_grid(indices)
+        labels = check_labels(labels, indices.shape[0], self.num_classes)
+        fine_bits = self.fine.bits(indices, labels, self.context(coarse))
+        spread = self.coarse.bits(coarse, labels) / self.factor**3
+        for axis in (1, 2, 3):
+            spread = spread.repeat_interleave(self.factor, dim=axis)
+        return fine_bits + spread
+
+    @torch.no_grad()
+    def sample(
+        self,
+        shape: Sequence[int],
+        generator: torch.Generator,
+        labels: Tensor | None = None,
+        **options: Any,
+    ) -> Tensor:
+        """Draw the coarse grid, then the codes given it: ``shape`` (B, d, h, w) -> int64 codes.
+
+        ``options`` are the PixelCNN's (``temperature``, ``top_k``, ``method``, ``greedy``) for
+        both stages; ``top_k`` is capped at ``coarse_codes`` for the coarse one.
+        """
+        unknown = sorted(set(options) - set(self.sample_options))
+        if unknown:
+            raise PriorInputError(f"unknown sampling options {unknown}; use {self.sample_options}")
+        if len(shape) != 4:
+            raise PriorInputError(f"shape must be (B, d, h, w), received {tuple(shape)!r}")
+        b, *grid = shape
+        coarse_map.check_divisible(tuple(grid), self.factor)
+        small = (b, *(n // self.factor for n in grid))
+        top_k = options.get("top_k")
+        cap = None if top_k is None else min(top_k, self.coarse.codebook_size)
+        coarse_opts = {**options, "top_k": cap}
+        coarse = self.coarse.sample(small, generator, labels, **coarse_opts)
+        return self.fine.sample(shape, generator, labels, context=self.context(coarse), **options)
+
+
+def state_numel(cfg: TwoLevelConfig) -> int:
+    """Values in the state_dict of ``TwoLevelPrior(cfg)``, without building it."""
+    width = cfg.context_dim
+    context = cfg.coarse_codes * width + 2 * (27 * width * width + width)
+    tables = (cfg.codebook_size + cfg.coarse_codes) * cfg.code_features + 1
+    stages = pixelcnn_numel(cfg.coarse_config()) + pixelcnn_numel(cfg.fine_config())
+    return stages + context + tables
+
