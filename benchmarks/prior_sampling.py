@@ -22,8 +22,12 @@ the same grids and batches, beside the first PixelCNN's cached sampler of the sa
 (``pixelcnn_fast_s``, ``speedup_vs_pixelcnn_fast``); each time is the median of three draws.
 ``--absorbing-only`` times just those two on one 16x20x16 grid (batch 1), nothing else.
 
+``--twolevel-only`` times `TwoLevelPrior.sample` (`TwoLevelConfig()`: the coarse 8x10x8 stage,
+then the fine stage with its context; coarse map fitted on random grids) on one 16x20x16 grid
+(batch 1) beside the same PixelCNN's cached sampler, medians of three.
+
 Usage: ``python benchmarks/prior_sampling.py [--quick] [--threads 1] [--priors default anatomy]
-[--absorbing-only]``
+[--absorbing-only | --twolevel-only]``
 """
 
 from __future__ import annotations
@@ -45,6 +49,8 @@ from mri_vqvae.models.priors.pixelcnn.config import PixelCNNConfig
 from mri_vqvae.models.priors.pixelcnn.draw import sample_categorical
 from mri_vqvae.models.priors.pixelcnn.model import GatedPixelCNN3D
 from mri_vqvae.models.priors.pixelcnn.sampling import StepState, naive_logits_at
+from mri_vqvae.models.priors.twolevel.config import TwoLevelConfig
+from mri_vqvae.models.priors.twolevel.model import TwoLevelPrior
 
 
 def seconds(fn: Callable[[], object], reps: int = 1) -> float:
@@ -113,22 +119,40 @@ def median_seconds(fn: Callable[[], object], reps: int = 3) -> float:
     return sorted(seconds(fn) for _ in range(reps))[reps // 2]
 
 
-def bench_absorbing(
-    model: AbsorbingPrior, grid: tuple[int, int, int], batch: int,
+def bench_beside(
+    name: str, model: Any, grid: tuple[int, int, int], batch: int,
     pixelcnn: GatedPixelCNN3D | None = None, pixel_fast_s: float | None = None,
 ) -> dict[str, Any]:
-    """Absorbing sampling beside the PixelCNN's cached sampler (`pixelcnn` timed here, or its
-    time `pixel_fast_s` from the same run)."""
+    """``model.sample`` beside the PixelCNN's cached sampler (`pixelcnn` timed here, or its
+    time `pixel_fast_s` from the same run); the row names the model's time ``<name>_s``."""
     shape = (batch, *grid)
-    absorbing = median_seconds(lambda: model.sample(shape, gen(1)))
+    own = median_seconds(lambda: model.sample(shape, gen(1)))
     if pixel_fast_s is None:
         assert pixelcnn is not None
         with torch.no_grad():
             pixel_fast_s = median_seconds(lambda: pixelcnn.sample(shape, gen(1)))
-    return {"grid": "x".join(map(str, grid)), "batch": batch,
-            "steps": model.config.sample_steps, "absorbing_s": round(absorbing, 3),
+    return {"grid": "x".join(map(str, grid)), "batch": batch, f"{name}_s": round(own, 3),
             "pixelcnn_fast_s": round(pixel_fast_s, 3),
-            "speedup_vs_pixelcnn_fast": round(pixel_fast_s / absorbing, 1)}
+            "speedup_vs_pixelcnn_fast": round(pixel_fast_s / own, 1)}
+
+
+def bench_absorbing(
+    model: AbsorbingPrior, grid: tuple[int, int, int], batch: int,
+    pixelcnn: GatedPixelCNN3D | None = None, pixel_fast_s: float | None = None,
+) -> dict[str, Any]:
+    """Absorbing sampling beside the PixelCNN's cached sampler, with its decoding steps."""
+    row = bench_beside("absorbing", model, grid, batch, pixelcnn, pixel_fast_s)
+    return {"steps": model.config.sample_steps, **row}
+
+
+def bench_twolevel(pixelcnn: GatedPixelCNN3D) -> dict[str, Any]:
+    """The default two-level prior on one 16x20x16 grid beside `pixelcnn`'s cached sampler."""
+    torch.manual_seed(0)
+    model = TwoLevelPrior(TwoLevelConfig()).eval()
+    model.prepare(torch.randint(0, model.codebook_size, (16, 16, 20, 16), generator=gen(2)), None)
+    info = {"config": model.config.model_dump(),
+            "params": sum(p.numel() for p in model.parameters())}
+    return {**info, "rows": [bench_beside("twolevel", model, (16, 20, 16), 1, pixelcnn)]}
 
 
 class _IndexStub:
@@ -221,6 +245,10 @@ def main() -> None:
         "--absorbing-only", action="store_true",
         help="time only the absorbing prior and the PixelCNN cached sampler, 16x20x16, batch 1",
     )
+    parser.add_argument(
+        "--twolevel-only", action="store_true",
+        help="time only the two-level prior and the PixelCNN cached sampler, 16x20x16, batch 1",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -242,6 +270,12 @@ def main() -> None:
         pixelcnn = GatedPixelCNN3D(PRIORS[first]).eval()
         report["absorbing"] = {**absorbing_info, "beside": first,
                                "rows": [bench_absorbing(absorbing, (16, 20, 16), 1, pixelcnn)]}
+        print(json.dumps(report, indent=1))
+        return
+    if args.twolevel_only:
+        torch.manual_seed(0)
+        report["twolevel"] = {"beside": first,
+                              **bench_twolevel(GatedPixelCNN3D(PRIORS[first]).eval())}
         print(json.dumps(report, indent=1))
         return
     priors: dict[str, Any] = {}

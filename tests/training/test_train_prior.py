@@ -14,6 +14,7 @@ import math
 import shutil
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -264,8 +265,15 @@ def test_a_two_level_prior_trains_end_to_end_and_its_checkpoint_keeps_the_coarse
     assert last_val["step"] == 3 and last_val["bits_per_latent"] == pytest.approx(bits, rel=1e-4)
     report = json.loads((run_dir / "likelihood.json").read_text())
     assert report["likelihood"] == "bound"
-    grids = prior.sample((2, *index.latent_shape), torch.Generator().manual_seed(0))
-    assert grids.shape == (2, *index.latent_shape) and int(grids.max()) < 32
+    volumes = []
+    for method in ("fast", "naive"):  # `sample` takes it, and both samplers draw the same
+        out = tmp_path / method
+        result = CliRunner().invoke(cli, ["sample", "--prior", str(run_dir), "-n", "2", "--seed",
+                                          "3", "--method", method, "--out", str(out)])
+        assert result.exit_code == 0, result.output
+        volumes.append([nib.load(str(f)).get_fdata() for f in sorted(out.glob("sample_*.nii.gz"))])
+    assert len(volumes[0]) == 2
+    assert all(np.array_equal(a, b) for a, b in zip(*volumes, strict=True))
 
 
 def _relabelled(latents: Path, out: Path, modality: dict[str, str]) -> Path:
