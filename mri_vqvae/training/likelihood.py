@@ -8,10 +8,11 @@ code frequencies of the train grids).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any, cast
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from mri_vqvae.models.priors.base import Prior
 from mri_vqvae.models.priors.unigram.baseline import uniform_bits, unigram_bits
@@ -21,28 +22,51 @@ LN2 = math.log(2.0)
 
 
 @torch.no_grad()
-def mean_bits(
-    prior: nn.Module, split: PriorSplit, batch_size: int, device: torch.device, bf16: bool = False
-) -> float:
-    """Mean bits per latent of `prior` over the grids (N, d, h, w), N > 0, of `split`.
+def _mean_scores(
+    scores: Callable[[Tensor, Tensor | None], dict[str, Tensor]], prior: nn.Module,
+    split: PriorSplit, batch_size: int, device: torch.device, bf16: bool,
+) -> dict[str, float]:
+    """Mean over the grids of `split` (N > 0) of each per-grid score (B,) that `scores` returns.
 
-    Every grid has the same size, so this is the mean over every position. The prior runs in
-    eval mode and is put back in its previous mode afterwards.
+    The prior runs in eval mode and is put back in its previous mode afterwards.
     """
-    scorer = cast(Prior, prior)
     was_training = prior.training
     prior.eval()
-    total = 0.0
+    totals: dict[str, float] = {}
     try:
         for start in range(0, len(split), batch_size):
             x = split.grids[start : start + batch_size].to(device)
             y = None if split.labels is None else split.labels[start : start + batch_size]
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                bits = scorer.grid_bits(x, None if y is None else y.to(device))
-            total += float(bits.double().sum())
+                batch = scores(x, None if y is None else y.to(device))
+            for name, values in batch.items():
+                totals[name] = totals.get(name, 0.0) + float(values.double().sum())
     finally:
         prior.train(was_training)
-    return total / len(split)
+    return {name: total / len(split) for name, total in totals.items()}
+
+
+def mean_bits(
+    prior: nn.Module, split: PriorSplit, batch_size: int, device: torch.device, bf16: bool = False
+) -> float:
+    """Mean bits per latent of `prior` over the grids (N, d, h, w), N > 0, of `split`.
+
+    Every grid has the same size, so this is the mean over every position.
+    """
+    scorer = cast(Prior, prior)
+    return _mean_scores(lambda x, y: {"bits": scorer.grid_bits(x, y)}, prior, split,
+                        batch_size, device, bf16)["bits"]
+
+
+def mean_stage_bits(
+    prior: nn.Module, split: PriorSplit, batch_size: int, device: torch.device, bf16: bool = False
+) -> dict[str, float] | None:
+    """Mean bits per latent of each stage (e.g. the two-level prior's coarse and fine) over the
+    grids of `split`, or None for a prior without ``stage_bits``."""
+    stage_bits = getattr(prior, "stage_bits", None)
+    if stage_bits is None or len(split) == 0:
+        return None
+    return _mean_scores(stage_bits, prior, split, batch_size, device, bf16)
 
 
 def likelihood_report(
@@ -52,7 +76,8 @@ def likelihood_report(
 
     ``uniform`` is log2 K; ``unigram`` the cross-entropy under the add-one smoothed code
     frequencies of all train grids (unconditional). A split without grids reports ``num_cases``
-    0 and nulls.
+    0 and nulls. A prior with stages (``stage_bits``) adds ``stage_bits_per_latent``: each
+    stage's bits on the train, val and test grids.
     """
     k = data.index.codebook_size
     train = data.train.grids
@@ -67,7 +92,12 @@ def likelihood_report(
             "uniform_bits_per_latent": uniform_bits(k) if n else None,
             "unigram_bits_per_latent": unigram_bits(train, split.grids, k) if n else None,
         }
-    return {"codebook_size": k, "latent_shape": list(data.index.latent_shape),
-            "train_cases": len(train), "likelihood": cast(Prior, prior).likelihood,
-            "label_field": data.label_field, "label_names": list(data.label_names),
-            "unigram": "add-one smoothed code frequencies of train", "splits": splits}
+    report = {"codebook_size": k, "latent_shape": list(data.index.latent_shape),
+              "train_cases": len(train), "likelihood": cast(Prior, prior).likelihood,
+              "label_field": data.label_field, "label_names": list(data.label_names),
+              "unigram": "add-one smoothed code frequencies of train", "splits": splits}
+    stages = {name: mean_stage_bits(prior, data.splits[name], batch_size, device, bf16)
+              for name in ("train", "val", "test")}
+    if any(v is not None for v in stages.values()):
+        report["stage_bits_per_latent"] = stages  # train beside val/test: where it overfits
+    return report

@@ -95,6 +95,9 @@ def test_bits_are_coarse_plus_fine_bits_per_fine_latent() -> None:
     expected = (fine + rough) / grids[0].numel()
     with torch.no_grad():
         assert torch.allclose(model.grid_bits(grids, labels), expected, atol=1e-5)
+        stages = model.stage_bits(grids, labels)
+        assert torch.allclose(stages["coarse"], rough / grids[0].numel(), atol=1e-6)
+        assert torch.allclose(stages["coarse"] + stages["fine"], expected, atol=1e-5)
         assert float(model.loss(grids, labels)) == pytest.approx(
             float(expected.mean()) * math.log(2.0), rel=1e-5)
     assert model.likelihood == "bound"

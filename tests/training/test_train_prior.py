@@ -263,8 +263,15 @@ def test_a_two_level_prior_trains_end_to_end_and_its_checkpoint_keeps_the_coarse
         bits = float(prior.grid_bits(_grids(index, "val")).mean())
     last_val = read_metrics(run_dir, "val")[-1]
     assert last_val["step"] == 3 and last_val["bits_per_latent"] == pytest.approx(bits, rel=1e-4)
+    stages = last_val["coarse_bits_per_latent"] + last_val["fine_bits_per_latent"]
+    assert stages == pytest.approx(last_val["bits_per_latent"], rel=1e-5)
     report = json.loads((run_dir / "likelihood.json").read_text())
     assert report["likelihood"] == "bound"
+    for split, row in report["stage_bits_per_latent"].items():  # train beside val and test
+        assert set(row) == {"coarse", "fine"} and all(v > 0 for v in row.values())
+        if split != "train":
+            total = report["splits"][split]["prior_bits_per_latent"]
+            assert row["coarse"] + row["fine"] == pytest.approx(total, rel=1e-5)
     volumes = []
     for method in ("fast", "naive"):  # `sample` takes it, and both samplers draw the same
         out = tmp_path / method

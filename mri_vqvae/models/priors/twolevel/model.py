@@ -92,15 +92,26 @@ class TwoLevelPrior(PositionwisePrior):
 
     # ---- the Prior protocol ---------------------------------------------------------------------
 
-    def bits(self, indices: Tensor, labels: Tensor | None = None) -> Tensor:
-        """Fine bits plus each block's coarse bits spread evenly: (B, d, h, w) float."""
+    def stage_maps(self, indices: Tensor, labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Coarse bits (B, d/f, h/f, w/f) and fine bits given the coarse grid (B, d, h, w)."""
         coarse = self.coarse_grid(indices)
         labels = check_labels(labels, indices.shape[0], self.num_classes)
         fine_bits = self.fine.bits(indices, labels, self.context(coarse))
-        spread = self.coarse.bits(coarse, labels) / self.factor**3
+        return self.coarse.bits(coarse, labels), fine_bits
+
+    def stage_bits(self, indices: Tensor, labels: Tensor | None = None) -> dict[str, Tensor]:
+        """Each stage's bits per fine latent, (B,) each; they sum to `grid_bits`."""
+        coarse, fine = self.stage_maps(indices, labels)
+        per_latent = coarse.flatten(1).sum(1) / fine[0].numel()
+        return {"coarse": per_latent, "fine": fine.flatten(1).mean(1)}
+
+    def bits(self, indices: Tensor, labels: Tensor | None = None) -> Tensor:
+        """Fine bits plus each block's coarse bits spread evenly: (B, d, h, w) float."""
+        coarse, fine = self.stage_maps(indices, labels)
+        spread = coarse / self.factor**3
         for axis in (1, 2, 3):
             spread = spread.repeat_interleave(self.factor, dim=axis)
-        return fine_bits + spread
+        return fine + spread
 
     @torch.no_grad()
     def sample(
