@@ -234,3 +234,11 @@ def test_size_formula_is_exact_and_the_registry_builds_it(classes: int) -> None:
     assert isinstance(model, TwoLevelPrior)
     assert state_numel(cfg) == sum(t.numel() for t in model.state_dict().values())
     assert model.coarse.codebook_size == 6 and model.fine.config.context_dim == 4
+
+
+def test_the_coarse_map_is_the_same_under_bf16_autocast() -> None:
+    model = tiny()
+    grids = torch.randint(0, K, (4, 4, 6, 4), generator=gen(21))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = model.coarse_grid(grids)
+    assert torch.equal(under, model.coarse_grid(grids))

@@ -75,9 +75,10 @@ def kmeans(points: Tensor, clusters: int, seed: int = 0) -> Tensor:
 def coarse_codes(indices: Tensor, features: Tensor, centres: Tensor, factor: int) -> Tensor:
     """The nearest cluster of each block: (B, d, h, w) -> (B, d/f, h/f, w/f) int64."""
     check_divisible(indices.shape[1:], factor)
-    blocks = block_features(indices, features, factor)
-    flat = blocks.reshape(-1, blocks.shape[-1])
-    return torch.cdist(flat, centres).argmin(1).reshape(blocks.shape[:-1])
+    with torch.autocast(indices.device.type, enabled=False):  # the same clusters in any precision
+        blocks = block_features(indices, features.float(), factor)
+        flat = blocks.reshape(-1, blocks.shape[-1])
+        return torch.cdist(flat, centres.float()).argmin(1).reshape(blocks.shape[:-1])
 
 
 def check_divisible(grid: tuple[int, ...] | torch.Size, factor: int) -> None:
