@@ -33,7 +33,7 @@ class TwoLevelConfig(PriorSettings):
     kind: Literal["twolevel"] = "twolevel"
     factor: int = Field(2, ge=2, description="fine latents per coarse latent along each axis")
     coarse_codes: int = Field(
-        32, ge=2, description="clusters of code blocks: the coarse grid's codebook size"
+        64, ge=2, description="clusters of code blocks: the coarse grid's codebook size"
     )
     code_features: int = Field(
         16, ge=1, description="dimensions of the code features the blocks are clustered by"
