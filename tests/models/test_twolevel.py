@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from pydantic import ValidationError
 
 from mri_vqvae.models import registry
 from mri_vqvae.models.priors.base import PriorInputError
@@ -242,3 +243,8 @@ def test_the_coarse_map_is_the_same_under_bf16_autocast() -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         under = model.coarse_grid(grids)
     assert torch.equal(under, model.coarse_grid(grids))
+
+
+def test_more_code_features_than_codes_is_a_config_error() -> None:
+    with pytest.raises(ValidationError, match="code_features=16 exceeds codebook_size=8"):
+        TwoLevelConfig(codebook_size=8, code_features=16)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from mri_vqvae.models.priors.pixelcnn.config import PixelCNNConfig
 from mri_vqvae.models.priors.settings import PriorSettings
@@ -45,6 +45,15 @@ class TwoLevelConfig(PriorSettings):
                                    description="the coarse stage (a PixelCNN)")
     fine: PixelCNNConfig = Field(default_factory=_fine_stage,
                                  description="the fine stage (a PixelCNN with context)")
+
+    @model_validator(mode="after")
+    def _features_fit_the_codebook(self) -> TwoLevelConfig:
+        if self.code_features > self.codebook_size:
+            raise ValueError(
+                f"code_features={self.code_features} exceeds codebook_size={self.codebook_size}: "
+                "a code's features are at most one per code; use at most the codebook size"
+            )
+        return self
 
     def coarse_config(self) -> PixelCNNConfig:
         """The coarse stage's settings with what the two-level prior decides filled in."""
