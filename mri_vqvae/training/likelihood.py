@@ -21,15 +21,32 @@ from mri_vqvae.training.prior_data import PriorData, PriorSplit
 LN2 = math.log(2.0)
 
 
-@torch.no_grad()
-def _mean_scores(
-    scores: Callable[[Tensor, Tensor | None], dict[str, Tensor]], prior: nn.Module,
-    split: PriorSplit, batch_size: int, device: torch.device, bf16: bool,
-) -> dict[str, float]:
-    """Mean over the grids of `split` (N > 0) of each per-grid score (B,) that `scores` returns.
+def _grid_scores(prior: nn.Module) -> Callable[[Tensor, Tensor | None], dict[str, Tensor]]:
+    """Per-grid scores (B,) of `prior`: ``bits`` and, for a prior with ``stage_bits``, each
+    stage's bits under ``stage:<name>`` (then ``bits`` is their sum: one pass, not two)."""
+    stage_bits = getattr(prior, "stage_bits", None)
+    if stage_bits is None:
+        scorer = cast(Prior, prior)
+        return lambda x, y: {"bits": scorer.grid_bits(x, y)}
 
-    The prior runs in eval mode and is put back in its previous mode afterwards.
+    def scores(x: Tensor, y: Tensor | None) -> dict[str, Tensor]:
+        stages = stage_bits(x, y)
+        return {"bits": sum(stages.values()), **{f"stage:{k}": v for k, v in stages.items()}}
+
+    return scores
+
+
+@torch.no_grad()
+def mean_scores(
+    prior: nn.Module, split: PriorSplit, batch_size: int, device: torch.device, bf16: bool = False
+) -> tuple[float, dict[str, float]]:
+    """Mean bits per latent of `prior` over the grids (N, d, h, w), N > 0, of `split`, and each
+    stage's mean bits per latent ({} for a prior without stages, e.g. the PixelCNN).
+
+    Every grid has the same size, so these are means over every position. The prior runs in
+    eval mode and is put back in its previous mode afterwards.
     """
+    scores = _grid_scores(prior)
     was_training = prior.training
     prior.eval()
     totals: dict[str, float] = {}
@@ -43,30 +60,9 @@ def _mean_scores(
                 totals[name] = totals.get(name, 0.0) + float(values.double().sum())
     finally:
         prior.train(was_training)
-    return {name: total / len(split) for name, total in totals.items()}
-
-
-def mean_bits(
-    prior: nn.Module, split: PriorSplit, batch_size: int, device: torch.device, bf16: bool = False
-) -> float:
-    """Mean bits per latent of `prior` over the grids (N, d, h, w), N > 0, of `split`.
-
-    Every grid has the same size, so this is the mean over every position.
-    """
-    scorer = cast(Prior, prior)
-    return _mean_scores(lambda x, y: {"bits": scorer.grid_bits(x, y)}, prior, split,
-                        batch_size, device, bf16)["bits"]
-
-
-def mean_stage_bits(
-    prior: nn.Module, split: PriorSplit, batch_size: int, device: torch.device, bf16: bool = False
-) -> dict[str, float] | None:
-    """Mean bits per latent of each stage (e.g. the two-level prior's coarse and fine) over the
-    grids of `split`, or None for a prior without ``stage_bits``."""
-    stage_bits = getattr(prior, "stage_bits", None)
-    if stage_bits is None or len(split) == 0:
-        return None
-    return _mean_scores(stage_bits, prior, split, batch_size, device, bf16)
+    means = {name: total / len(split) for name, total in totals.items()}
+    stages = {name.removeprefix("stage:"): v for name, v in means.items() if name != "bits"}
+    return means["bits"], stages
 
 
 def likelihood_report(
@@ -82,13 +78,15 @@ def likelihood_report(
     k = data.index.codebook_size
     train = data.train.grids
     splits: dict[str, Any] = {}
+    stages: dict[str, dict[str, float] | None] = {}
     for name in ("val", "test"):
         split = data.splits[name]
         n = len(split)
+        scored = mean_scores(prior, split, batch_size, device, bf16) if n else (None, None)
+        bits, stages[name] = scored
         splits[name] = {
             "num_cases": n,
-            "prior_bits_per_latent": mean_bits(prior, split, batch_size, device, bf16)
-            if n else None,
+            "prior_bits_per_latent": bits,
             "uniform_bits_per_latent": uniform_bits(k) if n else None,
             "unigram_bits_per_latent": unigram_bits(train, split.grids, k) if n else None,
         }
@@ -96,8 +94,7 @@ def likelihood_report(
               "train_cases": len(train), "likelihood": cast(Prior, prior).likelihood,
               "label_field": data.label_field, "label_names": list(data.label_names),
               "unigram": "add-one smoothed code frequencies of train", "splits": splits}
-    stages = {name: mean_stage_bits(prior, data.splits[name], batch_size, device, bf16)
-              for name in ("train", "val", "test")}
-    if any(v is not None for v in stages.values()):
-        report["stage_bits_per_latent"] = stages  # train beside val/test: where it overfits
+    if hasattr(prior, "stage_bits"):  # train beside val/test: which stage overfits
+        _, train_stages = mean_scores(prior, data.train, batch_size, device, bf16)
+        report["stage_bits_per_latent"] = {"train": train_stages, **stages}
     return report

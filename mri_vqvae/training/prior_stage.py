@@ -44,7 +44,7 @@ from mri_vqvae.models.priors.base import Prior
 from mri_vqvae.models.priors.settings import PriorSettings
 from mri_vqvae.training.batching import check_world_size, dropout_seed, rank_keys
 from mri_vqvae.training.errors import TrainingError
-from mri_vqvae.training.likelihood import LN2, likelihood_report, mean_bits, mean_stage_bits
+from mri_vqvae.training.likelihood import LN2, likelihood_report, mean_scores
 from mri_vqvae.training.loop import TrainResult, run_stage
 from mri_vqvae.training.prior_data import PriorData, load_prior_data
 from mri_vqvae.training.resume import recorded_info, training_input
@@ -132,9 +132,8 @@ class PriorStage:
 
     def validate(self, s: Session) -> dict[str, float]:
         """Val bits per latent (and each stage's, for a prior with stages)."""
-        args = (self.model, self.data.val, self.train.batch_size, s.device, s.bf16)
-        bits = mean_bits(*args)
-        stages = mean_stage_bits(*args) or {}
+        bits, stages = mean_scores(self.model, self.data.val, self.train.batch_size, s.device,
+                                   s.bf16)
         return {"loss": bits * LN2, "bits_per_latent": bits, "num_cases": self.n_val,
                 **{f"{name}_bits_per_latent": value for name, value in stages.items()}}
 
