@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from pydantic import ValidationError
 
 from mri_vqvae.models import registry
@@ -114,6 +115,18 @@ def test_a_block_carries_its_coarse_bits_evenly() -> None:
         rough = model.coarse.bits(coarse)
     block = extra[0, 2:4, 0:2, 2:4]
     assert torch.allclose(block, torch.full_like(block, float(rough[0, 1, 0, 1]) / 8), atol=1e-5)
+
+
+@pytest.mark.parametrize("first_axis", [1, 2])
+def test_repeat_blocks_fills_each_block_with_its_value(first_axis: int) -> None:
+    """Every entry of a repeated block equals its source, and block means give the source back."""
+    small = torch.randn(2, 3, 2, 4, 5) if first_axis == 2 else torch.randn(2, 2, 4, 5)
+    big = coarse_map.repeat_blocks(small, 2, first_axis)
+    for corner in [(0, 0, 0), (1, 1, 1), (0, 1, 0)]:
+        index = [slice(None)] * first_axis + [slice(c, None, 2) for c in corner]
+        assert torch.equal(big[tuple(index)], small)
+    pooled = F.avg_pool3d(big if first_axis == 2 else big.unsqueeze(1), 2)
+    assert torch.allclose(pooled if first_axis == 2 else pooled.squeeze(1), small, atol=1e-6)
 
 
 # ---- context in the fine PixelCNN ---------------------------------------------------------------

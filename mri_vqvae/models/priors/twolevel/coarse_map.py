@@ -81,6 +81,14 @@ def coarse_codes(indices: Tensor, features: Tensor, centres: Tensor, factor: int
         return torch.cdist(flat, centres.float()).argmin(1).reshape(blocks.shape[:-1])
 
 
+def repeat_blocks(grid: Tensor, factor: int, first_axis: int) -> Tensor:
+    """Repeat each entry ``factor`` times along three axes from ``first_axis``:
+    (..., d, h, w, ...) -> (..., f d, f h, f w, ...) (the inverse of taking one value per block)."""
+    for axis in range(first_axis, first_axis + 3):
+        grid = grid.repeat_interleave(factor, dim=axis)
+    return grid
+
+
 def check_divisible(grid: tuple[int, ...] | torch.Size, factor: int) -> None:
     """Raise `PriorInputError` unless every extent of the grid (d, h, w) is a multiple of factor."""
     if any(n % factor for n in grid):

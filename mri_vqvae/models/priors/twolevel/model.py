@@ -86,9 +86,7 @@ class TwoLevelPrior(PositionwisePrior):
         """Fine-stage context of a cluster grid: (B, d', h', w') -> (B, f d', f h', f w', E_c)."""
         x = self.coarse_embedding(coarse).permute(0, 4, 1, 2, 3)
         x = self.context_out(F.relu(self.context_in(x)))
-        for axis in (2, 3, 4):
-            x = x.repeat_interleave(self.factor, dim=axis)
-        return x.permute(0, 2, 3, 4, 1)
+        return coarse_map.repeat_blocks(x, self.factor, first_axis=2).permute(0, 2, 3, 4, 1)
 
     # ---- the Prior protocol ---------------------------------------------------------------------
 
@@ -108,9 +106,7 @@ class TwoLevelPrior(PositionwisePrior):
     def bits(self, indices: Tensor, labels: Tensor | None = None) -> Tensor:
         """Fine bits plus each block's coarse bits spread evenly: (B, d, h, w) float."""
         coarse, fine = self.stage_maps(indices, labels)
-        spread = coarse / self.factor**3
-        for axis in (1, 2, 3):
-            spread = spread.repeat_interleave(self.factor, dim=axis)
+        spread = coarse_map.repeat_blocks(coarse / self.factor**3, self.factor, first_axis=1)
         return fine + spread
 
     @torch.no_grad()
