@@ -42,6 +42,12 @@ if TYPE_CHECKING:
               help="Samples drawn from the prior (with --prior).")
 @click.option("--seed", default=0, show_default=True, type=int,
               help="Seed of the samples, the bootstrap and the subsets.")
+@click.option("--temperature", default=None, type=click.FloatRange(min=0),
+              help="Sampling temperature of the samples (default: the prior config's, usually "
+                   "1.0); the same draws as `mri-vqvae sample` with these options.")
+@click.option("--top-k", default=None, type=click.IntRange(min=1),
+              help="Draw samples only among the k most likely codes (default: the prior "
+                   "config's).")
 @click.option("--bootstrap", "num_resamples", default=2000, show_default=True,
               type=click.IntRange(min=100), help="Bootstrap resamples for the 95% intervals.")
 @click.option("--max-train-cases", default=None, type=click.IntRange(min=1),
@@ -63,7 +69,8 @@ if TYPE_CHECKING:
 @preprocessed_option
 def evaluate(vqvae_run: str, prior_run: str | None, manifest_path: str, data_root: str | None,
              split: str, out_dir: str | None, runs_root: str, num_samples: int, seed: int,
-             num_resamples: int, max_train_cases: int | None, report_cases: int,
+             temperature: float | None, top_k: int | None, num_resamples: int,
+             max_train_cases: int | None, report_cases: int,
              num_workers: int, strict: bool, viewer: bool, part: Part | None, device: str,
              preprocessed: str | None) -> None:
     """Measure a VQ-VAE (and prior) on held-out scans: metrics.json, per_case.csv, report.html.
@@ -80,11 +87,15 @@ def evaluate(vqvae_run: str, prior_run: str | None, manifest_path: str, data_roo
     from mri_vqvae.metrics.image import METRICS
 
     refuse_split(split)  # before anything is loaded
+    if prior_run is None and (temperature is not None or top_k is not None):
+        raise click.UsageError("--temperature and --top-k set how samples are drawn: they need "
+                               "--prior (the prior run to draw from)")
     if part is not None and out_dir is None:
         raise click.UsageError("--part needs --out: every part and the final run (the same "
                                "command without --part) must use one output folder")
     manifest = load_manifest(manifest_path, data_root=data_root, check_files=False)
     settings = EvaluateSettings(split=split, num_samples=num_samples, seed=seed,
+                                temperature=temperature, top_k=top_k,
                                 num_resamples=num_resamples, max_train_cases=max_train_cases,
                                 report_cases=report_cases, num_workers=num_workers, strict=strict,
                                 preprocessed=preprocessed, viewer=viewer)

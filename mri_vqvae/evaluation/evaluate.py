@@ -75,7 +75,7 @@ from mri_vqvae.metrics.sets import NearestScan
 from mri_vqvae.metrics.statistics import BOOTSTRAP_RESAMPLES
 from mri_vqvae.tasks.cases import Failure, write_failures
 from mri_vqvae.tasks.parts import Part, clear_parts, part_lock, refuse_distributed
-from mri_vqvae.tasks.sample import class_labels
+from mri_vqvae.tasks.sample import SampleSettings, class_labels
 
 if TYPE_CHECKING:
     from mri_vqvae.artifacts.loading import AutoencoderRun, PriorRun
@@ -97,6 +97,8 @@ class EvaluateSettings:
     strict: bool = False
     sample_batch_size: int = 8
     sample_threads: int | None = 1
+    temperature: float | None = None  # sampling options; None: the prior config's
+    top_k: int | None = None
     preprocessed: str | None = None  # a `preprocess` folder read instead of the raw files
     viewer: bool = True  # report.html with the interactive 3D viewers (about 1 MB more)
 
@@ -305,8 +307,9 @@ def _prior_passes(prior: PriorRun, scorer: Scorer, model: Any, held: HeldOut,
     drawn: tuple[np.ndarray, dict[str, Any] | None] = (
         np.zeros((0, *held.volumes[0].shape), np.float32), None)
     if s.num_samples > 0:
-        mine = draw_and_measure(prior, model, held, s.num_samples, s.seed, out,
-                                s.sample_batch_size, s.sample_threads) \
+        draw = SampleSettings(num_samples=s.num_samples, seed=s.seed, temperature=s.temperature,
+                              top_k=s.top_k, batch_size=s.sample_batch_size)
+        mine = draw_and_measure(prior, model, held, draw, out, s.sample_threads) \
             if distributed.is_main() else None
         drawn = distributed.broadcast_object(mine)
     sample_volumes, samples_block = drawn

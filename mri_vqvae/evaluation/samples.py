@@ -92,11 +92,11 @@ CHECKS = {
 FLOORS = {"intensity_w1": 0.0}  # a distance: its range runs from 0 to the real maximum
 
 
-def draw_and_measure(run: PriorRun, model: VQVAE, held: HeldOut, num_samples: int, seed: int,
-                     out: Path, batch_size: int = 8, threads: int | None = 1
-                     ) -> tuple[np.ndarray, dict[str, Any]]:
-    """Draw samples into ``out/samples/``: (volumes (N, D, H, W) in [0, 1], the samples block)."""
-    settings = SampleSettings(num_samples=num_samples, seed=seed, batch_size=batch_size)
+def draw_and_measure(run: PriorRun, model: VQVAE, held: HeldOut, settings: SampleSettings,
+                     out: Path, threads: int | None = 1) -> tuple[np.ndarray, dict[str, Any]]:
+    """Draw samples into ``out/samples/`` as `mri-vqvae sample` would with ``settings``:
+    (volumes (N, D, H, W) in [0, 1], the samples block)."""
+    num_samples, seed = settings.num_samples, settings.seed
     start = time.perf_counter()
     drawn = sample_volumes(run, settings, out / "samples", threads=threads, keep_volumes=True)
     seconds = time.perf_counter() - start

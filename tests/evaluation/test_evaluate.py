@@ -482,6 +482,39 @@ def test_evaluate_without_prior(world: dict[str, Path], tmp_path: Path) -> None:
     assert "te2" in str(err.value)
 
 
+def test_evaluate_draws_its_samples_as_sample_does_with_temperature_and_top_k(
+    world: dict[str, Path], tmp_path: Path
+) -> None:
+    """`evaluate --temperature --top-k` records them and draws the grids `sample` draws."""
+    drawing = ["--prior", str(world["prior"]), "-n", "2", "--seed", "5", "--device", "cpu",
+               "--temperature", "0.5", "--top-k", "4"]
+    evaluated = CliRunner().invoke(cli, [
+        "evaluate", "--vqvae", str(world["vqvae"]), "--manifest", str(world["manifest"]),
+        "--out", str(tmp_path / "e"), "--report-cases", "0", "--bootstrap", "100",
+        "--no-viewer", *drawing])
+    assert evaluated.exit_code == 0, evaluated.output
+    sampled = CliRunner().invoke(cli, ["sample", "--out", str(tmp_path / "s"), *drawing])
+    assert sampled.exit_code == 0, sampled.output
+    smp = json.loads((tmp_path / "e" / "metrics.json").read_text())["samples"]
+    assert (smp["temperature"], smp["top_k"]) == (0.5, 4)
+    docs = {folder: [json.loads(p.read_text()) for p in sorted(folder.glob("sample_*.json"))]
+            for folder in (tmp_path / "e" / "samples", tmp_path / "s")}
+    from_evaluate, from_sample = docs.values()
+    assert [(d["temperature"], d["top_k"]) for d in from_evaluate] == [(0.5, 4)] * 2
+    assert [d["indices_sha256"] for d in from_evaluate] == [
+        d["indices_sha256"] for d in from_sample]
+
+
+def test_evaluate_refuses_sampling_options_without_a_prior(world: dict[str, Path],
+                                                          tmp_path: Path) -> None:
+    for option in (["--temperature", "0.7"], ["--top-k", "3"]):
+        result = CliRunner().invoke(cli, [
+            "evaluate", "--vqvae", str(world["vqvae"]), "--manifest", str(world["manifest"]),
+            "--out", str(tmp_path / "e"), *option])
+        assert result.exit_code == 2 and "need --prior" in result.output
+        assert not (tmp_path / "e").exists()  # refused before anything was written
+
+
 # --- other prior kinds, one code path ------------------------------------------------------------
 
 
