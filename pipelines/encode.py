@@ -38,9 +38,13 @@ from pipelines.common import (
               help="Also encode N augmented views of each train case (<case_id>~aug<k>.npy), "
               "drawn by the run's seeded training augmentation: more grids for train-prior. "
               "Val and test cases are never augmented.")
+@click.option("--view-set", "view_overrides", multiple=True, metavar="KEY=VALUE",
+              help="Change the views' augmentation (keys under the run's augment section), "
+              "e.g. --view-set elastic.prob=1.0 for a new deformation in every view "
+              "(repeatable; needs --augment).")
 def encode(vqvae_run: str, manifest_path: str, out_dir: str, split: str | None, strict: bool,
            data_root: str | None, device: str, preprocessed: str | None, augment: int,
-           part: Part | None) -> None:
+           part: Part | None, view_overrides: tuple[str, ...]) -> None:
     """Encode each case with the VQ-VAE: <case_id>.npy grids, index.json, failures.csv.
 
     Under torchrun the cases are shared among the processes; rank 0 writes index.json.
@@ -53,7 +57,8 @@ def encode(vqvae_run: str, manifest_path: str, out_dir: str, split: str | None, 
     with distributed.process_group(device):  # under torchrun: each rank encodes a share
         result = encode_manifest(vqvae_run, manifest, out_dir, split=split, strict=strict,
                                  device=device, manifest_path=manifest_path,
-                                 preprocessed=preprocessed, augment=augment, part=part)
+                                 preprocessed=preprocessed, augment=augment, part=part,
+                                 view_overrides=view_overrides)
         main = distributed.is_main()
     if not main:
         return

@@ -12,8 +12,9 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any, Union
+from typing import Annotated, Any, TypeVar, Union
 
 import yaml
 from pydantic import (
@@ -183,6 +184,7 @@ class ExperimentConfig(StrictModel):
         return data
 
 
+_Section = TypeVar("_Section", bound=BaseModel)
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
@@ -214,9 +216,9 @@ def _valid_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
     return keys
 
 
-def _explain(err: ValidationError, source: str) -> str:
+def _explain(err: ValidationError, source: str, schema: type[BaseModel] | None = None) -> str:
     lines = [f"invalid configuration in {source}:"]
-    valid = _valid_keys(ExperimentConfig)
+    valid = _valid_keys(schema or ExperimentConfig)
     tags = set(registry.KINDS)
     for e in err.errors():
         loc, kind = list(e["loc"]), None
@@ -284,6 +286,21 @@ def load_config(
         return ExperimentConfig.model_validate(tree)
     except ValidationError as exc:
         raise ConfigError(_explain(exc, source)) from None
+
+
+def apply_overrides(model: _Section, overrides: Sequence[str], where: str) -> _Section:
+    """`model` (any config section) with ``key.sub=value`` overrides applied, keys relative to it,
+    validated; `ConfigError` naming `where` and the key for a bad one."""
+    tree = model.model_dump(mode="python")
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"{where}: override {item!r} must look like key.sub=value")
+        key, raw = item.split("=", 1)
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+    try:
+        return type(model).model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_explain(exc, where, type(model))) from None
 
 
 def _digest_tree(model: BaseModel) -> dict[str, Any]:

@@ -17,33 +17,28 @@ file that index.json and the journal do not vouch for). With ``--part I/N`` (no 
 process encodes the share rank I-1 would, journals its entries under ``parts/`` and leaves
 index.json alone; ``mri-vqvae merge`` writes it (`merge_encode`, `mri_vqvae.tasks.parts`).
 
-Augmented views (``augment`` N > 0): each train case is also encoded as N views, its
-preprocessed volume through the training augmentation of the VQ-VAE run (the ``augment`` section
-and ``seed`` of the experiment config its checkpoint recorded, the random steps train-vqvae
-applies), reseeded per view from (seed, case_id, k). A view is replayable anywhere and is its
-own grid: file, index entry, journal line and resume check; a case is preprocessed once for
-itself and all its views, which travel with it (same rank, failed together). Val and test cases
-are never augmented. The header records augment_views, augment_digest and augment_seed, part of
-the identity a rerun must match; N = 0 writes exactly what an encode without views writes.
+Augmented views (``augment`` N > 0, `mri_vqvae.tasks.views`): each train case is also encoded
+as N seeded views. A case is preprocessed once for itself and all its views, which travel with it
+(same rank, failed together); each view is its own grid: file, index entry, journal line and
+resume check. Val and test cases are never augmented. The header records augment_views,
+augment_digest and augment_seed, part of the identity a rerun must match; N = 0 writes exactly
+what an encode without views writes.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import hashlib
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from monai.transforms import Compose
-from pydantic import ValidationError
 
-from mri_vqvae.artifacts.checkpoint_folder import read_meta
 from mri_vqvae.artifacts.latents import (
     DTYPE,
     FAILURES,
@@ -58,7 +53,6 @@ from mri_vqvae.artifacts.latents import (
     view_id,
 )
 from mri_vqvae.artifacts.loading import AutoencoderRun, open_autoencoder_run
-from mri_vqvae.config import AugmentConfig, config_digest
 from mri_vqvae.core import distributed
 from mri_vqvae.core.atomic import atomic_write_bytes
 from mri_vqvae.core.device import resolve_device
@@ -69,7 +63,7 @@ from mri_vqvae.data.case import Case
 from mri_vqvae.data.datasets import case_items, plain_volume
 from mri_vqvae.data.manifest import Manifest
 from mri_vqvae.data.preprocessed import with_store
-from mri_vqvae.data.transforms import IMAGE, augment_only, augmentation_steps, build_transforms
+from mri_vqvae.data.transforms import IMAGE, build_transforms
 from mri_vqvae.models.autoencoders.base import DiscreteAutoencoder
 from mri_vqvae.tasks.cases import Failure, run_batch, write_failures
 from mri_vqvae.tasks.parts import (
@@ -80,11 +74,11 @@ from mri_vqvae.tasks.parts import (
     part_lock,
     refuse_distributed,
 )
+from mri_vqvae.tasks.views import Views, training_views
 
 log = logging.getLogger(__name__)
 
 COMMAND = "encode"
-_VIEW_STREAM = 3  # seed stream of views, apart from training's item / permutation / dropout ones
 
 
 @dataclass(frozen=True)
@@ -99,48 +93,6 @@ class EncodeResult:
     @property
     def index_path(self) -> Path:
         return self.out_dir / INDEX
-
-
-def view_seed(seed: int, case_id: str, view: int) -> int:
-    """The augmentation seed of view `view` of case `case_id` under config `seed`, in [0, 2**32).
-
-    A pure function of its arguments: every run, resume, rank and machine draws the same view.
-    """
-    case_word = int.from_bytes(hashlib.sha256(case_id.encode()).digest()[:8], "little")
-    words = [int(seed) & 0xFFFF_FFFF_FFFF_FFFF, _VIEW_STREAM, case_word, int(view)]
-    return int(np.random.SeedSequence(words).generate_state(1)[0])
-
-
-@dataclass(frozen=True)
-class Views:
-    """N augmented views per train case (`count` 0: none), drawn by the random training steps
-    `chain` of `augment`, reseeded per view from (`seed`, case_id, view)."""
-
-    count: int = 0
-    augment: AugmentConfig | None = None
-    seed: int = 0
-    chain: Compose | None = field(default=None, repr=False, compare=False)
-
-    def of(self, item: Mapping[str, Any]) -> list[int]:
-        """The views of a case item: [0] (itself), then 1..count when it is a train case."""
-        return list(range(self.count + 1 if item["split"] == "train" else 1))
-
-    def header(self) -> dict[str, Any]:
-        """The index.json fields of the views (none without views)."""
-        if self.augment is None:
-            return {}
-        return {"augment_views": self.count, "augment_digest": config_digest(self.augment),
-                "augment_seed": self.seed}
-
-    def volume(self, prepped: Mapping[str, Any], case_id: str, view: int) -> torch.Tensor:
-        """View `view` >= 1 of a preprocessed item: a copy through the seeded steps.
-
-        -> (1, D, H, W) float32.
-        """
-        if self.chain is None:
-            raise ValueError(f"view {view} of {case_id!r} asked for without an augmentation")
-        self.chain.set_random_state(seed=view_seed(self.seed, case_id, view))
-        return plain_volume(self.chain(copy.deepcopy(dict(prepped)))[IMAGE])
 
 
 def encode_item(
@@ -166,37 +118,6 @@ def encode_item(
         assert int(indices.max()) < MAX_CODEBOOK and int(indices.min()) >= 0
         grids[k] = indices.numpy().astype(DTYPE)
     return grids
-
-
-def training_views(source: AutoencoderRun, count: int) -> Views:
-    """`count` views drawn with the augmentation and seed the run's checkpoint recorded.
-
-    The affine step fires for every view (its probability set to 1): each view is a new pose of
-    the case; the other steps keep their training probabilities.
-
-    Raises `LatentsError` when `count` > 0 and the checkpoint records no usable ``augment``
-    section and ``seed``, or its augmentation draws nothing (every view would be the case).
-    """
-    if count == 0:
-        return Views()
-    where = source.checkpoint / "config.json"
-    experiment = (read_meta(source.checkpoint).get("extra") or {}).get("experiment")
-    try:
-        augment = AugmentConfig.model_validate(experiment["augment"])  # type: ignore[index]
-        seed = int(experiment["seed"])  # type: ignore[index]
-    except (KeyError, TypeError, ValueError, ValidationError) as exc:
-        raise LatentsError(
-            f"{where} records no usable training augmentation (extra.experiment.augment and "
-            f".seed: {str(exc)[:200]}); --augment needs a run saved by `mri-vqvae train-vqvae`"
-        ) from None
-    # every view draws a new pose (affine step always on): a view equal to its case is wasted
-    augment = augment.model_copy(update={"affine": augment.affine.model_copy(update={"prob": 1.0})})
-    if not augmentation_steps(augment):
-        raise LatentsError(
-            f"{where}: the run's augmentation is switched off (augment.enabled false or every "
-            "prob 0), so each view would equal its case; encode with --augment 0"
-        )
-    return Views(count, augment, seed, augment_only(augment, seed=0))
 
 
 def _open_source(vqvae_run: str | Path) -> AutoencoderRun:
@@ -288,13 +209,15 @@ def encode_manifest(
     preprocessed: str | Path | None = None,
     augment: int = 0,
     part: Part | None = None,
+    view_overrides: Sequence[str] = (),
 ) -> EncodeResult:
     """Encode the cases of `split` (all if None) into uint16 grids under `out_dir`.
 
     The VQ-VAE is ``vqvae_run/checkpoints/best`` (else ``last``) in eval mode; each case goes
     through the deterministic preprocessing chain of the data config stored in that checkpoint,
     or is read from `preprocessed` (a `preprocess` folder of that config; verified). Each train
-    case also gives `augment` seeded augmented views (`training_views`). index.json: see
+    case also gives `augment` seeded augmented views (`views.training_views`; `view_overrides`
+    change their augmentation). index.json: see
     `mri_vqvae.artifacts.latents`. Resumable: a grid whose entry and file still match is kept,
     not recomputed. A bad case (with its views) is listed in failures.csv and skipped, or raised
     when `strict`. Under DDP each rank encodes its share of the cases, rank 0 writes index.json
@@ -308,7 +231,7 @@ def encode_manifest(
     refuse_distributed(part)
     out = Path(out_dir)
     source = _open_source(vqvae_run)
-    views = training_views(source, augment)
+    views = training_views(source, augment, view_overrides)
     header = _header(source, manifest, manifest_path, views)
     ensure_writable(out)  # a read-only or full folder is a clear error before any case
     previous = previous_entries(out, header)

@@ -22,7 +22,7 @@ from mri_vqvae.artifacts import latents as latents_mod
 from mri_vqvae.artifacts.checkpoint import load_checkpoint
 from mri_vqvae.artifacts.latents import LatentsError, load_latents
 from mri_vqvae.config import AugmentConfig, config_digest, load_config
-from mri_vqvae.core.errors import CheckpointError
+from mri_vqvae.core.errors import CheckpointError, ConfigError
 from mri_vqvae.core.outputs import OutputError
 from mri_vqvae.core.provenance import sha256_file
 from mri_vqvae.data.manifest import load_manifest
@@ -30,7 +30,8 @@ from mri_vqvae.data.transforms import augment_only, build_transforms
 from mri_vqvae.models.autoencoders.vqvae.config import VQVAEConfig
 from mri_vqvae.models.autoencoders.vqvae.model import VQVAE
 from mri_vqvae.tasks import encode as encode_mod
-from mri_vqvae.tasks.encode import encode_manifest, view_seed
+from mri_vqvae.tasks.encode import encode_manifest
+from mri_vqvae.tasks.views import view_seed
 from mri_vqvae.training.prior_data import load_prior_data
 from pipelines.cli import cli, main
 from tests.support.runs import HEAD_SPLITS as SPLITS
@@ -422,6 +423,47 @@ def test_augment_needs_a_run_whose_augmentation_draws(
     with pytest.raises(LatentsError, match="augmentation is switched off"):
         encode_manifest(off, load_manifest(manifest), tmp_path / "lat", device="cpu", augment=1)
     encode_manifest(off, load_manifest(manifest), tmp_path / "lat", device="cpu")  # N=0: fine
+
+
+def test_view_settings_draw_what_a_run_recording_them_draws(
+    manifest: Path, affine_run: Path, augmented: Path, tmp_path: Path
+) -> None:
+    """`--view-set elastic.prob=1.0` writes the bytes an encode of a run whose checkpoint records
+    that probability writes; the header's digest changes, so the plain views' folder refuses it."""
+    out = tmp_path / "elastic"
+    result = CliRunner().invoke(cli, ["encode", "--vqvae", str(affine_run), "--manifest",
+                                      str(manifest), "--out", str(out), "--device", "cpu",
+                                      "--augment", "2", "--view-set", "elastic.prob=1.0"])
+    assert result.exit_code == 0, result.output
+    recorded = _with_augment(affine_run, tmp_path / "run", elastic={"prob": 1.0})
+    encode_manifest(recorded, load_manifest(manifest), tmp_path / "recorded", device="cpu",
+                    manifest_path=manifest, augment=2)
+    assert _bytes(out) == _bytes(tmp_path / "recorded")
+    doc = _doc(out)
+    assert doc["augment_digest"] == _doc(tmp_path / "recorded")["augment_digest"]
+    assert doc["augment_digest"] != _doc(augmented)["augment_digest"]
+    plain = _copy(augmented, tmp_path)
+    with pytest.raises(LatentsError, match="augment_digest"):
+        encode_manifest(affine_run, load_manifest(manifest), plain, device="cpu", augment=2,
+                        view_overrides=["elastic.prob=1.0"])
+    assert _bytes(plain) == _bytes(augmented)
+
+
+@pytest.mark.parametrize(("views", "overrides", "error", "message"), [
+    (2, ["elastic.prob=2"], ConfigError, r"elastic\.prob"),
+    (2, ["elastic.prb=1.0"], ConfigError, r"unknown key 'elastic\.prb' \(did you mean "
+                                          r"'elastic\.prob'\?\)"),
+    (2, ["elastic.prob"], ConfigError, "must look like key.sub=value"),
+    (0, ["elastic.prob=1.0"], LatentsError, "need --augment N with N > 0"),
+])
+def test_bad_view_settings_are_refused_before_anything_is_written(
+    manifest: Path, affine_run: Path, tmp_path: Path, views: int, overrides: list[str],
+    error: type[Exception], message: str,
+) -> None:
+    with pytest.raises(error, match=message):
+        encode_manifest(affine_run, load_manifest(manifest), tmp_path / "lat", device="cpu",
+                        augment=views, view_overrides=overrides)
+    assert not (tmp_path / "lat").exists()
 
 
 def test_train_prior_data_holds_every_view(augmented: Path) -> None:
