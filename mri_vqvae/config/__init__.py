@@ -188,6 +188,16 @@ _Section = TypeVar("_Section", bound=BaseModel)
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
+def _apply_override(tree: dict[str, Any], item: str, where: str) -> str:
+    """Set ``key.sub=value`` (`item`, value read as YAML) in `tree`; returns the key.
+    `ConfigError` (prefixed with `where`) when there is no ``=``."""
+    if "=" not in item:
+        raise ConfigError(f"{where}override {item!r} must look like key.sub=value")
+    key, raw = item.split("=", 1)
+    _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+    return key.strip()
+
+
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node = tree
     parts = dotted.split(".")
@@ -276,12 +286,9 @@ def load_config(
             raise ConfigError(f"{path}: top level must be a mapping, got {type(loaded).__name__}")
         tree = loaded
     for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like key.sub=value")
-        key, raw = item.split("=", 1)
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
-        if key.strip() in ("autoencoder.kind", "prior.kind"):
-            _keep_settings_of_kind(tree, key.strip().split(".")[0])
+        key = _apply_override(tree, item, "")
+        if key in ("autoencoder.kind", "prior.kind"):
+            _keep_settings_of_kind(tree, key.split(".")[0])
     try:
         return ExperimentConfig.model_validate(tree)
     except ValidationError as exc:
@@ -293,10 +300,7 @@ def apply_overrides(model: _Section, overrides: Sequence[str], where: str) -> _S
     validated; `ConfigError` naming `where` and the key for a bad one."""
     tree = model.model_dump(mode="python")
     for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"{where}: override {item!r} must look like key.sub=value")
-        key, raw = item.split("=", 1)
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+        _apply_override(tree, item, f"{where}: ")
     try:
         return type(model).model_validate(tree)
     except ValidationError as exc:
