@@ -35,7 +35,7 @@ def _volume(shape: tuple[int, int, int] = (16, 16, 8), batch: int = 2) -> torch.
     return torch.rand(batch, 1, *shape, generator=torch.Generator().manual_seed(1))
 
 
-@pytest.mark.parametrize(("levels", "latent"), [(2, (4, 4, 2)), (3, (2, 2, 1))])
+@pytest.mark.parametrize(("levels", "latent"), [(1, (8, 8, 4)), (2, (4, 4, 2)), (3, (2, 2, 1))])
 def test_output_shapes_per_level_count(levels: int, latent: tuple[int, int, int]) -> None:
     model = _model(levels).train()
     x = _volume()

@@ -19,7 +19,10 @@ class VQVAEConfig(StrictModel):
 
     kind: Literal["vqvae"] = "vqvae"
     levels: int = Field(
-        3, ge=2, le=3, description="stride-2 downsamplings: 2 -> 4x, 3 -> 8x smaller per axis"
+        3,
+        ge=1,
+        le=3,
+        description="stride-2 downsamplings: 1 -> 2x, 2 -> 4x, 3 -> 8x smaller per axis",
     )
     channels: tuple[int, ...] = Field(
         (32, 64, 128),
