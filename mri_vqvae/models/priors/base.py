@@ -59,6 +59,19 @@ class Prior(Protocol):
         ...
 
 
+@runtime_checkable
+class CompletingPrior(Prior, Protocol):
+    """A prior that can redraw some positions of given grids and keep the others."""
+
+    def complete(
+        self, indices: Tensor, masked: Tensor, generator: torch.Generator,
+        labels: Tensor | None = None, **options: Any,
+    ) -> Tensor:
+        """Grids (B, d, h, w) int64 equal to `indices` where `masked` (bool, same shape) is
+        False and redrawn by the prior where it is True; `sample`'s options."""
+        ...
+
+
 class PositionwisePrior(nn.Module):
     """Base of priors with an exact per-position likelihood: `loss` and `grid_bits` from `bits`.
 
@@ -101,6 +114,14 @@ def check_indices(indices: Tensor, codebook_size: int) -> Tensor:
     _check_range(indices, codebook_size, "indices", "the prior's codebook_size",
                  "; use a prior trained on the codes of this autoencoder")
     return indices.long()
+
+def check_completion_mask(masked: Tensor, shape: tuple[int, ...]) -> None:
+    """`PriorInputError` unless `masked` is a bool tensor of the grids' `shape` (B, d, h, w)."""
+    if not isinstance(masked, Tensor) or masked.dtype != torch.bool or tuple(masked.shape) != shape:
+        got = (masked.dtype, tuple(masked.shape)) if isinstance(masked, Tensor) else type(masked)
+        raise PriorInputError(f"masked must be a bool tensor of the grids' shape {shape}, "
+                              f"received {got}; True marks the positions to redraw")
+
 
 def check_labels(labels: Tensor | None, batch: int, num_classes: int) -> Tensor | None:
     """Validate class labels (B,) against ``num_classes``; return int64 labels or None."""

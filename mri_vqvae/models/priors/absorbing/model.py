@@ -47,7 +47,12 @@ from mri_vqvae.models.priors.absorbing.masking import (
 )
 from mri_vqvae.models.priors.absorbing.network import BidirectionalNet3D
 from mri_vqvae.models.priors.absorbing.sampling import Predict, check_sampling, decode
-from mri_vqvae.models.priors.base import PriorInputError, check_indices, check_labels
+from mri_vqvae.models.priors.base import (
+    PriorInputError,
+    check_completion_mask,
+    check_indices,
+    check_labels,
+)
 
 LN2 = math.log(2.0)
 
@@ -208,9 +213,7 @@ class AbsorbingPrior(nn.Module):
 
 def _check_mask(masked: Tensor, shape: tuple[int, ...]) -> None:
     """`PriorInputError` unless `masked` is bool of `shape` with equal True counts per grid."""
-    if masked.dtype != torch.bool or tuple(masked.shape) != shape:
-        raise PriorInputError(f"masked must be a bool tensor of the grids' shape {shape}, "
-                              f"received {masked.dtype} {tuple(masked.shape)}")
+    check_completion_mask(masked, shape)
     counts = masked.flatten(1).sum(1)
     if bool((counts != counts[0]).any()):
         raise PriorInputError("masked must mask the same number of positions in every grid "

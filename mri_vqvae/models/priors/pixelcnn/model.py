@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +42,7 @@ from torch import Tensor, nn
 from mri_vqvae.models.priors.base import (
     PositionwisePrior,
     PriorInputError,
+    check_completion_mask,
     check_indices,
     check_labels,
 )
@@ -286,6 +288,7 @@ class GatedPixelCNN3D(PositionwisePrior):
         method: str = "fast",
         greedy: bool = False,
         context: Tensor | None = None,
+        kept: Tensor | None = None,
     ) -> Tensor:
         """Draw code grids (B, d, h, w) int64 for ``shape = (B, d, h, w)`` in raster order.
 
@@ -296,6 +299,7 @@ class GatedPixelCNN3D(PositionwisePrior):
         ``temperature=0`` or ``greedy`` takes the argmax (an ablation, not a sampler). NaN/±Inf
         logits raise `mri_vqvae.core.finite.NonFiniteError` instead of drawing garbage codes.
         ``context`` (B, d, h, w, context_dim) is required exactly when ``context_dim > 0``.
+        ``kept`` (B, d, h, w): codes to place instead of drawing (-1: draw); see `complete`.
         """
         from mri_vqvae.models.priors.pixelcnn.sampling import sample_grid
 
@@ -309,6 +313,35 @@ class GatedPixelCNN3D(PositionwisePrior):
             method=method,
             greedy=greedy,
             context=context,
+            kept=kept,
+        )
+
+
+    @torch.no_grad()
+    def complete(
+        self,
+        indices: Tensor,
+        masked: Tensor,
+        generator: torch.Generator,
+        labels: Tensor | None = None,
+        **options: Any,
+    ) -> Tensor:
+        """Redraw the `masked` positions of code grids, keeping the others: (B, d, h, w) int64.
+
+        indices (B, d, h, w) valid codes; masked (B, d, h, w) bool. The grid is drawn in raster
+        order as `sample` draws it, with every kept position taking its code, so a redrawn
+        position is conditioned on the (kept or redrawn) codes before it, not on those after.
+        With every position masked this is `sample` for the same generator state; with none,
+        `indices`. ``options`` are `sample`'s.
+        """
+        indices = self.check_indices(indices)
+        check_completion_mask(masked, tuple(indices.shape))
+        return self.sample(
+            tuple(indices.shape),
+            generator,
+            labels,
+            kept=indices.masked_fill(masked.to(indices.device), -1),
+            **options,
         )
 
 

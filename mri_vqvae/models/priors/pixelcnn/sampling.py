@@ -330,9 +330,13 @@ def sample_grid(
     method: str = "fast",
     greedy: bool = False,
     context: Tensor | None = None,
+    kept: Tensor | None = None,
 ) -> Tensor:
     """Sample code grids (B, d, h, w) int64 from ``model``; see `GatedPixelCNN3D.sample`.
 
+    ``kept`` (B, d, h, w) int64: a code >= 0 is taken instead of a draw at that position (the
+    uniform is still drawn, so the random stream stays aligned), -1 is drawn; every later
+    position is conditioned on the codes so placed (`GatedPixelCNN3D.complete`).
     Raises `NonFiniteError` (no grid returned) when the model's logits are NaN/±Inf.
     """
     batch, d, h, w = _check_shape(shape)
@@ -359,11 +363,15 @@ def sample_grid(
     out = torch.zeros(batch, d, h, w, dtype=torch.long, device=device)
     all_finite = torch.ones((), dtype=torch.bool, device=device)
     steps = [0]
+    fixed = None if kept is None else kept.to(device).reshape(batch, -1)
 
     def choose(logits: Tensor) -> Tensor:
         # The finiteness flag stays on the device; it is read once per latent slice (one host
         # sync per slice, not per voxel), so a diverged prior stops within one slice.
         codes, finite = draw(logits, generator, temperature, top_k, greedy)
+        if fixed is not None:  # positions are chosen in raster order: steps[0] is this one
+            here = fixed[:, steps[0]]
+            codes = torch.where(here >= 0, here, codes)
         all_finite.logical_and_(finite)
         steps[0] += 1
         if steps[0] % (h * w) == 0 and not bool(all_finite):

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from mri_vqvae.models.priors.base import (
     PositionwisePrior,
     PriorInputError,
+    check_completion_mask,
     check_indices,
     check_labels,
 )
@@ -122,19 +123,52 @@ class TwoLevelPrior(PositionwisePrior):
         ``options`` are the PixelCNN's (``temperature``, ``top_k``, ``method``, ``greedy``) for
         both stages; ``top_k`` is capped at ``coarse_codes`` for the coarse one.
         """
-        unknown = sorted(set(options) - set(self.sample_options))
-        if unknown:
-            raise PriorInputError(f"unknown sampling options {unknown}; use {self.sample_options}")
+        coarse_opts = self._coarse_options(options)
         if len(shape) != 4:
             raise PriorInputError(f"shape must be (B, d, h, w), received {tuple(shape)!r}")
         b, *grid = shape
         coarse_map.check_divisible(tuple(grid), self.factor)
         small = (b, *(n // self.factor for n in grid))
-        top_k = options.get("top_k")
-        cap = None if top_k is None else min(top_k, self.coarse.codebook_size)
-        coarse_opts = {**options, "top_k": cap}
         coarse = self.coarse.sample(small, generator, labels, **coarse_opts)
         return self.fine.sample(shape, generator, labels, context=self.context(coarse), **options)
+
+    @torch.no_grad()
+    def complete(
+        self,
+        indices: Tensor,
+        masked: Tensor,
+        generator: torch.Generator,
+        labels: Tensor | None = None,
+        **options: Any,
+    ) -> Tensor:
+        """Redraw the `masked` positions of code grids, keeping the others: (B, d, h, w) int64.
+
+        The coarse grid keeps the cluster of every block without a masked position and redraws
+        the others (`GatedPixelCNN3D.complete`); the codes are then completed given it. With
+        every position masked this is `sample` for the same generator state; with none,
+        `indices`. ``options`` are `sample`'s.
+        """
+        coarse_opts = self._coarse_options(options)
+        indices = check_indices(indices, self.codebook_size)
+        check_completion_mask(masked, tuple(indices.shape))
+        masked = masked.to(indices.device)
+        f = self.factor
+        redraw = F.max_pool3d(masked[:, None].float(), f, f)[:, 0] > 0
+        coarse = self.coarse.complete(
+            self.coarse_grid(indices), redraw, generator, labels, **coarse_opts
+        )
+        return self.fine.complete(
+            indices, masked, generator, labels, context=self.context(coarse), **options
+        )
+
+    def _coarse_options(self, options: dict[str, Any]) -> dict[str, Any]:
+        """Check sampling options; the coarse stage's copy caps ``top_k`` at ``coarse_codes``."""
+        unknown = sorted(set(options) - set(self.sample_options))
+        if unknown:
+            raise PriorInputError(f"unknown sampling options {unknown}; use {self.sample_options}")
+        top_k = options.get("top_k")
+        cap = None if top_k is None else min(top_k, self.coarse.codebook_size)
+        return {**options, "top_k": cap}
 
 
 def state_numel(cfg: TwoLevelConfig) -> int:
