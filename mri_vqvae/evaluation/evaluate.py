@@ -47,6 +47,7 @@ from mri_vqvae.evaluation.blocks import (
     reconstruction_block,
     unigram_case_bits,
 )
+from mri_vqvae.evaluation.healing import Healer
 from mri_vqvae.evaluation.held_parts import (
     PartResult,
     finished_parts,
@@ -322,7 +323,7 @@ def _prior_passes(prior: PriorRun, scorer: Scorer, model: Any, held: HeldOut,
                                   s.num_resamples, s.seed)
     likelihood["lesions"] = lesion_block(
         held, train, source.codebook_size, model.factor, source.data.spacing,
-        out / "figures" if distributed.is_main() else None)
+        out / "figures" if distributed.is_main() else None, Healer(model, scorer, s.seed))
     if samples_block is not None:
         samples_block["memorisation"] = memorisation_block(nearest, s.num_samples, held)
         volume_groups = None if groups is None else \

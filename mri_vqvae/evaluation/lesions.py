@@ -5,7 +5,9 @@ mapped to voxels (each latent fills its block) and scored by `metrics.lesion.les
 lesion voxels against the other voxels of the head, eroded by one latent block (no brain
 extraction; the scalp and the field-of-view edge are left out). Beside it, the same AUROC of the
 unigram's map (-log2 of each code's training frequency: rarity without context), so a reader
-sees what the prior's context adds. Figures: the scan with both maps and the lesion outlined.
+sees what the prior's context adds, and of the healed-reconstruction map
+(`mri_vqvae.evaluation.healing`) where the prior can redraw part of a grid. Figures: the scan
+with the maps and the lesion outlined.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mri_vqvae.evaluation.healing import HEAL_DRAWS, HEAL_P, Healer
 from mri_vqvae.evaluation.passes import HeldOut, LesionCase, TrainPass
 from mri_vqvae.evaluation.report.figures import lesion_overlay
 from mri_vqvae.metrics.lesion import inner_head, lesion_auroc
@@ -34,45 +37,61 @@ def _mean(values: Sequence[float]) -> float:
 
 @torch.no_grad()
 def lesion_block(held: HeldOut, train: TrainPass, codebook_size: int, factor: int,
-                 spacing: Sequence[float], figures: Path | None) -> dict[str, Any] | None:
-    """AUROC of the prior's and the unigram's maps per lesion case (None without one); with
-    `figures`, writes ``lesion_<case>.png`` there and records its name."""
+                 spacing: Sequence[float], figures: Path | None,
+                 healer: Healer | None = None) -> dict[str, Any] | None:
+    """AUROC of the prior's, the unigram's and the healed maps per lesion case (None without
+    one); with `figures`, writes ``lesion_<case>.png`` there and records its name."""
     if not held.lesions:
         return None
     if figures is not None:
         figures.mkdir(parents=True, exist_ok=True)
     unigram = fitted_unigram(torch.stack(train.grids), codebook_size) if train.grids else None
     volumes = {c.case_id: v for c, v in zip(held.cases, held.volumes, strict=True)}
-    rows = [_case_row(les, volumes[les.case_id], unigram, factor, spacing, figures)
+    healing = healer if healer is not None and healer.available() else None
+    rows = [_case_row(les, volumes[les.case_id], unigram, factor, spacing, figures, healing)
             for les in held.lesions]
     return {
         "measure": "AUROC of -log2 p per latent (each latent filling its voxel block) for lesion "
                    "voxels against the other voxels of the head eroded by one latent block",
         "region_margin_voxels": factor,
         "baseline": "the unigram's map: -log2 of each code's add-one smoothed training frequency",
+        "healed": None if healing is None else {
+            "measure": "mean |scan - decoded healed grid| over the draws, weighted by the "
+                       "smoothed mask of redrawn latents (the same region and lesion voxels)",
+            "redraw_below_p": HEAL_P, "draws": HEAL_DRAWS, "seed": healing.seed},
         "goal": GOAL_AUROC,
         "num_cases": len(rows),
         "mean_auroc_prior": _mean([r["auroc_prior"] for r in rows]),
         "mean_auroc_unigram": _mean([r["auroc_unigram"] for r in rows]),
+        "mean_auroc_healed": _mean([r["auroc_healed"] for r in rows]),
         "cases": rows,
     }
 
 
 def _case_row(les: LesionCase, volume: np.ndarray, unigram: Any, factor: int,
-              spacing: Sequence[float], figures: Path | None) -> dict[str, Any]:
+              spacing: Sequence[float], figures: Path | None,
+              healer: Healer | None) -> dict[str, Any]:
     region = inner_head(volume, factor)
     prior = None if les.latent_bits is None else block_upsample(les.latent_bits, factor)
     rarity = None if unigram is None else \
         block_upsample(unigram.bits(les.indices[None])[0].float().numpy(), factor)
+    healed = None if healer is None or les.latent_bits is None else \
+        healer.heal(les.case_id, volume, les.indices, les.latent_bits)
     row: dict[str, Any] = {
         "case_id": les.case_id,
         "lesion_voxels": int(les.lesion.sum()),
         "region_voxels": int(region.sum()),
         "auroc_prior": math.nan if prior is None else lesion_auroc(prior, les.lesion, region),
         "auroc_unigram": math.nan if rarity is None else lesion_auroc(rarity, les.lesion, region),
+        "auroc_healed": math.nan if healed is None else
+        lesion_auroc(healed.residual, les.lesion, region),
+        "redrawn_share": None if healed is None else healed.redrawn,
         "figure": None,
     }
-    maps = [(name, m) for name, m in (("prior", prior), ("unigram", rarity)) if m is not None]
+    maps = [(name, m, unit) for name, m, unit in (
+        ("prior", prior, "bits / latent"), ("unigram", rarity, "bits / latent"),
+        ("healed", None if healed is None else healed.residual, "|scan - healed|"))
+        if m is not None]
     if figures is not None and maps and les.lesion.any():
         path = lesion_overlay(les.case_id, volume, les.lesion, maps, spacing,
                               figures / f"lesion_{les.case_id}.png")

@@ -6,6 +6,7 @@ The VQ-VAE and prior runs record the digest of the manifest *before* its lesion 
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from pathlib import Path
@@ -18,7 +19,10 @@ from mri_vqvae.artifacts.checkpoint import load_checkpoint
 from mri_vqvae.data.manifest import load_manifest, write_manifest
 from mri_vqvae.data.transforms import LESION, build_transforms, with_masks
 from mri_vqvae.evaluation.evaluate import EvaluateSettings, evaluate_runs
+from mri_vqvae.evaluation.healing import HEAL_P, Healer
+from mri_vqvae.evaluation.passes import Scorer
 from mri_vqvae.metrics.lesion import inner_head, lesion_auroc
+from mri_vqvae.models.priors.pixelcnn.model import GatedPixelCNN3D
 from mri_vqvae.tasks.likelihood import block_upsample
 from tests.support.runs import (
     CFG,
@@ -26,6 +30,7 @@ from tests.support.runs import (
     make_manifest,
     make_unigram_run,
     make_vqvae_run,
+    save_prior_run,
 )
 
 HEAD = (40, 44, 36)
@@ -73,8 +78,59 @@ def test_lesion_auroc_of_each_case_equals_the_direct_computation(world: dict[str
         assert (tmp_path / "e" / row["figure"]).is_file()
     assert block["mean_auroc_prior"] == pytest.approx(
         np.mean([r["auroc_prior"] for r in block["cases"]]))
+    assert block["healed"] is None  # a unigram cannot redraw part of a grid
+    assert all(r["auroc_healed"] is None for r in block["cases"])  # NaN is written as null
     page = result.report_path.read_text()
     assert "AUROC prior" in page and "lesion outlined in cyan" in page
+    assert "no healed map" in page
+
+
+def _peaked_pixelcnn_run(world: dict[str, Path]) -> Path:
+    """A PixelCNN prior run that puts almost all mass on code 0, so every other code costs more
+    than the healing threshold and is redrawn."""
+    torch.manual_seed(2)
+    prior = GatedPixelCNN3D(CFG.prior).eval()
+    with torch.no_grad():
+        prior.head_out.bias[0] = 12.0
+    latents = world["root"] / "pix_latents"
+    latents.mkdir(exist_ok=True)
+    (latents / "index.json").write_text(json.dumps({"cases": []}))
+    digest = load_manifest(world["root"] / "manifest.json").digest
+    run = save_prior_run(world["root"] / "pix" / "prior" / "20250101T000000Z-smoke-s0", prior,
+                         world["vqvae"] / "checkpoints" / "best", latents, digest, (4, 4, 4),
+                         CFG.data)
+    (run / "metrics.jsonl").write_text(json.dumps(
+        {"step": 6, "epoch": 0, "split": "train", "loss": 3.0, "bits_per_latent": 4.3}) + "\n")
+    return run
+
+
+def test_healed_map_auroc_of_a_completing_prior(world: dict[str, Path], tmp_path: Path) -> None:
+    """With a PixelCNN the block holds the healed map's AUROC per case: the AUROC of the map
+    `Healer` gives for that scan, its codes and the prior's bits, with evaluate's seed."""
+    run = _peaked_pixelcnn_run(world)
+    result = evaluate_runs(world["vqvae"], load_manifest(world["manifest"]), tmp_path / "e",
+                           prior_run=run, settings=SETTINGS)
+    block = result.metrics["likelihood"]["lesions"]
+    assert block["healed"]["redraw_below_p"] == HEAL_P and block["healed"]["seed"] == 0
+    model = load_checkpoint(world["vqvae"] / "checkpoints" / "best").model.eval()
+    prior = load_checkpoint(run / "checkpoints" / "best").model.eval()
+    manifest = load_manifest(world["manifest"])
+    for row in block["cases"]:
+        case = next(c for c in manifest.cases if c.case_id == row["case_id"])
+        item = {"image": str(manifest.data_root / case.path)}
+        volume = build_transforms(CFG.data)(dict(item))["image"].as_tensor()[0].numpy()
+        mask_item = {**item, LESION: str(manifest.data_root / str(case.lesion_mask))}
+        mask = with_masks(CFG.data)(mask_item)[LESION].as_tensor()[0].numpy() > 0.5
+        with torch.no_grad():
+            codes = model.encode_indices(torch.from_numpy(volume)[None, None])
+            bits = prior.bits(codes)[0].numpy()
+        healed = Healer(model, Scorer(prior), 0).heal(row["case_id"], volume, codes[0], bits)
+        assert healed is not None and 0 < healed.redrawn == row["redrawn_share"]
+        expected = lesion_auroc(healed.residual, mask, inner_head(volume, model.factor))
+        assert row["auroc_healed"] == pytest.approx(expected, abs=1e-9)
+    assert block["mean_auroc_healed"] == pytest.approx(
+        np.mean([r["auroc_healed"] for r in block["cases"]]))
+    assert "AUROC healed" in result.report_path.read_text()
 
 
 def test_a_corrupted_mask_is_left_out_and_the_case_still_evaluated(

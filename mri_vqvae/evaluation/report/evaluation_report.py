@@ -169,14 +169,19 @@ def _lesions(block: Mapping[str, Any] | None, out: Path) -> list[Block]:
     """The lesion-AUROC table and overlays (nothing when no held-out case has a lesion mask)."""
     if not block:
         return []
-    rows = [[r["case_id"], r["lesion_voxels"], r["region_voxels"], fmt(r["auroc_prior"], 3),
-             fmt(r["auroc_unigram"], 3)] for r in block["cases"]]
-    rows.append(["mean", "", "", fmt(block["mean_auroc_prior"], 3),
-                 fmt(block["mean_auroc_unigram"], 3)])
+    keys = ["auroc_prior", "auroc_unigram", "auroc_healed"]
+    rows = [[r["case_id"], r["lesion_voxels"], r["region_voxels"],
+             *(fmt(r.get(k, np.nan), 3) for k in keys)] for r in block["cases"]]
+    rows.append(["mean", "", "", *(fmt(block.get(f"mean_{k}", np.nan), 3) for k in keys)])
+    healed = block.get("healed")
+    how = "the prior cannot redraw part of a grid: no healed map" if not healed else \
+        f"healed: {healed['measure']}, latents with p < {healed['redraw_below_p']} redrawn, " \
+        f"{healed['draws']} draws"
     blocks: list[Block] = [Table(
-        ["case", "lesion voxels", "region voxels", "AUROC prior", "AUROC unigram"], rows,
-        f"Do the maps point at the lesion? {block['measure']}; baseline: {block['baseline']}. "
-        f"0.5 is chance; goal {block['goal']}.")]
+        ["case", "lesion voxels", "region voxels", "AUROC prior", "AUROC unigram",
+         "AUROC healed"], rows,
+        f"Do the maps point at the lesion? {block['measure']}; baseline: {block['baseline']}; "
+        f"{how}. 0.5 is chance; goal {block['goal']}.")]
     blocks += [Figure(out / r["figure"], f"{r['case_id']}: lesion outlined in cyan")
                for r in block["cases"] if r["figure"]]
     return blocks

@@ -94,16 +94,16 @@ def likelihood_overlay(
 
 
 def lesion_overlay(case_id: str, image: np.ndarray, lesion: np.ndarray,
-                   maps: Sequence[tuple[str, np.ndarray]], spacing: Sequence[float],
+                   maps: Sequence[tuple[str, np.ndarray, str]], spacing: Sequence[float],
                    path: str | Path) -> Path:
-    """PNG: one row per ``(label, bits map (X, Y, Z))`` over the scan (grey), the lesion mask
+    """PNG: one row per ``(label, map (X, Y, Z), unit)`` over the scan (grey), the lesion mask
     (X, Y, Z) bool outlined in cyan; three views through the lesion's centre of mass, each map
     on its own inferno scale (1st to 99th percentile). 10 x 3.4 inches per row."""
     centre = np.round(np.argwhere(lesion).mean(axis=0)).astype(int)
     fig, axes = plt.subplots(len(maps), 3, figsize=(10, 3.4 * len(maps)), squeeze=False)
     scan = mid_slices(np.asarray(image), spacing, centre)
     outline = mid_slices(np.asarray(lesion, np.float32), spacing, centre)
-    for r, (label, bits) in enumerate(maps):
+    for r, (label, bits, unit) in enumerate(maps):
         low, top = (float(v) for v in np.percentile(bits, [1, 99]))
         shown = None
         for c, (img, aspect) in enumerate(scan):
@@ -118,8 +118,8 @@ def lesion_overlay(case_id: str, image: np.ndarray, lesion: np.ndarray,
             if r == 0:
                 ax.set_title(VIEWS[c])
         axes[r][0].set_ylabel(label, fontsize=8)
-        fig.colorbar(shown, ax=axes[r].tolist(), shrink=0.8, label="bits / latent")
-    fig.suptitle(f"{case_id}: lesion (cyan) under the likelihood maps")
+        fig.colorbar(shown, ax=axes[r].tolist(), shrink=0.8, label=unit)
+    fig.suptitle(f"{case_id}: lesion (cyan) under the anomaly maps")
     return save_figure(fig, path, tight=False)  # shared colour bars defeat tight_layout
 
 
