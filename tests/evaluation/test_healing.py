@@ -10,6 +10,8 @@ from monai.transforms import GaussianSmooth
 from mri_vqvae.evaluation.healing import HEAL_BITS, HEAL_DRAWS, Healer
 from mri_vqvae.evaluation.passes import Scorer
 from mri_vqvae.models.autoencoders.vqvae.model import VQVAE
+from mri_vqvae.models.priors.absorbing.config import AbsorbingConfig
+from mri_vqvae.models.priors.absorbing.model import AbsorbingPrior
 from mri_vqvae.models.priors.pixelcnn.model import GatedPixelCNN3D
 from tests.support.runs import CFG, split_unigram
 from tests.support.volumes import make_head
@@ -36,10 +38,19 @@ def test_nothing_unlikely_nothing_redrawn_and_a_zero_map(parts) -> None:
     assert healed.residual.shape == volume.shape and not healed.residual.any()
 
 
-def test_everything_unlikely_is_the_mean_error_of_decoded_samples(parts) -> None:
+def _absorbing() -> AbsorbingPrior:
+    torch.manual_seed(1)
+    return AbsorbingPrior(AbsorbingConfig(
+        codebook_size=CFG.autoencoder.codebook_size, channels=8, coarse_channels=16,
+        attention_heads=2, max_grid_size=8)).eval()
+
+
+@pytest.mark.parametrize("kind", ["pixelcnn", "absorbing"])
+def test_everything_unlikely_is_the_mean_error_of_decoded_samples(parts, kind: str) -> None:
     """With every latent above the threshold the healed grids are the prior's samples for the
     seed (complete == sample), so the map is computed here from `sample` and `decode_indices`."""
     model, prior, volume, codes = parts
+    prior = prior if kind == "pixelcnn" else _absorbing()
     bits = np.full((4, 4, 4), HEAL_BITS + 0.01)
     healed = Healer(model, Scorer(prior), SEED).heal("a", volume, codes, bits)
     assert healed is not None and healed.redrawn == 1.0
