@@ -156,3 +156,12 @@ def test_config_levels_must_match_channels() -> None:
         None, ["vqvae.levels=2", "vqvae.channels=[8,16]"] + ["vqvae.num_res_channels=[8,16]"]
     ).autoencoder
     assert cfg.levels == 2 and cfg.channels == (8, 16)
+
+
+def test_the_shipped_levels1_config_is_brain64_with_one_level() -> None:
+    one, base = load_config("brain64_levels1"), load_config("brain64")
+    assert (one.autoencoder.levels, one.autoencoder.channels) == (1, (32,))
+    assert one.autoencoder.num_res_channels == (32,)
+    same = one.model_copy(update={"name": "brain64", "autoencoder": base.autoencoder})
+    assert same == base
+    assert VQVAE(one.autoencoder).latent_shape(one.data.spatial_size) == (32, 40, 32)
