@@ -318,14 +318,8 @@ class GatedPixelCNN3D(PositionwisePrior):
 
 
     @torch.no_grad()
-    def complete(
-        self,
-        indices: Tensor,
-        masked: Tensor,
-        generator: torch.Generator,
-        labels: Tensor | None = None,
-        **options: Any,
-    ) -> Tensor:
+    def complete(self, indices: Tensor, masked: Tensor, generator: torch.Generator,
+                 labels: Tensor | None = None, **options: Any) -> Tensor:
         """Redraw the `masked` positions of code grids, keeping the others: (B, d, h, w) int64.
 
         indices (B, d, h, w) valid codes; masked (B, d, h, w) bool. The grid is drawn in raster

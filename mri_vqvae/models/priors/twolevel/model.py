@@ -133,14 +133,8 @@ class TwoLevelPrior(PositionwisePrior):
         return self.fine.sample(shape, generator, labels, context=self.context(coarse), **options)
 
     @torch.no_grad()
-    def complete(
-        self,
-        indices: Tensor,
-        masked: Tensor,
-        generator: torch.Generator,
-        labels: Tensor | None = None,
-        **options: Any,
-    ) -> Tensor:
+    def complete(self, indices: Tensor, masked: Tensor, generator: torch.Generator,
+                 labels: Tensor | None = None, **options: Any) -> Tensor:
         """Redraw the `masked` positions of code grids, keeping the others: (B, d, h, w) int64.
 
         The coarse grid keeps the cluster of every block without a masked position and redraws
