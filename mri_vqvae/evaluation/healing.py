@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import torch
@@ -62,8 +63,8 @@ class Healer:
         labels = self.scorer.labels(case_id, device)
         labels = None if labels is None else labels.expand(HEAL_DRAWS)
         generator = torch.Generator(device).manual_seed(self.seed)
-        healed = self.scorer.prior.complete(  # type: ignore[attr-defined]
-            grids, flagged[None].expand_as(grids), generator, labels)
+        prior = cast(CompletingPrior, self.scorer.prior)
+        healed = prior.complete(grids, flagged[None].expand_as(grids), generator, labels)
         volumes = self.model.decode_indices(healed).float()[:, 0].clamp(0, 1).cpu().numpy()
         residual = np.abs(volumes - np.asarray(volume, np.float32)[None]).mean(axis=0)
         factor = self.model.factor
