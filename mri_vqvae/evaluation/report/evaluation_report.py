@@ -170,10 +170,10 @@ def _lesions(block: Mapping[str, Any] | None, out: Path) -> list[Block]:
     if not block:
         return []
     keys = ["auroc_prior", "auroc_unigram", "auroc_healed"]
-    rows = [[r["case_id"], r["lesion_voxels"], r["region_voxels"],
-             *(fmt(r.get(k, np.nan), 3) for k in keys)] for r in block["cases"]]
-    rows.append(["mean", "", "", *(fmt(block.get(f"mean_{k}", np.nan), 3) for k in keys)])
-    healed = block.get("healed")
+    rows = [[r["case_id"], r["lesion_voxels"], r["region_voxels"], *(fmt(r[k], 3) for k in keys)]
+            for r in block["cases"]]
+    rows.append(["mean", "", "", *(fmt(block[f"mean_{k}"], 3) for k in keys)])
+    healed = block["healed"]
     how = "the prior cannot redraw part of a grid: no healed map" if not healed else \
         f"healed: {healed['measure']}, latents with p < {healed['redraw_below_p']} redrawn, " \
         f"{healed['draws']} draws"
