@@ -6,7 +6,6 @@ The VQ-VAE and prior runs record the digest of the manifest *before* its lesion 
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
@@ -28,9 +27,9 @@ from tests.support.runs import (
     CFG,
     annotate_lesions,
     make_manifest,
+    make_smoke_prior_run,
     make_unigram_run,
     make_vqvae_run,
-    save_prior_run,
 )
 
 HEAD = (40, 44, 36)
@@ -92,16 +91,8 @@ def _peaked_pixelcnn_run(world: dict[str, Path]) -> Path:
     prior = GatedPixelCNN3D(CFG.prior).eval()
     with torch.no_grad():
         prior.head_out.bias[0] = 12.0
-    latents = world["root"] / "pix_latents"
-    latents.mkdir(exist_ok=True)
-    (latents / "index.json").write_text(json.dumps({"cases": []}))
     digest = load_manifest(world["root"] / "manifest.json").digest
-    run = save_prior_run(world["root"] / "pix" / "prior" / "20250101T000000Z-smoke-s0", prior,
-                         world["vqvae"] / "checkpoints" / "best", latents, digest, (4, 4, 4),
-                         CFG.data)
-    (run / "metrics.jsonl").write_text(json.dumps(
-        {"step": 6, "epoch": 0, "split": "train", "loss": 3.0, "bits_per_latent": 4.3}) + "\n")
-    return run
+    return make_smoke_prior_run(world["root"] / "pix", world["vqvae"], digest, prior)
 
 
 def test_healed_map_auroc_of_a_completing_prior(world: dict[str, Path], tmp_path: Path) -> None:

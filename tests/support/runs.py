@@ -261,11 +261,19 @@ def make_unigram_run(root: Path, vq_run: Path, digest: str, prior: UnigramPrior 
                      label_names: tuple[str, ...] = ()) -> Path:
     """runs/prior/<run>/ of a unigram prior (kind ``unigram``) over the smoke VQ-VAE's grids
     (`label_names` for a conditional one)."""
+    model = prior if prior is not None else split_unigram(CFG.autoencoder.codebook_size, None, 4)
+    return make_smoke_prior_run(root, vq_run, digest, model, label_names)
+
+
+def make_smoke_prior_run(root: Path, vq_run: Path, digest: str, prior: torch.nn.Module,
+                         label_names: tuple[str, ...] = ()) -> Path:
+    """runs/prior/<run>/ of any `prior` over the smoke VQ-VAE's 4x4x4 grids, named by its kind,
+    with an empty latents index and a one-line metrics.jsonl."""
     latents = root / "latents" / vq_run.name
     latents.mkdir(parents=True, exist_ok=True)
     (latents / "index.json").write_text(json.dumps({"cases": []}))
-    model = prior if prior is not None else split_unigram(CFG.autoencoder.codebook_size, None, 4)
-    run = save_prior_run(root / "prior" / "20250101T000000Z-smoke-unigram-s0", model,
+    kind = prior.config.kind  # type: ignore[attr-defined]
+    run = save_prior_run(root / "prior" / f"20250101T000000Z-smoke-{kind}-s0", prior,
                          vq_run / "checkpoints" / "best", latents, digest, (4, 4, 4), CFG.data,
                          label_names)
     (run / "metrics.jsonl").write_text(json.dumps(
