@@ -20,12 +20,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mri_vqvae.core.figures import mid_slices, orthogonal_montage
+from mri_vqvae.core.figures import mid_slices, orthogonal_montage, plt
 from mri_vqvae.evaluation.report.evaluation_report import fmt, stat_text
 from mri_vqvae.evaluation.report.figures import (
+    ROW_LABEL_WIDTH,
     case_views,
     curve_keys,
     likelihood_overlay,
+    row_label,
     training_curves,
 )
 from mri_vqvae.evaluation.report.html import (
@@ -101,6 +103,24 @@ def test_montage_default_scale_is_each_volumes_percentile(tmp_path: Path) -> Non
     default = montage("default.png", None)
     np.testing.assert_array_equal(default, montage("80.png", 80.0))
     assert not np.array_equal(default, montage("160.png", 160.0))
+
+
+def test_a_long_case_id_is_wrapped_to_fit_beside_its_montage_row() -> None:
+    """paired_montage's rows are 2 inches: the kit's longest id at 8 pt is taller unwrapped, and
+    fits once wrapped, with every character kept."""
+    label = "open-ms-patient03-study2-FLAIR"
+    wrapped = row_label(label)
+    assert wrapped.replace("\n", "") == label and len(wrapped.splitlines()) == 2
+    assert all(len(line) <= ROW_LABEL_WIDTH for line in wrapped.splitlines())
+    assert row_label("sample 0") == "sample 0"
+    fig, ax = plt.subplots(figsize=(2, 2))
+    heights = []
+    for text in (label, wrapped):
+        shown = ax.set_ylabel(text, fontsize=8)
+        fig.canvas.draw()
+        heights.append(shown.get_window_extent().height / fig.dpi)  # inches
+    plt.close(fig)
+    assert heights[0] > 1.8 > heights[1]
 
 
 def test_case_views_show_input_reconstruction_and_error(volumes: tuple[np.ndarray, np.ndarray],

@@ -6,6 +6,7 @@ Volumes are (X, Y, Z) RAS arrays on one grid; PNGs are written atomically.
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,8 @@ from typing import Any
 import numpy as np
 
 from mri_vqvae.core.figures import VIEWS, blank_axes, mid_slices, plt, save_figure
+
+ROW_LABEL_WIDTH = 18  # characters per line of a montage's row label (8 pt beside a 2-inch row)
 
 
 def abs_error(image: np.ndarray, reconstruction: np.ndarray) -> np.ndarray:
@@ -123,6 +126,12 @@ def lesion_overlay(case_id: str, image: np.ndarray, lesion: np.ndarray,
     return save_figure(fig, path, tight=False)  # shared colour bars defeat tight_layout
 
 
+def row_label(label: str, width: int = ROW_LABEL_WIDTH) -> str:
+    """``label`` broken into lines of at most ``width`` characters (after a space or a hyphen
+    where it can), so a case id fits beside one 2-inch row of a montage."""
+    return "\n".join(textwrap.wrap(label, width, break_on_hyphens=True)) or label
+
+
 def paired_montage(left: Sequence[tuple[str, np.ndarray]], right: Sequence[tuple[str, np.ndarray]],
                    spacing: Sequence[float], path: str | Path,
                    titles: tuple[str, str] = ("", "")) -> Path:
@@ -145,7 +154,7 @@ def paired_montage(left: Sequence[tuple[str, np.ndarray]], right: Sequence[tuple
                 if r == 0:
                     cells[c].set_title(f"{titles[side]}: {VIEWS[c]}" if c == 0 else VIEWS[c],
                                        fontsize=9)
-            cells[0].set_ylabel(label, fontsize=8)
+            cells[0].set_ylabel(row_label(label), fontsize=8)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     return save_figure(fig, path)
 
