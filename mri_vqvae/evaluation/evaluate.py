@@ -302,9 +302,9 @@ def _prior_passes(prior: PriorRun, scorer: Scorer, model: Any, held: HeldOut,
                   manifest: Manifest, source: AutoencoderRun, s: EvaluateSettings, out: Path,
                   device: torch.device
                   ) -> tuple[NearestScan, TrainPass, dict[str, Any], dict[str, Any] | None]:
-    """Samples (rank 0), training bits and nearest scans, the samples' plausibility checks
-    (rank 0): (nearest, train pass, the likelihood block, the samples block or None without
-    samples)."""
+    """Samples (rank 0), training bits and nearest scans, the lesion block and the samples'
+    plausibility checks (rank 0): (nearest, train pass, the likelihood block, the samples block
+    or None without samples)."""
     drawn: tuple[np.ndarray, dict[str, Any] | None] = (
         np.zeros((0, *held.volumes[0].shape), np.float32), None)
     if s.num_samples > 0:
@@ -321,9 +321,10 @@ def _prior_passes(prior: PriorRun, scorer: Scorer, model: Any, held: HeldOut,
                        s.passes(), device, groups, _real_train_cases(manifest))
     likelihood = likelihood_block(held, train, prior.prior, source.codebook_size,
                                   s.num_resamples, s.seed)
-    likelihood["lesions"] = lesion_block(
-        held, train, source.codebook_size, model.factor, source.data.spacing,
-        out / "figures" if distributed.is_main() else None, Healer(model, scorer, s.seed))
+    lesions = lesion_block(  # rank 0: the healing draws are the same on every rank
+        held, train, source.codebook_size, model.factor, source.data.spacing, out / "figures",
+        Healer(model, scorer, s.seed)) if distributed.is_main() else None
+    likelihood["lesions"] = distributed.broadcast_object(lesions)
     if samples_block is not None:
         samples_block["memorisation"] = memorisation_block(nearest, s.num_samples, held)
         volume_groups = None if groups is None else \
