@@ -43,7 +43,6 @@ from mri_vqvae.models import registry
 from mri_vqvae.models.priors.base import Prior
 from mri_vqvae.models.priors.settings import PriorSettings
 from mri_vqvae.training.batching import check_world_size, dropout_seed, rank_keys
-from mri_vqvae.training.code_intensity import measure_code_intensity
 from mri_vqvae.training.errors import TrainingError
 from mri_vqvae.training.likelihood import LN2, likelihood_report, mean_scores
 from mri_vqvae.training.loop import TrainResult, run_stage
@@ -86,7 +85,6 @@ class PriorStage:
     maximize: bool = False
     bar_keys: tuple[str, ...] = ("bits_per_latent",)
     stop_work_factor: float = 3.0  # the stop also scores val and test for likelihood.json
-    code_intensity: Tensor | None = None  # for prepare, where the prior needs it (fresh runs)
 
     @property
     def kind(self) -> str:
@@ -176,10 +174,7 @@ class PriorStage:
         """A fresh run prepares the prior on the train grids; rank 0 records the latents."""
         if fresh:
             train = self.data.train
-            if self.code_intensity is not None:
-                self.model.prepare(train.grids, train.labels, code_intensity=self.code_intensity)
-            else:
-                cast(Prior, self.model).prepare(train.grids, train.labels)
+            cast(Prior, self.model).prepare(train.grids, train.labels)
         if not s.is_main:
             return
         copy = s.run_dir / LATENTS_COPY
@@ -232,13 +227,9 @@ def prior_config(config: ExperimentConfig, data: PriorData) -> PriorSettings:
 
 
 def build_prior_stage(
-    config: ExperimentConfig, index: LatentIndex, device: torch.device, fresh: bool = True
+    config: ExperimentConfig, index: LatentIndex, device: torch.device
 ) -> PriorStage:
-    """Seeded prior on `device` plus the grids and labels; raises before any folder is made.
-
-    A fresh two-level prior with ``coarse_features: intensity`` also gets each code's decoded
-    intensity here (`measure_code_intensity`), so a VQ-VAE that cannot be opened fails first.
-    """
+    """Seeded prior on `device` plus the grids and labels; raises before any folder is made."""
     if config.data.model_dump(mode="json") != index.data:
         log.warning("config.data differs from the data config the latents were made with; the "
                     "prior records the latents' one (%s)", index.root / LATENTS_INDEX)
@@ -248,11 +239,8 @@ def build_prior_stage(
     model_config = prior_config(config, data)
     seed_everything(config.seed)
     model = registry.build_model(model_config).to(device)
-    table = None
-    if fresh and getattr(model, "needs_code_intensity", False):
-        table = measure_code_intensity(index, data.train.grids, device)
     return PriorStage(train=tc, model_config=model_config, model=model, module=PriorLoss(model),
-                      data=data, code_intensity=table)
+                      data=data)
 
 
 def recorded_latents_dir(run_dir: str | Path) -> Path:
@@ -285,6 +273,6 @@ def train_prior(
                                  "train-prior needs --latents DIR (made by `mri-vqvae encode`)")
     index = load_latents(latents_dir)
     device = resolve_device(config.train_prior.device, "train_prior.device")
-    stage = build_prior_stage(config, index, device, fresh=resume is None)
+    stage = build_prior_stage(config, index, device)
     s = Session.open(stage, config, device)
     return run_stage(s, started, runs_root, resume, argv=argv)

@@ -22,14 +22,12 @@ from click.testing import CliRunner
 
 from mri_vqvae.artifacts.checkpoint import load_checkpoint
 from mri_vqvae.artifacts.latents import LatentIndex, load_latents
-from mri_vqvae.artifacts.loading import open_autoencoder_run
 from mri_vqvae.artifacts.resume import load_resume_state
 from mri_vqvae.artifacts.runs import read_metrics
 from mri_vqvae.config import ExperimentConfig, load_config
 from mri_vqvae.core.errors import ConfigError
 from mri_vqvae.data.manifest import load_manifest
 from mri_vqvae.models.priors.pixelcnn.model import GatedPixelCNN3D
-from mri_vqvae.models.priors.twolevel.coarse_map import code_intensity
 from mri_vqvae.models.priors.twolevel.model import TwoLevelPrior
 from mri_vqvae.models.priors.unigram.baseline import uniform_bits, unigram_bits
 from mri_vqvae.models.priors.unigram.model import UnigramPrior
@@ -283,47 +281,6 @@ def test_a_two_level_prior_trains_end_to_end_and_its_checkpoint_keeps_the_coarse
         volumes.append([nib.load(str(f)).get_fdata() for f in sorted(out.glob("sample_*.nii.gz"))])
     assert len(volumes[0]) == 2
     assert all(np.array_equal(a, b) for a, b in zip(*volumes, strict=True))
-
-
-def test_an_intensity_two_level_prior_measures_its_codes_with_the_latents_vqvae(
-    latents: Path, tmp_path: Path
-) -> None:
-    """coarse_features=intensity: the checkpoint's code features are the mean decoded sub-cells
-    of each code over the train grids, decoded by the VQ-VAE of the latents."""
-    args = ["train-prior", "--latents", str(latents), "--config", "smoke", "--runs-root",
-            str(tmp_path), *(a for o in TWO_LEVEL for a in ("--set", o)),
-            "--set", "prior.coarse_features=intensity"]
-    result = CliRunner().invoke(cli, args, catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    (run_dir,) = (tmp_path / "prior").iterdir()
-    prior = load_checkpoint(run_dir / "checkpoints" / "last").model
-    index = load_latents(latents)
-    train = _grids(index, "train")
-    vqvae = open_autoencoder_run(index.doc["vqvae_checkpoint"]).model
-    with torch.no_grad():
-        expected = code_intensity(vqvae.decode_indices(train), train, index.codebook_size)
-    assert torch.allclose(prior.code_features.double(), expected, atol=1e-6)
-    assert float(expected.abs().sum()) > 0
-    fresh = TwoLevelPrior(prior.config)
-    fresh.prepare(train, None, code_intensity=expected)
-    assert torch.equal(fresh.centres, prior.centres)
-
-
-def test_an_intensity_prior_without_its_vqvae_says_so_before_making_a_run(
-    latents: Path, tmp_path: Path
-) -> None:
-    config = load_config("smoke", [*TWO_LEVEL, "prior.coarse_features=intensity"])
-    for key, value, match in [("vqvae_checkpoint", str(tmp_path / "gone"), "cannot be opened"),
-                              ("vqvae_sha256", "0" * 64, "is not the one the latents")]:
-        moved = tmp_path / key
-        shutil.copytree(latents, moved)
-        doc = json.loads((moved / "index.json").read_text())
-        doc[key] = value
-        (moved / "index.json").write_text(json.dumps(doc))
-        with pytest.raises(TrainingError, match=match) as info:
-            train_prior(config, moved, runs_root=tmp_path / "runs")
-        assert "prior.coarse_features=neighbours" in str(info.value)
-    assert not (tmp_path / "runs").exists()
 
 
 def _relabelled(latents: Path, out: Path, modality: dict[str, str]) -> Path:

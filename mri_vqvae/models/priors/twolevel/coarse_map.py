@@ -1,17 +1,11 @@
 """The map from a fine code grid to its coarse grid: each block of codes -> one cluster.
 
-Codes are arbitrary symbols, so they are first given features from the train grids, one of two
-kinds (``coarse_features``):
-- neighbours: a code's profile of neighbours (how often each code sits next to it along any axis,
-  as a probability row), square-rooted (Hellinger) and projected onto its ``dim`` principal
-  directions. Codes of the same tissue have similar neighbours, hence nearby features. A block's
-  feature is the mean of its codes' features.
-- intensity: the mean decoded intensity of each 2x2x2 sub-cell of the voxels under a code, over
-  every place the code sits in the decoded train grids (`code_intensity`). A block's feature keeps
-  its codes' cells in place: a small image of the block (4 x 4 x 4 cells for factor 2), so the
-  clusters are patterns of tissue and the coarse grid is a layout of the head.
-k-means on the train blocks gives the cluster centres. Fitting is seeded and runs in float64; the
-fitted tables are the prior's buffers, so a checkpoint carries them.
+Codes are arbitrary symbols, so they are first given features from the train grids: a code's
+profile of neighbours (how often each code sits next to it along any axis, as a probability
+row), square-rooted (Hellinger) and projected onto its ``dim`` principal directions. Codes of the
+same tissue have similar neighbours, hence nearby features. A block's feature is the mean of its
+codes' features; k-means on the train blocks gives the cluster centres. Fitting is seeded and runs
+in float64; the fitted tables are the prior's buffers, so a checkpoint carries them.
 """
 
 from __future__ import annotations
@@ -48,61 +42,12 @@ def fit_code_features(train: Tensor, codebook_size: int, dim: int) -> Tensor:
     return centred @ vh[:dim].T
 
 
-def code_intensity(decoded: Tensor, indices: Tensor, codebook_size: int) -> Tensor:
-    """Mean decoded intensity of each code's 2x2x2 sub-cells: (K, 8) float64.
-
-    ``decoded`` (N, 1, D, H, W) are the volumes the VQ-VAE decodes from ``indices`` (N, d, h, w).
-    A code absent from ``indices`` gets zeros (background).
-    """
-    sums, counts = code_cell_sums(decoded, indices, codebook_size)
-    return sums / counts.clamp_min(1).double()[:, None]
-
-
-def code_cell_sums(decoded: Tensor, indices: Tensor, codebook_size: int) -> tuple[Tensor, Tensor]:
-    """Per code, the sum of its sub-cell intensities (K, 8) float64 and its count (K,) int64.
-
-    Each code covers (D/d, H/h, W/w) voxels of ``decoded`` (N, 1, D, H, W), split in two along
-    each axis where that is even (else one cell, repeated): summed over batches, these give
-    `code_intensity` of all of them.
-    """
-    n, d, h, w = indices.shape
-    size = decoded.shape[2:]
-    if decoded.shape[0] != n or any(s % g for s, g in zip(size, (d, h, w), strict=True)):
-        raise PriorInputError(
-            f"decoded volumes {tuple(decoded.shape)} do not hold a whole number of voxels per "
-            f"latent of the grids {tuple(indices.shape)}"
-        )
-    voxels = [s // g for s, g in zip(size, (d, h, w), strict=True)]
-    cell = [v // 2 if v % 2 == 0 else v for v in voxels]
-    cells = torch.nn.functional.avg_pool3d(decoded.double(), cell)[:, 0]
-    sub = [v // c for v, c in zip(voxels, cell, strict=True)]
-    per_code = cells.reshape(n, d, sub[0], h, sub[1], w, sub[2]).permute(0, 1, 3, 5, 2, 4, 6)
-    per_code = _to_eight_cells(per_code.reshape(n * d * h * w, -1), sub)
-    flat = indices.reshape(-1).long()
-    sums = torch.zeros(codebook_size, 8, dtype=torch.float64).index_add_(0, flat, per_code)
-    return sums, torch.bincount(flat, minlength=codebook_size)
-
-
-def _to_eight_cells(per_code: Tensor, sub: list[int]) -> Tensor:
-    """Cells (M, a*b*c) with 1 or 2 per axis -> (M, 8), a single cell repeated along its axis."""
-    if sub == [2, 2, 2]:
-        return per_code
-    x = per_code.reshape(-1, *sub)
-    for axis, n in enumerate(sub, start=1):
-        if n == 1:
-            x = x.repeat_interleave(2, dim=axis)
-    return x.reshape(-1, 8)
-
-
-def block_features(indices: Tensor, features: Tensor, factor: int, layout: bool = False) -> Tensor:
-    """The feature of each factor^3 block: (B, d, h, w) -> (B, d/f, h/f, w/f, F'); the mean of its
-    codes' features (F' = F), or with ``layout`` their concatenation in block order (F' = f^3 F)."""
+def block_features(indices: Tensor, features: Tensor, factor: int) -> Tensor:
+    """Mean code feature of each factor^3 block: (B, d, h, w) -> (B, d/f, h/f, w/f, F)."""
     b, d, h, w = indices.shape
     f = factor
     x = features[indices].reshape(b, d // f, f, h // f, f, w // f, f, features.shape[-1])
-    if not layout:
-        return x.mean(dim=(2, 4, 6))
-    return x.permute(0, 1, 3, 5, 2, 4, 6, 7).reshape(b, d // f, h // f, w // f, -1)
+    return x.mean(dim=(2, 4, 6))
 
 
 def kmeans(points: Tensor, clusters: int, seed: int = 0) -> Tensor:
@@ -127,13 +72,11 @@ def kmeans(points: Tensor, clusters: int, seed: int = 0) -> Tensor:
     return centres
 
 
-def coarse_codes(indices: Tensor, features: Tensor, centres: Tensor, factor: int,
-                 layout: bool = False) -> Tensor:
-    """The nearest cluster of each block: (B, d, h, w) -> (B, d/f, h/f, w/f) int64
-    (``layout`` as in `block_features`)."""
+def coarse_codes(indices: Tensor, features: Tensor, centres: Tensor, factor: int) -> Tensor:
+    """The nearest cluster of each block: (B, d, h, w) -> (B, d/f, h/f, w/f) int64."""
     check_divisible(indices.shape[1:], factor)
     with torch.autocast(indices.device.type, enabled=False):  # the same clusters in any precision
-        blocks = block_features(indices, features.float(), factor, layout)
+        blocks = block_features(indices, features.float(), factor)
         flat = blocks.reshape(-1, blocks.shape[-1])
         return torch.cdist(flat, centres.float()).argmin(1).reshape(blocks.shape[:-1])
 

@@ -9,8 +9,6 @@ from pydantic import Field, model_validator
 from mri_vqvae.models.priors.pixelcnn.config import PixelCNNConfig
 from mri_vqvae.models.priors.settings import PriorSettings
 
-INTENSITY_CELLS = 8  # 2 x 2 x 2 sub-cells of the voxels under one code
-
 
 def _coarse_stage() -> PixelCNNConfig:
     """Whole-grid reach on an 8x10x8 coarse grid (offsets 1..11 along each axis), with position."""
@@ -37,15 +35,8 @@ class TwoLevelConfig(PriorSettings):
     coarse_codes: int = Field(
         64, ge=2, description="clusters of code blocks: the coarse grid's codebook size"
     )
-    coarse_features: Literal["neighbours", "intensity"] = Field(
-        "neighbours",
-        description="what a block is clustered by: its codes' neighbour profiles (from the code "
-        "grids alone) or the decoded intensity under each code (INTENSITY_CELLS sub-cells per "
-        "code, measured by decoding the train grids with the VQ-VAE; a layout of tissue)",
-    )
     code_features: int = Field(
-        16, ge=1, description="dimensions of the neighbour-profile code features (coarse_features "
-        "neighbours); intensity features have INTENSITY_CELLS per code"
+        16, ge=1, description="dimensions of the code features the blocks are clustered by"
     )
     context_dim: int = Field(
         32, ge=1, description="width of the coarse-grid context added to every fine gated layer"
@@ -57,26 +48,12 @@ class TwoLevelConfig(PriorSettings):
 
     @model_validator(mode="after")
     def _features_fit_the_codebook(self) -> TwoLevelConfig:
-        if self.coarse_features == "neighbours" and self.code_features > self.codebook_size:
+        if self.code_features > self.codebook_size:
             raise ValueError(
                 f"code_features={self.code_features} exceeds codebook_size={self.codebook_size}: "
                 "a code's features are at most one per code; use at most the codebook size"
             )
         return self
-
-    @property
-    def code_dim(self) -> int:
-        """Length of one code's feature row (the ``code_features`` buffer's second axis)."""
-        return INTENSITY_CELLS if self.coarse_features == "intensity" else self.code_features
-
-    @property
-    def block_dim(self) -> int:
-        """Length of one block's feature (the cluster centres' second axis): intensity features
-        keep each code's cells in place (factor^3 codes x INTENSITY_CELLS), neighbour profiles
-        are averaged over the block."""
-        if self.coarse_features == "intensity":
-            return self.factor**3 * INTENSITY_CELLS
-        return self.code_features
 
     def coarse_config(self) -> PixelCNNConfig:
         """The coarse stage's settings with what the two-level prior decides filled in."""

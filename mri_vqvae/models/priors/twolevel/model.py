@@ -55,47 +55,23 @@ class TwoLevelPrior(PositionwisePrior):
         self.coarse_embedding = nn.Embedding(cfg.coarse_codes, width)
         self.context_in = nn.Conv3d(width, width, 3, padding=1)
         self.context_out = nn.Conv3d(width, width, 3, padding=1)
-        self.register_buffer("code_features", torch.zeros(cfg.codebook_size, cfg.code_dim))
-        self.register_buffer("centres", torch.zeros(cfg.coarse_codes, cfg.block_dim))
+        self.register_buffer("code_features", torch.zeros(cfg.codebook_size, cfg.code_features))
+        self.register_buffer("centres", torch.zeros(cfg.coarse_codes, cfg.code_features))
         self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
 
     # ---- the coarse map ------------------------------------------------------------------------
 
-    @property
-    def needs_code_intensity(self) -> bool:
-        """Whether `prepare` needs ``code_intensity`` (``coarse_features: intensity``)."""
-        return self.config.coarse_features == "intensity"
-
-    def prepare(self, train: Tensor, labels: Tensor | None,
-                code_intensity: Tensor | None = None) -> None:
-        """Fit the coarse map (code features, cluster centres) on the train grids (N, d, h, w).
-
-        ``code_intensity`` (K, 8): each code's decoded sub-cell intensities
-        (`coarse_map.code_intensity`), required with ``coarse_features: intensity``.
-        """
+    def prepare(self, train: Tensor, labels: Tensor | None) -> None:
+        """Fit the coarse map (code features, cluster centres) on the train grids (N, d, h, w)."""
         train = check_indices(train, self.codebook_size)
         coarse_map.check_divisible(train.shape[1:], self.factor)
         cfg = self.config
-        features = self._code_features(train, code_intensity)
-        blocks = coarse_map.block_features(train, features, self.factor, self.needs_code_intensity)
+        features = coarse_map.fit_code_features(train, cfg.codebook_size, cfg.code_features)
+        blocks = coarse_map.block_features(train, features, self.factor)
         centres = coarse_map.kmeans(blocks.reshape(-1, blocks.shape[-1]), cfg.coarse_codes)
         self.code_features.copy_(features.to(self.code_features))
         self.centres.copy_(centres.to(self.centres))
         self.fitted.fill_(True)
-
-    def _code_features(self, train: Tensor, code_intensity: Tensor | None) -> Tensor:
-        cfg = self.config
-        if not self.needs_code_intensity:
-            return coarse_map.fit_code_features(train, cfg.codebook_size, cfg.code_features)
-        expected = (cfg.codebook_size, cfg.code_dim)
-        if code_intensity is None or tuple(code_intensity.shape) != expected:
-            got = None if code_intensity is None else tuple(code_intensity.shape)
-            raise PriorInputError(
-                f"prior.coarse_features=intensity needs each code's decoded intensity, a "
-                f"{expected} table (coarse_map.code_intensity), received {got}; train-prior "
-                "measures it with the VQ-VAE the latents were encoded by"
-            )
-        return code_intensity.double()
 
     def coarse_grid(self, indices: Tensor) -> Tensor:
         """The cluster of each block: codes (B, d, h, w) -> (B, d/f, h/f, w/f) int64."""
@@ -105,8 +81,7 @@ class TwoLevelPrior(PositionwisePrior):
                 "(train-prior does) or load a trained checkpoint"
             )
         indices = check_indices(indices, self.codebook_size)
-        return coarse_map.coarse_codes(indices, self.code_features, self.centres, self.factor,
-                                       self.needs_code_intensity)
+        return coarse_map.coarse_codes(indices, self.code_features, self.centres, self.factor)
 
     def context(self, coarse: Tensor) -> Tensor:
         """Fine-stage context of a cluster grid: (B, d', h', w') -> (B, f d', f h', f w', E_c)."""
@@ -194,7 +169,7 @@ def state_numel(cfg: TwoLevelConfig) -> int:
     """Values in the state_dict of ``TwoLevelPrior(cfg)``, without building it."""
     width = cfg.context_dim
     context = cfg.coarse_codes * width + 2 * (27 * width * width + width)
-    tables = cfg.codebook_size * cfg.code_dim + cfg.coarse_codes * cfg.block_dim + 1
+    tables = (cfg.codebook_size + cfg.coarse_codes) * cfg.code_features + 1
     stages = pixelcnn_numel(cfg.coarse_config()) + pixelcnn_numel(cfg.fine_config())
     return stages + context + tables
 
