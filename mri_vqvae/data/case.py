@@ -14,7 +14,8 @@ from mri_vqvae.data import schema
 
 SPLITS = ("train", "val", "test")
 ORIGINS = ("real", "augmented")
-ANNOTATION_FIELDS = ("lesion_mask", "lesion_mask_sha256")  # about a case; not what trains
+MASKS = ("lesion_mask", "brain_mask")  # annotation volumes, each with "<name>_sha256"
+ANNOTATION_FIELDS = tuple(f for m in MASKS for f in (m, f"{m}_sha256"))  # not what trains
 OPTIONAL_FIELDS = ("series_uid", "session", *ANNOTATION_FIELDS)  # written to JSON only when set
 
 
@@ -24,9 +25,10 @@ class Case:
 
     `series_uid` selects one series of a folder holding several (None: every file of the
     folder); `session` names the visit of a subject scanned more than once (``study1``).
-    `lesion_mask` is an annotation: a label volume on the image's grid (relative to the data
-    root, nonzero = lesion) with its sha256, used by evaluation only. Optional fields are
-    written to JSON only when set, so older manifests keep their digests.
+    `lesion_mask` and `brain_mask` are annotations: label volumes on the image's grid (relative
+    to the data root, nonzero = lesion / brain) with their sha256, used by evaluation only (the
+    brain mask is the region a lesion is scored against). Optional fields are written to JSON
+    only when set, so older manifests keep their digests.
     """
 
     case_id: str
@@ -45,6 +47,8 @@ class Case:
     session: str | None = None
     lesion_mask: str | None = None
     lesion_mask_sha256: str | None = None
+    brain_mask: str | None = None
+    brain_mask_sha256: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "shape", tuple(int(v) for v in self.shape))
@@ -103,14 +107,16 @@ def parse_case(obj: Any, where: str) -> Case:
 
 
 def _annotations(obj: dict[str, Any], where: str) -> dict[str, str | None]:
-    """The lesion mask path and its sha256: both given or neither."""
-    mask, digest = obj.get("lesion_mask"), obj.get("lesion_mask_sha256")
-    if (mask is None) != (digest is None):
-        raise schema.field_error(f"{where}.lesion_mask", "a mask path and its sha256 together",
-                                 {"lesion_mask": mask, "lesion_mask_sha256": digest},
-                                 "give both lesion_mask and lesion_mask_sha256, or neither")
-    return {
-        "lesion_mask": schema.optional_text(mask, f"{where}.lesion_mask"),
-        "lesion_mask_sha256": None if digest is None
-        else schema.text(digest, f"{where}.lesion_mask_sha256", schema.SHA_RE),
-    }
+    """Each annotation mask's path and sha256: both given or neither."""
+    fields: dict[str, str | None] = {}
+    for name in MASKS:
+        key = f"{name}_sha256"
+        mask, digest = obj.get(name), obj.get(key)
+        if (mask is None) != (digest is None):
+            raise schema.field_error(f"{where}.{name}", "a mask path and its sha256 together",
+                                     {name: mask, key: digest},
+                                     f"give both {name} and {key}, or neither")
+        fields[name] = schema.optional_text(mask, f"{where}.{name}")
+        fields[key] = None if digest is None else schema.text(digest, f"{where}.{key}",
+                                                             schema.SHA_RE)
+    return fields

@@ -15,7 +15,7 @@ from typing import Any
 
 from mri_vqvae.core.errors import ManifestError
 from mri_vqvae.data import sources
-from mri_vqvae.data.case import Case, Problem
+from mri_vqvae.data.case import MASKS, Case, Problem
 
 _MAX_LISTED = 10
 
@@ -113,21 +113,23 @@ def _file_reason(root: Path, case: Case, checksums: bool) -> str | None:
     return None
 
 
-def _mask_reason(root: Path, case: Case, checksums: bool) -> str | None:
-    """Why the lesion mask of `case` cannot be trusted (None when it can, or there is none)."""
-    rel = case.lesion_mask
+def _mask_reason(root: Path, case: Case, checksums: bool, name: str) -> str | None:
+    """Why the annotation mask `name` of `case` cannot be trusted (None when it can, or there
+    is none)."""
+    rel, recorded = getattr(case, name), getattr(case, f"{name}_sha256")
     if rel is None:
         return None
+    what = name.replace("_", " ")
     if (why := path_reason(rel)) is not None:
-        return f"lesion_mask: {why}"
+        return f"{name}: {why}"
     full = root / rel
     try:
         sources.check_confined(full, root, None)
         if not full.is_file():
-            return f"missing lesion mask {full}"
-        if checksums and (got := sources.sha256_sources(full, None)[0]) != case.lesion_mask_sha256:
-            return (f"lesion mask sha256 {got[:12]}... does not match the recorded "
-                    f"{str(case.lesion_mask_sha256)[:12]}...")
+            return f"missing {what} {full}"
+        if checksums and (got := sources.sha256_sources(full, None)[0]) != recorded:
+            return (f"{what} sha256 {got[:12]}... does not match the recorded "
+                    f"{str(recorded)[:12]}...")
     except ManifestError as exc:
         return str(exc)
     except (OSError, ValueError, RuntimeError) as exc:
@@ -136,12 +138,12 @@ def _mask_reason(root: Path, case: Case, checksums: bool) -> str | None:
 
 
 def file_problems(root: Path, cases: Sequence[Case], checksums: bool) -> list[Problem]:
-    """Cases whose files (image, lesion mask) under `root` are missing, escape it, changed size
-    (or sha256)."""
+    """Cases whose files (image, lesion and brain masks) under `root` are missing, escape it,
+    changed size (or sha256)."""
     problems = [Problem(c.case_id, c.path, r) for c in cases
                 if (r := _file_reason(root, c, checksums))]
-    return problems + [Problem(c.case_id, str(c.lesion_mask), r) for c in cases
-                       if (r := _mask_reason(root, c, checksums))]
+    return problems + [Problem(c.case_id, str(getattr(c, name)), r) for name in MASKS
+                       for c in cases if (r := _mask_reason(root, c, checksums, name))]
 
 
 def duplicate_content(cases: Sequence[Case]) -> list[Problem]:

@@ -13,7 +13,7 @@ from monai.transforms import Compose
 from mri_vqvae.config import DataConfig, config_digest
 from mri_vqvae.data.case import Case
 from mri_vqvae.data.manifest import Manifest
-from mri_vqvae.data.transforms import LESION, LESION_SHA256
+from mri_vqvae.data.transforms import BRAIN, BRAIN_SHA256, LESION, LESION_SHA256
 
 
 def case_items(
@@ -24,7 +24,8 @@ def case_items(
     ``"prep"`` is the digest of the preprocessing config and ``"sha256"`` the file's checksum, so
     a cache keyed on the item changes when either the config or the file changes; ``"root"`` is
     the manifest's data root, which every file of the case must stay inside. A case with a
-    lesion mask also has ``"lesion_mask"`` (path) and ``"lesion_sha256"``.
+    lesion mask also has ``"lesion_mask"`` (path) and ``"lesion_sha256"``; one with a brain mask
+    ``"brain_mask"`` and ``"brain_sha256"``.
     """
     prep = config_digest(data)
     cases = [c for c in manifest.cases if split is None or c.split == split]
@@ -44,6 +45,8 @@ def _item(root: Path, c: Case, prep: str) -> dict[str, Any]:
     }
     if c.lesion_mask is not None:  # only then, so the cache keys of other cases stay as they were
         item |= {LESION: str(root / c.lesion_mask), LESION_SHA256: c.lesion_mask_sha256}
+    if c.brain_mask is not None:
+        item |= {BRAIN: str(root / c.brain_mask), BRAIN_SHA256: c.brain_mask_sha256}
     return item
 
 

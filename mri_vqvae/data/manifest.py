@@ -17,7 +17,7 @@ import json
 import logging
 import os
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,13 +64,18 @@ class Manifest:
     def unannotated_digest(self) -> str:
         """The digest without the cases' annotations (`ANNOTATION_FIELDS`): what a run trained
         on this manifest before its lesion masks were recorded has as its digest."""
-        bare = [dataclasses.replace(c, **dict.fromkeys(ANNOTATION_FIELDS)) for c in self.cases]
+        return self._digest_without(ANNOTATION_FIELDS)
+
+    def _digest_without(self, fields: Sequence[str]) -> str:
+        bare = [dataclasses.replace(c, **dict.fromkeys(fields)) for c in self.cases]
         return content_digest(_content(dataclasses.replace(self, cases=tuple(bare))))
 
     def matches(self, digest: str) -> bool:
         """Whether a run that recorded `digest` used these cases and splits (annotations, which
-        train nothing, may have been added since)."""
-        return digest in (self.digest, self.unannotated_digest)
+        train nothing, may have been added since: the lesion and brain masks, or the brain masks
+        after the lesion masks)."""
+        return digest in (self.digest, self.unannotated_digest,
+                          self._digest_without(("brain_mask", "brain_mask_sha256")))
 
     def split_counts(self) -> dict[str, int]:
         """Number of cases per split ("none" for unassigned)."""

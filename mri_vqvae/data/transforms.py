@@ -68,6 +68,8 @@ from mri_vqvae.data.io import DEFAULT_MAX_SHEAR, DEFAULT_MAX_VOXELS, DEFAULT_MIN
 IMAGE = "image"
 LESION = "lesion_mask"  # an item's lesion label volume (path, then MetaTensor); nonzero = lesion
 LESION_SHA256 = "lesion_sha256"  # its checksum (MONAI reads keys starting "lesion_mask_" as meta)
+BRAIN = "brain_mask"  # an item's brain mask (path, then MetaTensor); nonzero = brain
+BRAIN_SHA256 = "brain_sha256"
 RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))  # explicit: silences a MONAI default change
 
 

@@ -2,8 +2,9 @@
 
 For each held-out case with a lesion mask (`passes.LesionCase`), the per-latent bits map is
 mapped to voxels (each latent fills its block) and scored by `metrics.lesion.lesion_auroc`:
-lesion voxels against the other voxels of the head, eroded by one latent block (no brain
-extraction; the scalp and the field-of-view edge are left out). Beside it, the same AUROC of the
+lesion voxels against the other voxels of the brain where the manifest records a brain mask
+(the kit's come from ROBEX), else of the head eroded by one latent block (the scalp and the
+field-of-view edge left out; each row says which). Beside it, the same AUROC of the
 unigram's map (-log2 of each code's training frequency: rarity without context), so a reader
 sees what the prior's context adds, and of the healed-reconstruction map
 (`mri_vqvae.evaluation.healing`) where the prior can redraw part of a grid. Figures: the scan
@@ -28,6 +29,8 @@ from mri_vqvae.models.priors.unigram.baseline import fitted_unigram
 from mri_vqvae.tasks.likelihood import block_upsample
 
 GOAL_AUROC = 0.8
+REGION_BRAIN = "brain mask"
+REGION_HEAD = "head eroded by one latent block"
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -52,7 +55,8 @@ def lesion_block(held: HeldOut, train: TrainPass, codebook_size: int, factor: in
             for les in held.lesions]
     return {
         "measure": "AUROC of -log2 p per latent (each latent filling its voxel block) for lesion "
-                   "voxels against the other voxels of the head eroded by one latent block",
+                   "voxels against the other voxels of the case's region: its brain mask where "
+                   "the manifest records one, else the head eroded by one latent block",
         "region_margin_voxels": factor,
         "baseline": "the unigram's map: -log2 of each code's add-one smoothed training frequency",
         "healed": None if healing is None else {
@@ -71,7 +75,7 @@ def lesion_block(held: HeldOut, train: TrainPass, codebook_size: int, factor: in
 def _case_row(les: LesionCase, volume: np.ndarray, unigram: Any, factor: int,
               spacing: Sequence[float], figures: Path | None,
               healer: Healer | None) -> dict[str, Any]:
-    region = inner_head(volume, factor)
+    region = les.brain if les.brain is not None else inner_head(volume, factor)
     prior = None if les.latent_bits is None else block_upsample(les.latent_bits, factor)
     rarity = None if unigram is None else \
         block_upsample(unigram.bits(les.indices[None])[0].float().numpy(), factor)
@@ -80,6 +84,7 @@ def _case_row(les: LesionCase, volume: np.ndarray, unigram: Any, factor: int,
     row: dict[str, Any] = {
         "case_id": les.case_id,
         "lesion_voxels": int(les.lesion.sum()),
+        "region": REGION_BRAIN if les.brain is not None else REGION_HEAD,
         "region_voxels": int(region.sum()),
         "auroc_prior": math.nan if prior is None else lesion_auroc(prior, les.lesion, region),
         "auroc_unigram": math.nan if rarity is None else lesion_auroc(rarity, les.lesion, region),
@@ -94,6 +99,6 @@ def _case_row(les: LesionCase, volume: np.ndarray, unigram: Any, factor: int,
         if m is not None]
     if figures is not None and maps and les.lesion.any():
         path = lesion_overlay(les.case_id, volume, les.lesion, maps, spacing,
-                              figures / f"lesion_{les.case_id}.png")
+                              figures / f"lesion_{les.case_id}.png", les.brain)
         row["figure"] = f"figures/{path.name}"
     return row

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from mri_vqvae.core import distributed
 from mri_vqvae.core.errors import EvaluationError, MriVqvaeError, describe_error
-from mri_vqvae.data.transforms import LESION, with_masks
+from mri_vqvae.data.transforms import BRAIN, BRAIN_SHA256, LESION, with_masks
 from mri_vqvae.metrics.quality import CaseQuality, quality_of
 from mri_vqvae.metrics.sets import FEATURE_GRID, NearestScan
 from mri_vqvae.tasks.cases import Failure, iter_prepared, progress
@@ -105,12 +105,14 @@ class CaseView:
 @dataclass(frozen=True)
 class LesionCase:
     """A held-out case with a lesion mask: the mask (X, Y, Z) bool on the preprocessed grid,
-    its code grid (d, h, w) and the prior's -log2 p per latent (d, h, w; None: no map)."""
+    its code grid (d, h, w), the prior's -log2 p per latent (d, h, w; None: no map) and the
+    brain mask (X, Y, Z) bool where the manifest records one."""
 
     case_id: str
     lesion: np.ndarray
     indices: Tensor
     latent_bits: np.ndarray | None
+    brain: np.ndarray | None = None
 
 
 @dataclass
@@ -241,17 +243,26 @@ def _held_out(model: VQVAE, data: DataConfig, items: list[dict[str, Any]],
 
 def _add_lesion(held: HeldOut, item: dict[str, Any], data: DataConfig,
                 latent: np.ndarray | None, indices: Tensor) -> None:
-    """Preprocess the case's lesion mask onto its grid and keep it with the prior's map
-    `latent` (d, h, w); a mask that cannot be read is logged and left out (the case itself was
-    evaluated)."""
+    """Preprocess the case's lesion mask (and brain mask, if any) onto its grid and keep them with
+    the prior's map `latent` (d, h, w); a lesion mask that cannot be read is logged and left out,
+    a brain mask that cannot be read is logged and the head region used (the case itself was
+    evaluated either way)."""
     case_id = str(item["case_id"])
     try:
         mask = with_masks(data)(dict(item))[LESION]
     except Exception as exc:  # a bad annotation never fails the case it annotates
         log.warning("lesion mask of %s left out: %s", case_id, describe_error(exc))
         return
-    held.lesions.append(LesionCase(case_id, np.asarray(mask[0].detach().cpu()) > 0.5,
-                                   indices[0].cpu(), latent))
+    brain = None
+    if BRAIN in item:
+        try:
+            brain = with_masks(data, {BRAIN: BRAIN_SHA256})(dict(item))[BRAIN]
+        except Exception as exc:  # likewise
+            log.warning("brain mask of %s left out (its lesion is scored against the head): %s",
+                        case_id, describe_error(exc))
+    held.lesions.append(LesionCase(
+        case_id, np.asarray(mask[0].detach().cpu()) > 0.5, indices[0].cpu(), latent,
+        None if brain is None else np.asarray(brain[0].detach().cpu()) > 0.5))
 
 
 def train_pass(model: VQVAE, scorer: Scorer, data: DataConfig, items: list[dict[str, Any]],

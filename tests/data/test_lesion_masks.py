@@ -16,9 +16,16 @@ from mri_vqvae.core.errors import ManifestError, innermost_error
 from mri_vqvae.data.case import parse_case
 from mri_vqvae.data.datasets import case_items
 from mri_vqvae.data.manifest import load_manifest, verify_manifest, write_manifest
-from mri_vqvae.data.transforms import LESION, LESION_SHA256, build_transforms, with_masks
+from mri_vqvae.data.transforms import (
+    BRAIN,
+    BRAIN_SHA256,
+    LESION,
+    LESION_SHA256,
+    build_transforms,
+    with_masks,
+)
 from pipelines.cli import cli
-from tests.support.runs import annotate_lesions, make_manifest
+from tests.support.runs import annotate_brains, annotate_lesions, make_manifest
 from tests.support.volumes import make_head, oblique_affine, write_nifti
 
 CFG = load_config("smoke")
@@ -52,6 +59,28 @@ def test_annotations_leave_the_unannotated_digest_matching(annotated: tuple[Path
     assert manifest.matches(annotated[1]) and manifest.matches(manifest.digest)
     other = dataclasses.replace(manifest, cases=manifest.cases[1:])
     assert not other.matches(annotated[1])
+
+
+def test_a_brain_mask_is_an_annotation_like_the_lesion_mask(annotated: tuple[Path, str],
+                                                            tmp_path: Path) -> None:
+    """It round-trips, needs its sha256, is verified by name, reaches the items, and a run that
+    recorded the digest before it (or before both masks) still matches."""
+    with_lesions = load_manifest(annotated[0])
+    path = tmp_path / "brains.json"
+    write_manifest(annotate_brains(with_lesions, ("te0",)), path)
+    manifest = load_manifest(path, verify_checksums=True)
+    case = next(c for c in manifest.cases if c.case_id == "te0")
+    assert case.brain_mask == "te0_brain.nii.gz" and parse_case(case.to_dict(), "m") == case
+    half = {k: v for k, v in case.to_dict().items() if k != "brain_mask_sha256"}
+    with pytest.raises(ManifestError, match="brain_mask.*both"):
+        parse_case(half, "m.json")
+    assert manifest.matches(with_lesions.digest) and manifest.matches(annotated[1])
+    item = next(i for i in case_items(manifest, CFG.data) if i["case_id"] == "te0")
+    assert item[BRAIN].endswith("te0_brain.nii.gz") and item[BRAIN_SHA256] == case.brain_mask_sha256
+    (manifest.data_root / "te0_brain.nii.gz").unlink()
+    (problem,) = verify_manifest(manifest, checksums=False)
+    assert (problem.case_id, problem.path) == ("te0", "te0_brain.nii.gz")
+    assert "missing brain mask" in problem.reason
 
 
 def test_an_altered_mask_byte_is_caught_by_name(annotated: tuple[Path, str]) -> None:

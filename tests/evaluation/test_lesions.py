@@ -6,6 +6,7 @@ The VQ-VAE and prior runs record the digest of the manifest *before* its lesion 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from pathlib import Path
@@ -16,7 +17,7 @@ import torch
 
 from mri_vqvae.artifacts.checkpoint import load_checkpoint
 from mri_vqvae.data.manifest import load_manifest, write_manifest
-from mri_vqvae.data.transforms import LESION, build_transforms, with_masks
+from mri_vqvae.data.transforms import BRAIN, BRAIN_SHA256, LESION, build_transforms, with_masks
 from mri_vqvae.evaluation.evaluate import EvaluateSettings, evaluate_runs
 from mri_vqvae.evaluation.healing import HEAL_P, Healer
 from mri_vqvae.evaluation.passes import Scorer
@@ -25,6 +26,7 @@ from mri_vqvae.models.priors.pixelcnn.model import GatedPixelCNN3D
 from mri_vqvae.tasks.likelihood import block_upsample
 from tests.support.runs import (
     CFG,
+    annotate_brains,
     annotate_lesions,
     make_manifest,
     make_smoke_prior_run,
@@ -47,8 +49,10 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"root": root, "manifest": annotated, "vqvae": vq, "prior": prior}
 
 
-def _expected_auroc(world: dict[str, Path], case_id: str) -> float:
-    """The AUROC from first principles: the unigram run's table over the case's codes."""
+def _expected_auroc(world: dict[str, Path], case_id: str, region: np.ndarray | None = None
+                    ) -> float:
+    """The AUROC from first principles: the unigram run's table over the case's codes, against
+    `region` (default: the head eroded by one block)."""
     manifest = load_manifest(world["manifest"])
     case = next(c for c in manifest.cases if c.case_id == case_id)
     item = {"image": str(manifest.data_root / case.path)}
@@ -61,7 +65,33 @@ def _expected_auroc(world: dict[str, Path], case_id: str) -> float:
         codes = model.encode_indices(volume[None].float())[0]
         table = -torch.log_softmax(prior.logits.detach().double(), dim=1)[0] / math.log(2)
     bits = block_upsample(table[codes].numpy(), model.factor)
-    return lesion_auroc(bits, mask, inner_head(volume[0].numpy(), model.factor))
+    if region is None:
+        region = inner_head(volume[0].numpy(), model.factor)
+    return lesion_auroc(bits, mask, region)
+
+
+def test_a_brain_mask_is_the_region_a_lesion_is_scored_against(world: dict[str, Path],
+                                                                tmp_path: Path) -> None:
+    """te0 also records a brain mask: its lesion is scored against the other voxels of the
+    preprocessed mask (AUROC from first principles with that region), te1 keeps the head."""
+    path = world["root"] / "brains.json"
+    write_manifest(annotate_brains(load_manifest(world["manifest"]), ("te0",)), path)
+    manifest = load_manifest(path, verify_checksums=True)
+    result = evaluate_runs(world["vqvae"], manifest, tmp_path / "e", prior_run=world["prior"],
+                           settings=SETTINGS)
+    rows = {r["case_id"]: r for r in result.metrics["likelihood"]["lesions"]["cases"]}
+    case = next(c for c in manifest.cases if c.case_id == "te0")
+    item = {"image": str(manifest.data_root / case.path),
+            BRAIN: str(manifest.data_root / str(case.brain_mask))}
+    brain = with_masks(CFG.data, {BRAIN: BRAIN_SHA256})(item)[BRAIN].as_tensor()[0].numpy() > 0.5
+    assert rows["te0"]["region"] == "brain mask"
+    assert rows["te0"]["region_voxels"] == int(brain.sum()) > 0
+    assert rows["te0"]["auroc_prior"] == pytest.approx(_expected_auroc(world, "te0", brain),
+                                                       abs=1e-9)
+    volume = build_transforms(CFG.data)({"image": item["image"]})["image"].as_tensor()[0]
+    assert int(brain.sum()) != int(inner_head(volume.numpy(), 4).sum())  # not the head region
+    assert rows["te1"]["region"] == "head eroded by one latent block"
+    assert "brain mask: " in result.report_path.read_text()
 
 
 def test_lesion_auroc_of_each_case_equals_the_direct_computation(world: dict[str, Path],
@@ -143,6 +173,24 @@ def test_a_corrupted_mask_is_left_out_and_the_case_still_evaluated(
     assert [r["case_id"] for r in result.metrics["likelihood"]["lesions"]["cases"]] == ["te0"]
     assert any("lesion mask of te1" in r.message and "te1_lesion" in r.message
                for r in caplog.records)
+
+
+def test_a_brain_mask_failing_its_checksum_falls_back_to_the_head_region(
+        world: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = world["root"] / "brains_altered.json"
+    write_manifest(annotate_brains(load_manifest(world["manifest"]), ("te1",)), path)
+    manifest = load_manifest(path)
+    case = next(c for c in manifest.cases if c.case_id == "te1")
+    manifest = dataclasses.replace(manifest, cases=tuple(
+        dataclasses.replace(c, brain_mask_sha256="0" * 64) if c is case else c
+        for c in manifest.cases))
+    with caplog.at_level(logging.WARNING):
+        result = evaluate_runs(world["vqvae"], manifest, tmp_path / "e", prior_run=world["prior"],
+                               settings=SETTINGS)
+    rows = {r["case_id"]: r for r in result.metrics["likelihood"]["lesions"]["cases"]}
+    assert rows["te1"]["region"] == "head eroded by one latent block"
+    assert rows["te1"]["auroc_prior"] == pytest.approx(_expected_auroc(world, "te1"), abs=1e-9)
+    assert any("brain mask of te1" in r.message for r in caplog.records)
 
 
 def test_without_masks_there_is_no_lesion_block(world: dict[str, Path], tmp_path: Path) -> None:

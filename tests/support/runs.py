@@ -302,3 +302,26 @@ def annotate_lesions(manifest: Manifest, case_ids: tuple[str, ...]) -> Manifest:
                                        lesion_mask_sha256=sha256_file(path))
         cases.append(case)
     return dataclasses.replace(manifest, cases=tuple(cases))
+
+
+def brain_block(shape: tuple[int, int, int]) -> np.ndarray:
+    """A box brain mask (X, Y, Z) float32: the middle half of each axis, plus the lesion cube
+    (a mask drawn around the lesion), so that it leaves out the rest of the head."""
+    mask = np.zeros(shape, np.float32)
+    mask[tuple(slice(n // 4, n - n // 4) for n in shape)] = 1.0
+    return np.maximum(mask, lesion_cube(shape))
+
+
+def annotate_brains(manifest: Manifest, case_ids: tuple[str, ...]) -> Manifest:
+    """`manifest` with a `brain_block` mask (beside each image, same affine) recorded as the
+    brain_mask of each case in `case_ids`."""
+    cases = []
+    for case in manifest.cases:
+        if case.case_id in case_ids:
+            image = nib.load(str(manifest.data_root / case.path))
+            path = write_nifti(manifest.data_root / f"{case.case_id}_brain.nii.gz",
+                               brain_block(image.shape), image.affine)
+            case = dataclasses.replace(case, brain_mask=path.name,
+                                       brain_mask_sha256=sha256_file(path))
+        cases.append(case)
+    return dataclasses.replace(manifest, cases=tuple(cases))

@@ -170,15 +170,15 @@ def _lesions(block: Mapping[str, Any] | None, out: Path) -> list[Block]:
     if not block:
         return []
     keys = ["auroc_prior", "auroc_unigram", "auroc_healed"]
-    rows = [[r["case_id"], r["lesion_voxels"], r["region_voxels"], *(fmt(r[k], 3) for k in keys)]
-            for r in block["cases"]]
+    rows = [[r["case_id"], r["lesion_voxels"], f"{r['region']}: {r['region_voxels']}",
+             *(fmt(r[k], 3) for k in keys)] for r in block["cases"]]
     rows.append(["mean", "", "", *(fmt(block[f"mean_{k}"], 3) for k in keys)])
     healed = block["healed"]
     how = "the prior cannot redraw part of a grid: no healed map" if not healed else \
         f"healed: {healed['measure']}, latents with p < {healed['redraw_below_p']} redrawn, " \
         f"{healed['draws']} draws"
     blocks: list[Block] = [Table(
-        ["case", "lesion voxels", "region voxels", "AUROC prior", "AUROC unigram",
+        ["case", "lesion voxels", "region: voxels", "AUROC prior", "AUROC unigram",
          "AUROC healed"], rows,
         f"Do the maps point at the lesion? {block['measure']}; baseline: {block['baseline']}; "
         f"{how}. 0.5 is chance; goal {block['goal']}.")]

@@ -98,14 +98,16 @@ def likelihood_overlay(
 
 def lesion_overlay(case_id: str, image: np.ndarray, lesion: np.ndarray,
                    maps: Sequence[tuple[str, np.ndarray, str]], spacing: Sequence[float],
-                   path: str | Path) -> Path:
+                   path: str | Path, brain: np.ndarray | None = None) -> Path:
     """PNG: one row per ``(label, map (X, Y, Z), unit)`` over the scan (grey), the lesion mask
-    (X, Y, Z) bool outlined in cyan; three views through the lesion's centre of mass, each map
-    on its own inferno scale (1st to 99th percentile). 10 x 3.4 inches per row."""
+    (X, Y, Z) bool outlined in cyan and, when given, the brain mask (the region scored) in
+    dashed lime; three views through the lesion's centre of mass, each map on its own inferno
+    scale (1st to 99th percentile). 10 x 3.4 inches per row."""
     centre = np.round(np.argwhere(lesion).mean(axis=0)).astype(int)
     fig, axes = plt.subplots(len(maps), 3, figsize=(10, 3.4 * len(maps)), squeeze=False)
     scan = mid_slices(np.asarray(image), spacing, centre)
     outline = mid_slices(np.asarray(lesion, np.float32), spacing, centre)
+    region = None if brain is None else mid_slices(np.asarray(brain, np.float32), spacing, centre)
     for r, (label, bits, unit) in enumerate(maps):
         low, top = (float(v) for v in np.percentile(bits, [1, 99]))
         shown = None
@@ -117,12 +119,16 @@ def lesion_overlay(case_id: str, image: np.ndarray, lesion: np.ndarray,
                               alpha=0.5)
             if outline[c][0].any():
                 ax.contour(outline[c][0], levels=[0.5], colors="cyan", linewidths=0.8)
+            if region is not None and region[c][0].any():
+                ax.contour(region[c][0], levels=[0.5], colors="lime", linewidths=0.6,
+                           linestyles="dashed")
             blank_axes(ax)
             if r == 0:
                 ax.set_title(VIEWS[c])
         axes[r][0].set_ylabel(label, fontsize=8)
         fig.colorbar(shown, ax=axes[r].tolist(), shrink=0.8, label=unit)
-    fig.suptitle(f"{case_id}: lesion (cyan) under the anomaly maps")
+    brain_note = "" if brain is None else ", brain mask (dashed lime)"
+    fig.suptitle(f"{case_id}: lesion (cyan){brain_note} under the anomaly maps")
     return save_figure(fig, path, tight=False)  # shared colour bars defeat tight_layout
 
 
