@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import nibabel as nib
@@ -292,14 +292,21 @@ def lesion_cube(shape: tuple[int, int, int] = (24, 28, 20)) -> np.ndarray:
 def annotate_lesions(manifest: Manifest, case_ids: tuple[str, ...]) -> Manifest:
     """`manifest` with a `lesion_cube` mask (written beside each image, same affine) recorded as
     the lesion_mask of each case in `case_ids`."""
+    return _annotate(manifest, case_ids, "lesion_mask", "lesion", lesion_cube)
+
+
+def _annotate(manifest: Manifest, case_ids: tuple[str, ...], field: str, suffix: str,
+              volume: Callable[[tuple[int, int, int]], np.ndarray]) -> Manifest:
+    """`manifest` with ``volume(image shape)`` written as ``<case>_<suffix>.nii.gz`` beside each
+    image of `case_ids` (same affine) and recorded as its annotation `field` (+ sha256)."""
     cases = []
     for case in manifest.cases:
         if case.case_id in case_ids:
             image = nib.load(str(manifest.data_root / case.path))
-            path = write_nifti(manifest.data_root / f"{case.case_id}_lesion.nii.gz",
-                               lesion_cube(image.shape), image.affine)
-            case = dataclasses.replace(case, lesion_mask=path.name,
-                                       lesion_mask_sha256=sha256_file(path))
+            path = write_nifti(manifest.data_root / f"{case.case_id}_{suffix}.nii.gz",
+                               volume(image.shape), image.affine)
+            case = dataclasses.replace(case, **{field: path.name,
+                                                f"{field}_sha256": sha256_file(path)})
         cases.append(case)
     return dataclasses.replace(manifest, cases=tuple(cases))
 
@@ -315,13 +322,4 @@ def brain_block(shape: tuple[int, int, int]) -> np.ndarray:
 def annotate_brains(manifest: Manifest, case_ids: tuple[str, ...]) -> Manifest:
     """`manifest` with a `brain_block` mask (beside each image, same affine) recorded as the
     brain_mask of each case in `case_ids`."""
-    cases = []
-    for case in manifest.cases:
-        if case.case_id in case_ids:
-            image = nib.load(str(manifest.data_root / case.path))
-            path = write_nifti(manifest.data_root / f"{case.case_id}_brain.nii.gz",
-                               brain_block(image.shape), image.affine)
-            case = dataclasses.replace(case, brain_mask=path.name,
-                                       brain_mask_sha256=sha256_file(path))
-        cases.append(case)
-    return dataclasses.replace(manifest, cases=tuple(cases))
+    return _annotate(manifest, case_ids, "brain_mask", "brain", brain_block)
