@@ -27,14 +27,16 @@ def evaluate_pretrained(run_dir: Path, kit_root: Path, demo_config: ExperimentCo
     """metrics.json of the shipped model evaluated into ``run_dir/pretrained`` (None: skipped)."""
     from mri_vqvae.artifacts.export import MANIFEST, training_manifest
     from mri_vqvae.data.kit import build_kit
+    from mri_vqvae.data.manifest import load_manifest, with_annotations
     from mri_vqvae.evaluation.evaluate import EvaluateSettings, evaluate_runs
     from mri_vqvae.pretrained_models import pretrained_path
 
     folder = pretrained_path()
     trained = load_config(folder / "configs" / "vqvae.yaml")
     try:
-        build_kit(kit_root, trained.kit, trained.augment)
-        manifest = training_manifest(folder, kit_root)
+        kit = load_manifest(build_kit(kit_root, trained.kit, trained.augment))
+        # the kit's annotations made since the export (the ROBEX brain masks) join its cases
+        manifest = with_annotations(training_manifest(folder, kit_root), kit)
         settings = EvaluateSettings(
             split="test", num_samples=max(num_samples, 2), seed=demo_config.seed,
             max_train_cases=8,

@@ -25,7 +25,7 @@ from typing import Any
 from mri_vqvae.core.atomic import atomic_write_text
 from mri_vqvae.core.errors import ManifestError
 from mri_vqvae.data import checks, schema
-from mri_vqvae.data.case import ANNOTATION_FIELDS, SPLITS, Case, Problem, parse_case
+from mri_vqvae.data.case import ANNOTATION_FIELDS, MASKS, SPLITS, Case, Problem, parse_case
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,22 @@ class Manifest:
     def split_counts(self) -> dict[str, int]:
         """Number of cases per split ("none" for unassigned)."""
         return dict(Counter(c.split or "none" for c in self.cases))
+
+
+def with_annotations(manifest: Manifest, source: Manifest) -> Manifest:
+    """`manifest` with each annotation mask (lesion, brain) that a case lacks copied from the
+    same case of `source` (same case_id and image sha256; paths relative to the data root, so
+    both must share it). Cases, splits and the unannotated digest stay as they were."""
+    same = {(c.case_id, c.sha256): c for c in source.cases}
+    cases = []
+    for case in manifest.cases:
+        other = same.get((case.case_id, case.sha256))
+        if other is not None:
+            added = {f: getattr(other, f) for name in MASKS if getattr(case, name) is None
+                     for f in (name, f"{name}_sha256")}
+            case = dataclasses.replace(case, **added)
+        cases.append(case)
+    return dataclasses.replace(manifest, cases=tuple(cases))
 
 
 def content_digest(document: Mapping[str, Any]) -> str:

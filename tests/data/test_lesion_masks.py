@@ -15,7 +15,12 @@ from mri_vqvae.config import load_config
 from mri_vqvae.core.errors import ManifestError, innermost_error
 from mri_vqvae.data.case import parse_case
 from mri_vqvae.data.datasets import case_items
-from mri_vqvae.data.manifest import load_manifest, verify_manifest, write_manifest
+from mri_vqvae.data.manifest import (
+    load_manifest,
+    verify_manifest,
+    with_annotations,
+    write_manifest,
+)
 from mri_vqvae.data.transforms import (
     BRAIN,
     BRAIN_SHA256,
@@ -81,6 +86,23 @@ def test_a_brain_mask_is_an_annotation_like_the_lesion_mask(annotated: tuple[Pat
     (problem,) = verify_manifest(manifest, checksums=False)
     assert (problem.case_id, problem.path) == ("te0", "te0_brain.nii.gz")
     assert "missing brain mask" in problem.reason
+
+
+def test_annotations_join_the_same_cases_of_another_manifest(annotated: tuple[Path, str],
+                                                              tmp_path: Path) -> None:
+    """with_annotations copies the brain mask of te0 from a manifest that has it; te1, whose
+    image differs there (another sha256), gets nothing; lesion masks already there are kept."""
+    with_lesions = load_manifest(annotated[0])
+    source = annotate_brains(with_lesions, ("te0", "te1"))
+    source = dataclasses.replace(source, cases=tuple(
+        dataclasses.replace(c, sha256="0" * 64) if c.case_id == "te1" else c
+        for c in source.cases))
+    joined = with_annotations(with_lesions, source)
+    by_id = {c.case_id: c for c in joined.cases}
+    assert by_id["te0"].brain_mask == "te0_brain.nii.gz" and by_id["te1"].brain_mask is None
+    assert by_id["te0"].lesion_mask == "te0_lesion.nii.gz"
+    assert joined.unannotated_digest == with_lesions.unannotated_digest
+    assert joined.matches(with_lesions.digest)
 
 
 def test_an_altered_mask_byte_is_caught_by_name(annotated: tuple[Path, str]) -> None:
