@@ -105,6 +105,22 @@ def test_switching_the_prior_kind_keeps_only_its_settings() -> None:
         load_config("smoke", ["prior.smoothing=0.5"])  # a pixelcnn has no smoothing
 
 
+def test_switching_the_two_level_coarse_stage_keeps_only_its_settings() -> None:
+    """``prior.coarse.kind=absorbing`` drops the PixelCNN settings set before it; the settings
+    the absorbing stage has are kept, and a PixelCNN setting after the switch is refused."""
+    base = ["prior.kind=twolevel", "prior.coarse.hidden_channels=4"]
+    cfg = load_config("smoke", [*base, "prior.coarse.kind=absorbing", "prior.coarse.channels=8",
+                                "prior.coarse_masks=4"])
+    assert cfg.prior.coarse.kind == "absorbing" and cfg.prior.coarse.channels == 8
+    assert cfg.prior.coarse_masks == 4
+    assert load_config("smoke", base).prior.coarse.hidden_channels == 4
+    with pytest.raises(ConfigError, match="hidden_channels"):
+        load_config("smoke", [*base, "prior.coarse.kind=absorbing",
+                              "prior.coarse.hidden_channels=4"])
+    with pytest.raises(ConfigError, match="coarse_masks=4 applies to an absorbing coarse"):
+        load_config("smoke", [*base, "prior.coarse_masks=4"])
+
+
 def test_unknown_kind_and_label_field_are_refused_with_the_choices() -> None:
     with pytest.raises(ConfigError, match="pixelcnn.*unigram"):
         load_config("smoke", ["prior.kind=diffusion"])

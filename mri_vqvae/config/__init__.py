@@ -249,12 +249,17 @@ def _explain(err: ValidationError, source: str, schema: type[BaseModel] | None =
     return "\n".join(lines)
 
 
-def _keep_settings_of_kind(tree: dict[str, Any], section: str) -> None:
-    """After ``--set prior.kind=...``: drop the file's settings the new kind does not have."""
-    node = tree.get(section)
+def _keep_settings_of_kind(tree: dict[str, Any], key: str) -> None:
+    """After ``--set prior.kind=...`` (or a nested model's, ``prior.coarse.kind=...``): drop the
+    settings the new kind does not have."""
+    *path, name = key.split(".")[:-1]
+    parent: Any = tree
+    for part in path:
+        parent = parent.get(part) if isinstance(parent, dict) else None
+    node = parent.get(name) if isinstance(parent, dict) else None
     kind = registry.KINDS.get(node.get("kind")) if isinstance(node, dict) else None
-    if kind is not None and kind.role == section:
-        tree[section] = {k: v for k, v in node.items() if k in kind.config.model_fields}
+    if kind is not None and (path or kind.role == name):
+        parent[name] = {k: v for k, v in node.items() if k in kind.config.model_fields}
 
 
 def resolve_config_path(name_or_path: str | Path) -> Path:
@@ -287,8 +292,8 @@ def load_config(
         tree = loaded
     for item in overrides:
         key = _apply_override(tree, item, "")
-        if key in ("autoencoder.kind", "prior.kind"):
-            _keep_settings_of_kind(tree, key.split(".")[0])
+        if key.endswith(".kind") and key.split(".")[0] in ("autoencoder", "prior"):
+            _keep_settings_of_kind(tree, key)
     try:
         return ExperimentConfig.model_validate(tree)
     except ValidationError as exc:

@@ -27,7 +27,12 @@ def twolevel() -> torch.nn.Module:
     return test_twolevel.tiny(num_classes=2)
 
 
-MODELS: dict[str, Callable[[], torch.nn.Module]] = {"pixelcnn": pixelcnn, "twolevel": twolevel}
+def twolevel_absorbing() -> torch.nn.Module:
+    return test_twolevel.tiny_absorbing(num_classes=2)
+
+
+MODELS: dict[str, Callable[[], torch.nn.Module]] = {
+    "pixelcnn": pixelcnn, "twolevel": twolevel, "twolevel_absorbing": twolevel_absorbing}
 LABELS = torch.tensor([0, 1])
 
 

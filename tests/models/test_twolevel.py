@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from pydantic import ValidationError
 
 from mri_vqvae.models import registry
+from mri_vqvae.models.priors.absorbing.config import AbsorbingConfig
+from mri_vqvae.models.priors.absorbing.model import AbsorbingPrior
 from mri_vqvae.models.priors.base import PriorInputError
 from mri_vqvae.models.priors.pixelcnn.config import PixelCNNConfig
 from mri_vqvae.models.priors.pixelcnn.model import GatedPixelCNN3D
@@ -20,6 +22,8 @@ from mri_vqvae.models.priors.twolevel.model import TwoLevelPrior, state_numel
 
 K = 16
 SMALL = {"embedding_dim": 6, "hidden_channels": 8, "num_layers": 3, "head_channels": 12}
+ABSORBING = AbsorbingConfig(channels=8, coarse_channels=16, attention_heads=2, sample_steps=3,
+                            bound_levels=2)
 
 
 def gen(seed: int) -> torch.Generator:
@@ -37,15 +41,20 @@ def two_tissue_grids(n: int = 6, shape: tuple[int, int, int] = (4, 6, 4)) -> tor
 def tiny(num_classes: int = 0, prepared: bool = True, **options: object) -> TwoLevelPrior:
     """A seeded CPU-tiny two-level prior (K=16, 4 clusters), prepared on `two_tissue_grids`."""
     torch.manual_seed(99)
+    settings = {"coarse": PixelCNNConfig(**SMALL, position_embedding=True), **options}
     cfg = TwoLevelConfig(
         codebook_size=K, num_classes=num_classes, coarse_codes=4, code_features=4,
-        context_dim=5, coarse=PixelCNNConfig(**SMALL, position_embedding=True),
-        fine=PixelCNNConfig(**SMALL, position_embedding=True), **options,
+        context_dim=5, fine=PixelCNNConfig(**SMALL, position_embedding=True), **settings,
     )
     model = TwoLevelPrior(cfg).eval()
     if prepared:
         model.prepare(two_tissue_grids(), None)
     return model
+
+
+def tiny_absorbing(num_classes: int = 0) -> TwoLevelPrior:
+    """`tiny` with a masked-token diffusion coarse stage trained on two masks per grid."""
+    return tiny(num_classes, coarse=ABSORBING, coarse_masks=2)
 
 
 # ---- the coarse map ------------------------------------------------------------------------------
@@ -103,6 +112,42 @@ def test_bits_are_coarse_plus_fine_bits_per_fine_latent() -> None:
         assert float(model.loss(grids, labels)) == pytest.approx(
             float(expected.mean()) * math.log(2.0), rel=1e-5)
     assert model.likelihood == "bound"
+
+
+def test_an_absorbing_coarse_stage_adds_its_bound_to_the_fine_bits() -> None:
+    """grid_bits = (fine bits + the coarse stage's ELBO map summed) / latents, as for a PixelCNN;
+    the ELBO estimate is deterministic, so the same grids get the same bits."""
+    model = tiny_absorbing(num_classes=2)
+    assert isinstance(model.coarse, AbsorbingPrior) and model.likelihood == "bound"
+    grids = torch.randint(0, K, (3, 4, 6, 4), generator=gen(2))
+    labels = torch.tensor([0, 1, 1])
+    with torch.no_grad():
+        coarse = model.coarse_grid(grids)
+        fine = model.fine.bits(grids, labels, model.context(coarse)).flatten(1).sum(1)
+        rough = model.coarse.bits(coarse, labels).flatten(1).sum(1)
+        total = model.grid_bits(grids, labels)
+        assert torch.allclose(total, (fine + rough) / grids[0].numel(), atol=1e-5)
+        assert torch.equal(total, model.grid_bits(grids, labels))
+
+
+def test_an_absorbing_coarse_stage_trains_on_coarse_masks_draws_per_grid() -> None:
+    """loss = fine NLL (nats per fine latent) + the coarse stage's masked loss on each grid
+    repeated ``coarse_masks`` times, weighted by coarse / fine latents; it has a gradient in
+    both stages."""
+    model = tiny_absorbing(num_classes=2)
+    grids = torch.randint(0, K, (3, 4, 6, 4), generator=gen(2))
+    labels = torch.tensor([0, 1, 1])
+    torch.manual_seed(5)
+    loss = model.loss(grids, labels)
+    coarse = model.coarse_grid(grids)
+    with torch.no_grad():
+        fine = model.fine.bits(grids, labels, model.context(coarse)).mean() * math.log(2.0)
+        torch.manual_seed(5)
+        rough = model.coarse.loss(coarse.repeat(2, 1, 1, 1), labels.repeat(2))
+    assert float(loss.detach()) == pytest.approx(float(fine + rough / 8), rel=1e-5)
+    loss.backward()
+    for stage in (model.coarse, model.fine):
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in stage.parameters())
 
 
 def test_a_block_carries_its_coarse_bits_evenly() -> None:
@@ -201,6 +246,20 @@ def test_sampling_is_seeded_and_the_samplers_agree() -> None:
     assert not torch.equal(a, model.sample((2, 4, 6, 4), gen(12), labels))
 
 
+def test_an_absorbing_coarse_stage_samples_seeded_in_its_steps() -> None:
+    """``steps`` reaches the absorbing stage, ``method`` the fine PixelCNN: the naive fine
+    sampler draws what the cached one draws from the same generator state."""
+    model = tiny_absorbing(num_classes=2)
+    assert set(model.sample_options) == {"temperature", "top_k", "method", "greedy", "steps"}
+    labels = torch.tensor([1, 0])
+    a = model.sample((2, 4, 6, 4), gen(11), labels, steps=2)
+    assert torch.equal(a, model.sample((2, 4, 6, 4), gen(11), labels, steps=2, method="naive"))
+    assert a.shape == (2, 4, 6, 4) and int(a.min()) >= 0 and int(a.max()) < K
+    assert not torch.equal(a, model.sample((2, 4, 6, 4), gen(12), labels, steps=2))
+    with pytest.raises(PriorInputError, match="unknown sampling options"):
+        model.sample((1, 4, 6, 4), gen(0), torch.tensor([0]), nucleus=0.9)
+
+
 def test_top_k_above_the_clusters_is_capped_for_the_coarse_stage() -> None:
     model = tiny()
     grids = model.sample((1, 4, 6, 4), gen(13), top_k=10)  # 4 clusters, 16 codes
@@ -242,8 +301,11 @@ def test_labels_must_match_the_class_count() -> None:
 
 
 @pytest.mark.parametrize("classes", [0, 3])
-def test_size_formula_is_exact_and_the_registry_builds_it(classes: int) -> None:
-    cfg = TwoLevelConfig(codebook_size=K, num_classes=classes, coarse_codes=6, context_dim=4)
+@pytest.mark.parametrize("coarse", ["pixelcnn", "absorbing"])
+def test_size_formula_is_exact_and_the_registry_builds_it(classes: int, coarse: str) -> None:
+    stage = {"coarse": ABSORBING} if coarse == "absorbing" else {}
+    cfg = TwoLevelConfig(codebook_size=K, num_classes=classes, coarse_codes=6, context_dim=4,
+                         **stage)
     model = registry.build_model(cfg)
     assert isinstance(model, TwoLevelPrior)
     assert state_numel(cfg) == sum(t.numel() for t in model.state_dict().values())

@@ -242,19 +242,27 @@ TWO_LEVEL = ["prior.kind=twolevel", "prior.coarse_codes=4", "prior.context_dim=4
              "train_prior.max_steps=3"]
 
 
+ABSORBING_COARSE = ["prior.coarse.kind=absorbing", "prior.coarse.channels=4",
+                    "prior.coarse.coarse_channels=8", "prior.coarse.attention_heads=2",
+                    "prior.coarse.bound_levels=2", "prior.coarse_masks=2"]
+
+
+@pytest.mark.parametrize("coarse", [[], ABSORBING_COARSE], ids=["pixelcnn", "absorbing"])
 def test_a_two_level_prior_trains_end_to_end_and_its_checkpoint_keeps_the_coarse_map(
-    latents: Path, tmp_path: Path
+    latents: Path, tmp_path: Path, coarse: list[str]
 ) -> None:
     """prepare fits the coarse map on the train grids once; the checkpoint carries it, so the
-    reloaded prior's val bits are those the run logged, and likelihood.json calls them a bound."""
+    reloaded prior's val bits are those the run logged, and likelihood.json calls them a bound.
+    The same with a masked-token diffusion coarse stage."""
     args = ["train-prior", "--latents", str(latents), "--config", "smoke", "--runs-root",
-            str(tmp_path), *(a for o in TWO_LEVEL for a in ("--set", o))]
+            str(tmp_path), *(a for o in [*TWO_LEVEL, *coarse] for a in ("--set", o))]
     result = CliRunner().invoke(cli, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     (run_dir,) = (tmp_path / "prior").iterdir()
     loaded = load_checkpoint(run_dir / "checkpoints" / "last")
     assert loaded.kind == "twolevel" and isinstance(loaded.model, TwoLevelPrior)
     prior = loaded.model.eval()
+    assert prior.config.coarse.kind == ("absorbing" if coarse else "pixelcnn")
     index = load_latents(latents)
     fresh = TwoLevelPrior(prior.config)
     fresh.prepare(_grids(index, "train"), None)

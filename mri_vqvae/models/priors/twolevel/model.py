@@ -1,21 +1,24 @@
 """Two-level prior over code grids: p(codes) via a coarse grid of code clusters.
 
 The coarse grid ``c = coarse_map(codes)`` (one of ``coarse_codes`` clusters per factor^3 block,
-`mri_vqvae.models.priors.twolevel.coarse_map`) is modelled by a whole-grid PixelCNN, and the
-codes by a fine PixelCNN that also sees the embedded coarse grid at every position (a
-non-causal 3x3x3 network over the coarse grid, then repeated over each block: the context of
-`GatedPixelCNN3D`). The coarse stage draws the layout of a head over the whole field of view in
-a few hundred steps; the fine stage only fills each block in.
+`mri_vqvae.models.priors.twolevel.coarse_map`) is modelled by a whole-grid PixelCNN or by
+masked-token diffusion (`AbsorbingPrior`, ``coarse.kind: absorbing``), and the codes by a fine
+PixelCNN that also sees the embedded coarse grid at every position (a non-causal 3x3x3 network
+over the coarse grid, then repeated over each block: the context of `GatedPixelCNN3D`). The
+coarse stage draws the layout of a head over the whole field of view; the fine stage only fills
+each block in.
 
 Likelihood: ``bits(codes) = -log2 p(c) - log2 p(codes | c)`` with ``c`` the map of ``codes``. The
 fine stage may put some mass on grids whose map is not ``c``, so these values sum to at most one
 over all grids: a valid code length and an upper bound on the sampler's own ``-log2 p``, reported
-as ``"bound"``. `bits` spreads each coarse position's bits evenly over its block, so the map's
-mean is the grid's total bits per fine latent.
+as ``"bound"`` (with an absorbing coarse stage ``-log2 p(c)`` is its ELBO, itself a bound).
+`bits` spreads each coarse position's bits evenly over its block, so the map's mean is the grid's
+total bits per fine latent.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mri_vqvae.models import registry
 from mri_vqvae.models.priors.base import (
     PositionwisePrior,
     PriorInputError,
@@ -31,7 +35,6 @@ from mri_vqvae.models.priors.base import (
     check_labels,
 )
 from mri_vqvae.models.priors.pixelcnn.model import GatedPixelCNN3D
-from mri_vqvae.models.priors.pixelcnn.model import state_numel as pixelcnn_numel
 from mri_vqvae.models.priors.twolevel import coarse_map
 from mri_vqvae.models.priors.twolevel.config import TwoLevelConfig
 
@@ -40,7 +43,6 @@ class TwoLevelPrior(PositionwisePrior):
     """``coarse`` models the cluster grid (B, d/f, h/f, w/f), ``fine`` the codes given it."""
 
     likelihood = "bound"
-    sample_options = ("temperature", "top_k", "method", "greedy")
 
     def __init__(self, config: TwoLevelConfig | None = None) -> None:
         super().__init__()
@@ -49,8 +51,10 @@ class TwoLevelPrior(PositionwisePrior):
         self.codebook_size = cfg.codebook_size
         self.num_classes = cfg.num_classes
         self.factor = cfg.factor
-        self.coarse = GatedPixelCNN3D(cfg.coarse_config())
+        self.coarse = registry.build_model(cfg.coarse_config())
         self.fine = GatedPixelCNN3D(cfg.fine_config())
+        self.sample_options = tuple(dict.fromkeys(
+            self.fine.sample_options + self.coarse.sample_options))
         width = cfg.context_dim
         self.coarse_embedding = nn.Embedding(cfg.coarse_codes, width)
         self.context_in = nn.Conv3d(width, width, 3, padding=1)
@@ -104,6 +108,21 @@ class TwoLevelPrior(PositionwisePrior):
         per_latent = coarse.flatten(1).sum(1) / fine[0].numel()
         return {"coarse": per_latent, "fine": fine.flatten(1).mean(1)}
 
+    def loss(self, indices: Tensor, labels: Tensor | None = None) -> Tensor:
+        """Training objective in nats per fine latent: the coarse stage's loss on the map (per
+        coarse latent, so weighted by coarse / fine latents) plus the fine stage's mean NLL.
+
+        With a PixelCNN coarse stage this is ``bits(...).mean() * ln 2``; an absorbing one
+        contributes its masked cross-entropy averaged over ``coarse_masks`` masks per grid.
+        """
+        coarse = self.coarse_grid(indices)
+        labels = check_labels(labels, indices.shape[0], self.num_classes)
+        fine = self.fine.bits(indices, labels, self.context(coarse)).mean() * math.log(2.0)
+        repeats = self.config.coarse_masks
+        rough = self.coarse.loss(coarse.repeat(repeats, 1, 1, 1),
+                                 None if labels is None else labels.repeat(repeats))
+        return fine + rough * (coarse[0].numel() / indices[0].numel())
+
     def bits(self, indices: Tensor, labels: Tensor | None = None) -> Tensor:
         """Fine bits plus each block's coarse bits spread evenly: (B, d, h, w) float."""
         coarse, fine = self.stage_maps(indices, labels)
@@ -120,17 +139,19 @@ class TwoLevelPrior(PositionwisePrior):
     ) -> Tensor:
         """Draw the coarse grid, then the codes given it: ``shape`` (B, d, h, w) -> int64 codes.
 
-        ``options`` are the PixelCNN's (``temperature``, ``top_k``, ``method``, ``greedy``) for
-        both stages; ``top_k`` is capped at ``coarse_codes`` for the coarse one.
+        ``options`` (`sample_options`) go to each stage that takes them: ``temperature``,
+        ``top_k`` and ``greedy`` to both (``top_k`` capped at ``coarse_codes`` for the coarse
+        one), ``method`` to the PixelCNNs, ``steps`` to an absorbing coarse stage.
         """
-        coarse_opts = self._coarse_options(options)
+        coarse_opts, fine_opts = self._stage_options(options)
         if len(shape) != 4:
             raise PriorInputError(f"shape must be (B, d, h, w), received {tuple(shape)!r}")
         b, *grid = shape
         coarse_map.check_divisible(tuple(grid), self.factor)
         small = (b, *(n // self.factor for n in grid))
         coarse = self.coarse.sample(small, generator, labels, **coarse_opts)
-        return self.fine.sample(shape, generator, labels, context=self.context(coarse), **options)
+        return self.fine.sample(shape, generator, labels, context=self.context(coarse),
+                                **fine_opts)
 
     @torch.no_grad()
     def complete(self, indices: Tensor, masked: Tensor, generator: torch.Generator,
@@ -142,27 +163,47 @@ class TwoLevelPrior(PositionwisePrior):
         every position masked this is `sample` for the same generator state; with none,
         `indices`. ``options`` are `sample`'s.
         """
-        coarse_opts = self._coarse_options(options)
+        coarse_opts, fine_opts = self._stage_options(options)
         indices = check_indices(indices, self.codebook_size)
         check_completion_mask(masked, tuple(indices.shape))
         masked = masked.to(indices.device)
         f = self.factor
         redraw = F.max_pool3d(masked[:, None].float(), f, f)[:, 0] > 0
-        coarse = self.coarse.complete(
-            self.coarse_grid(indices), redraw, generator, labels, **coarse_opts
-        )
+        coarse = self._complete_coarse(self.coarse_grid(indices), redraw, generator, labels,
+                                       coarse_opts)
         return self.fine.complete(
-            indices, masked, generator, labels, context=self.context(coarse), **options
+            indices, masked, generator, labels, context=self.context(coarse), **fine_opts
         )
 
-    def _coarse_options(self, options: dict[str, Any]) -> dict[str, Any]:
-        """Check sampling options; the coarse stage's copy caps ``top_k`` at ``coarse_codes``."""
+    def _complete_coarse(self, coarse: Tensor, redraw: Tensor, generator: torch.Generator,
+                         labels: Tensor | None, options: dict[str, Any]) -> Tensor:
+        """Redraw the `redraw` blocks of cluster grids (B, d', h', w'), keeping the others.
+
+        An absorbing stage decodes grids together only when they redraw as many blocks, so grids
+        that differ are completed one at a time (in batch order, from the same generator).
+        """
+        counts = redraw.flatten(1).sum(1)
+        if self.config.coarse.kind == "pixelcnn" or bool((counts == counts[0]).all()):
+            return self.coarse.complete(coarse, redraw, generator, labels, **options)
+        labels = check_labels(labels, coarse.shape[0], self.num_classes)
+        rows = [self.coarse.complete(coarse[b:b + 1], redraw[b:b + 1], generator,
+                                     None if labels is None else labels[b:b + 1], **options)
+                for b in range(coarse.shape[0])]
+        return torch.cat(rows)
+
+    def _stage_options(self, options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Check sampling options and split them: (the coarse stage's, the fine stage's).
+
+        The coarse stage's ``top_k`` is capped at ``coarse_codes``.
+        """
         unknown = sorted(set(options) - set(self.sample_options))
         if unknown:
             raise PriorInputError(f"unknown sampling options {unknown}; use {self.sample_options}")
-        top_k = options.get("top_k")
-        cap = None if top_k is None else min(top_k, self.coarse.codebook_size)
-        return {**options, "top_k": cap}
+        coarse = {k: v for k, v in options.items() if k in self.coarse.sample_options}
+        if coarse.get("top_k") is not None:
+            coarse["top_k"] = min(coarse["top_k"], self.coarse.codebook_size)
+        fine = {k: v for k, v in options.items() if k in self.fine.sample_options}
+        return coarse, fine
 
 
 def state_numel(cfg: TwoLevelConfig) -> int:
@@ -170,6 +211,7 @@ def state_numel(cfg: TwoLevelConfig) -> int:
     width = cfg.context_dim
     context = cfg.coarse_codes * width + 2 * (27 * width * width + width)
     tables = (cfg.codebook_size + cfg.coarse_codes) * cfg.code_features + 1
-    stages = pixelcnn_numel(cfg.coarse_config()) + pixelcnn_numel(cfg.fine_config())
+    stages = sum(registry.model_kind(c.kind).state_numel()(c)
+                 for c in (cfg.coarse_config(), cfg.fine_config()))
     return stages + context + tables
 
