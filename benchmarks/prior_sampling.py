@@ -24,7 +24,8 @@ the same grids and batches, beside the first PixelCNN's cached sampler of the sa
 
 ``--twolevel-only`` times `TwoLevelPrior.sample` (`TwoLevelConfig()`: the coarse 8x10x8 stage,
 then the fine stage with its context; coarse map fitted on random grids) on one 16x20x16 grid
-(batch 1) beside the same PixelCNN's cached sampler, medians of three.
+(batch 1) beside the same PixelCNN's cached sampler, medians of three; once with the default
+PixelCNN coarse stage and once with an absorbing one (``AbsorbingConfig()``, 12 steps).
 
 Usage: ``python benchmarks/prior_sampling.py [--quick] [--threads 1] [--priors default anatomy]
 [--absorbing-only | --twolevel-only]``
@@ -146,13 +147,20 @@ def bench_absorbing(
 
 
 def bench_twolevel(pixelcnn: GatedPixelCNN3D) -> dict[str, Any]:
-    """The default two-level prior on one 16x20x16 grid beside `pixelcnn`'s cached sampler."""
-    torch.manual_seed(0)
-    model = TwoLevelPrior(TwoLevelConfig()).eval()
-    model.prepare(torch.randint(0, model.codebook_size, (16, 16, 20, 16), generator=gen(2)), None)
-    info = {"config": model.config.model_dump(),
-            "params": sum(p.numel() for p in model.parameters())}
-    return {**info, "rows": [bench_beside("twolevel", model, (16, 20, 16), 1, pixelcnn)]}
+    """Two-level priors on one 16x20x16 grid beside `pixelcnn`'s cached sampler: the default
+    (PixelCNN coarse stage) and one with an absorbing coarse stage (``coarse.kind: absorbing``)."""
+    grids = torch.randint(0, TwoLevelConfig().codebook_size, (16, 16, 20, 16), generator=gen(2))
+    out: dict[str, Any] = {}
+    for coarse in ("pixelcnn", "absorbing"):
+        torch.manual_seed(0)
+        stage = {} if coarse == "pixelcnn" else {"coarse": AbsorbingConfig()}
+        model = TwoLevelPrior(TwoLevelConfig(**stage)).eval()
+        model.prepare(grids, None)
+        out[f"coarse_{coarse}"] = {
+            "config": model.config.model_dump(),
+            "params": sum(p.numel() for p in model.parameters()),
+            "rows": [bench_beside("twolevel", model, (16, 20, 16), 1, pixelcnn)]}
+    return out
 
 
 class _IndexStub:

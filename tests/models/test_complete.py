@@ -104,16 +104,30 @@ def test_pixelcnn_redraws_ignore_kept_codes_after_them() -> None:
                        model.complete(x, masked, gen(6), LABELS)[masked])
 
 
-def test_twolevel_keeps_the_clusters_of_untouched_blocks() -> None:
+@pytest.mark.parametrize("kind", ["twolevel", "twolevel_absorbing"])
+def test_twolevel_keeps_the_clusters_of_untouched_blocks(kind: str) -> None:
     """Blocks without a masked position keep their cluster; so the coarse grid of the completed
     codes equals the input's there."""
-    model, x = twolevel(), grids()
+    model, x = MODELS[kind](), grids()
     masked = torch.zeros(GRID, dtype=torch.bool)
     masked[:, :2, :2, :2] = True  # exactly the first 2x2x2 block (factor 2)
     done = model.complete(x, masked, gen(8), LABELS)
     kept_blocks = torch.ones(model.coarse_grid(x).shape, dtype=torch.bool)
     kept_blocks[:, 0, 0, 0] = False
     assert torch.equal(model.coarse_grid(done)[kept_blocks], model.coarse_grid(x)[kept_blocks])
+
+
+def test_an_absorbing_coarse_stage_completes_grids_that_redraw_different_block_counts() -> None:
+    """Grid 0 redraws one block, grid 1 two: completed one grid at a time, seeded, kept codes
+    kept (the absorbing decoder alone needs equal counts in a batch)."""
+    model, x = twolevel_absorbing(), grids()
+    masked = torch.zeros(GRID, dtype=torch.bool)
+    masked[0, :2, :2, :2] = True
+    masked[1, :2, :2, :2] = True
+    masked[1, 2:, 4:, 2:] = True
+    done = model.complete(x, masked, gen(8), LABELS)
+    assert torch.equal(done[~masked], x[~masked])
+    assert torch.equal(done, model.complete(x, masked, gen(8), LABELS))
 
 
 @pytest.mark.parametrize("kind", MODELS)
