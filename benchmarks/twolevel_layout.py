@@ -2,7 +2,8 @@
 every code with the fine stage, decode.
 
 For each held-out grid of a two-level prior run's latents (``--split``), the fine stage redraws
-all codes given the grid's own coarse map (``--draws`` seeded draws at T = 1) and the VQ-VAE
+all codes given the grid's own coarse map (``--draws`` seeded draws at ``--temperature``, default
+1) and the VQ-VAE
 decodes them; the PSNR and Pearson r against the grid decoded as encoded say how much of the scan
 the coarse grid pins down. A full sample of the same label (coarse grid drawn too) is shown
 beside it in ``--figure`` (axial and coronal mid-slices: encoded | fine redrawn | sample). Prints
@@ -33,11 +34,12 @@ from mri_vqvae.models.priors.twolevel.model import TwoLevelPrior
 
 @torch.no_grad()
 def redraw_fine(prior: TwoLevelPrior, grid: torch.Tensor, label: torch.Tensor | None,
-                seed: int) -> torch.Tensor:
-    """Codes (1, d, h, w) redrawn by the fine stage given the coarse map of `grid` (T = 1)."""
+                seed: int, temperature: float = 1.0) -> torch.Tensor:
+    """Codes (1, d, h, w) redrawn by the fine stage given the coarse map of `grid`."""
     context = prior.context(prior.coarse_grid(grid))
     generator = torch.Generator().manual_seed(seed)
-    return prior.fine.sample(tuple(grid.shape), generator, label, context=context)
+    return prior.fine.sample(tuple(grid.shape), generator, label, context=context,
+                             temperature=temperature)
 
 
 def psnr_r(volume: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
@@ -64,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("prior", help="a two-level prior run")
     ap.add_argument("--split", default="test")
     ap.add_argument("--draws", type=int, default=2)
+    ap.add_argument("--temperature", type=float, default=1.0,
+                    help="the fine stage's temperature for the redraws (the sample: T = 1)")
     ap.add_argument("--figure", type=Path, default=None)
     ap.add_argument("--figure-cases", type=int, default=3, help="rows of the figure")
     args = ap.parse_args(argv)
@@ -85,8 +89,9 @@ def main(argv: list[str] | None = None) -> int:
         label = torch.tensor([names.index(value)]) if field else None
         with torch.no_grad():
             encoded = vqvae.decode_indices(grid)[0, 0].numpy()
-            redrawn = [vqvae.decode_indices(redraw_fine(prior, grid, label, seed))[0, 0].numpy()
-                       for seed in range(args.draws)]
+            codes = [redraw_fine(prior, grid, label, seed, args.temperature)
+                     for seed in range(args.draws)]
+            redrawn = [vqvae.decode_indices(c)[0, 0].numpy() for c in codes]
         scores = [psnr_r(v, encoded) for v in redrawn]
         cases.append({"case_id": case.case_id, "label": value,
                       "psnr_db": float(np.mean([s[0] for s in scores])),
@@ -97,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
                 sample = vqvae.decode_indices(drawn)[0, 0].numpy()
             rows.append((case.case_id, [encoded, redrawn[0], sample]))
     doc = {"prior": args.prior, "split": args.split, "draws": args.draws,
+           "temperature": args.temperature,
            "coarse_codes": prior.config.coarse_codes,
            "mean_psnr_db": float(np.mean([c["psnr_db"] for c in cases])),
            "mean_r": float(np.mean([c["r"] for c in cases])), "cases": cases,
