@@ -78,7 +78,7 @@ class TwoLevelConfig(PriorSettings):
 
     @model_validator(mode="after")
     def _masks_need_an_absorbing_coarse_stage(self) -> TwoLevelConfig:
-        if self.coarse_masks > 1 and self.coarse.kind != "absorbing":
+        if self.coarse_masks > 1 and not isinstance(self.coarse, AbsorbingConfig):
             raise ValueError(
                 f"coarse_masks={self.coarse_masks} applies to an absorbing coarse stage only; "
                 "set coarse.kind: absorbing or coarse_masks: 1"
@@ -89,7 +89,7 @@ class TwoLevelConfig(PriorSettings):
         """The coarse stage's settings with what the two-level prior decides filled in."""
         update = {"codebook_size": self.coarse_codes, "num_classes": self.num_classes,
                   "label_field": self.label_field, "top_k": None}
-        if self.coarse.kind == "pixelcnn":
+        if isinstance(self.coarse, PixelCNNConfig):
             update["context_dim"] = 0
         return self.coarse.model_copy(update=update)
 

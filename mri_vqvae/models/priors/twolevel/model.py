@@ -183,7 +183,7 @@ class TwoLevelPrior(PositionwisePrior):
         that differ are completed one at a time (in batch order, from the same generator).
         """
         counts = redraw.flatten(1).sum(1)
-        if self.config.coarse.kind == "pixelcnn" or bool((counts == counts[0]).all()):
+        if isinstance(self.coarse, GatedPixelCNN3D) or bool((counts == counts[0]).all()):
             return self.coarse.complete(coarse, redraw, generator, labels, **options)
         labels = check_labels(labels, coarse.shape[0], self.num_classes)
         rows = [self.coarse.complete(coarse[b:b + 1], redraw[b:b + 1], generator,
