@@ -30,7 +30,7 @@ class TwoLevelConfig(PriorSettings):
     model on the same grids. In ``coarse`` and ``fine`` the fields ``codebook_size``,
     ``num_classes``, ``label_field`` and ``context_dim`` are set by the two-level prior. The
     coarse stage is a PixelCNN or, with ``coarse.kind: absorbing``, masked-token diffusion
-    (`mri_vqvae.models.priors.absorbing`), which ``coarse_masks`` masks draws per grid train.
+    (`mri_vqvae.models.priors.absorbing`), trained on ``coarse_masks`` masks per grid per step.
     """
 
     kind: Literal["twolevel"] = "twolevel"
