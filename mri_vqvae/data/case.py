@@ -15,7 +15,14 @@ from mri_vqvae.data import schema
 SPLITS = ("train", "val", "test")
 ORIGINS = ("real", "augmented")
 MASKS = ("lesion_mask", "brain_mask")  # annotation volumes, each with "<name>_sha256"
-ANNOTATION_FIELDS = tuple(f for m in MASKS for f in (m, f"{m}_sha256"))  # not what trains
+
+
+def mask_fields(name: str) -> tuple[str, str]:
+    """The two `Case` fields of the annotation mask `name`: its path and its sha256."""
+    return name, f"{name}_sha256"
+
+
+ANNOTATION_FIELDS = tuple(f for m in MASKS for f in mask_fields(m))  # not what trains
 OPTIONAL_FIELDS = ("series_uid", "session", *ANNOTATION_FIELDS)  # written to JSON only when set
 
 
@@ -110,7 +117,7 @@ def _annotations(obj: dict[str, Any], where: str) -> dict[str, str | None]:
     """Each annotation mask's path and sha256: both given or neither."""
     fields: dict[str, str | None] = {}
     for name in MASKS:
-        key = f"{name}_sha256"
+        _, key = mask_fields(name)
         mask, digest = obj.get(name), obj.get(key)
         if (mask is None) != (digest is None):
             raise schema.field_error(f"{where}.{name}", "a mask path and its sha256 together",

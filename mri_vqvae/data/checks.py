@@ -15,7 +15,7 @@ from typing import Any
 
 from mri_vqvae.core.errors import ManifestError
 from mri_vqvae.data import sources
-from mri_vqvae.data.case import MASKS, Case, Problem
+from mri_vqvae.data.case import MASKS, Case, Problem, mask_fields
 
 _MAX_LISTED = 10
 
@@ -116,7 +116,7 @@ def _file_reason(root: Path, case: Case, checksums: bool) -> str | None:
 def _mask_reason(root: Path, case: Case, checksums: bool, name: str) -> str | None:
     """Why the annotation mask `name` of `case` cannot be trusted (None when it can, or there
     is none)."""
-    rel, recorded = getattr(case, name), getattr(case, f"{name}_sha256")
+    rel, recorded = (getattr(case, f) for f in mask_fields(name))
     if rel is None:
         return None
     what = name.replace("_", " ")

@@ -25,7 +25,15 @@ from typing import Any
 from mri_vqvae.core.atomic import atomic_write_text
 from mri_vqvae.core.errors import ManifestError
 from mri_vqvae.data import checks, schema
-from mri_vqvae.data.case import ANNOTATION_FIELDS, MASKS, SPLITS, Case, Problem, parse_case
+from mri_vqvae.data.case import (
+    ANNOTATION_FIELDS,
+    MASKS,
+    SPLITS,
+    Case,
+    Problem,
+    mask_fields,
+    parse_case,
+)
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +83,7 @@ class Manifest:
         train nothing, may have been added since: the lesion and brain masks, or the brain masks
         after the lesion masks)."""
         return digest in (self.digest, self.unannotated_digest,
-                          self._digest_without(("brain_mask", "brain_mask_sha256")))
+                          self._digest_without(mask_fields("brain_mask")))
 
     def split_counts(self) -> dict[str, int]:
         """Number of cases per split ("none" for unassigned)."""
@@ -92,7 +100,7 @@ def with_annotations(manifest: Manifest, source: Manifest) -> Manifest:
         other = same.get((case.case_id, case.sha256))
         if other is not None:
             added = {f: getattr(other, f) for name in MASKS if getattr(case, name) is None
-                     for f in (name, f"{name}_sha256")}
+                     for f in mask_fields(name)}
             case = dataclasses.replace(case, **added)
         cases.append(case)
     return dataclasses.replace(manifest, cases=tuple(cases))
