@@ -78,11 +78,22 @@ class KSpaceSpikeAugment(StrictModel):
         (9.0, 10.5), description="range of the spike's natural-log k-space magnitude")
 
 
+class LeftRightMirrorAugment(StrictModel):
+    """The head mirrored left to right on the same RAS grid: another plausible head.
+
+    Brains are near mirror-symmetric, so a mirrored training head is a new, anatomically plausible
+    one (its lateralised details swapped), the one augmentation that adds distinct anatomy.
+    """
+
+    prob: float = Field(0.0, ge=0, le=1)
+
+
 class AugmentConfig(StrictModel):
     """Named random steps added to the training chain, applied in this order.
 
-    The domain randomisation steps (``low_resolution`` to ``kspace_spikes``) are off by default
-    and come last, so switching them on leaves the draws of the steps before them unchanged.
+    The domain randomisation steps (``low_resolution`` to ``kspace_spikes``) and the left-right
+    mirror are off by default and come last, so switching them on leaves the draws of the steps
+    before them unchanged.
     """
 
     enabled: bool = True
@@ -96,6 +107,7 @@ class AugmentConfig(StrictModel):
     histogram_shift: Annotated[HistogramShiftAugment, ADDED] = HistogramShiftAugment()
     gibbs: Annotated[GibbsAugment, ADDED] = GibbsAugment()
     kspace_spikes: Annotated[KSpaceSpikeAugment, ADDED] = KSpaceSpikeAugment()
+    left_right_mirror: Annotated[LeftRightMirrorAugment, ADDED] = LeftRightMirrorAugment()
 
 
 DOMAIN_RANDOMISATION = ("low_resolution", "thick_slices", "histogram_shift", "gibbs",

@@ -21,8 +21,9 @@ geometry-only metadata.
 Intensity scaling runs before the final pad so padded voxels are exactly 0, the background value.
 Training appends the named random steps of `AugmentConfig` (affine, elastic, bias_field, contrast,
 noise, then the domain randomisation steps low_resolution, thick_slices, histogram_shift, gibbs,
-kspace_spikes, off by default); `set_random_state(seed)` on the returned Compose makes them
-replayable. With gibbs or kspace_spikes on, intensities are clipped back to [0, 1] after them.
+kspace_spikes and the left-right mirror, off by default); `set_random_state(seed)` on the
+returned Compose makes them replayable. With gibbs or kspace_spikes on, intensities are clipped
+back to [0, 1] after them.
 Output: ``data["image"]`` is a MetaTensor (1, D, H, W), float32, RAS, whose ``.affine`` is the
 voxel-to-world (RAS mm) matrix of the output grid.
 """
@@ -230,7 +231,34 @@ def augmentation_steps(aug: AugmentConfig) -> list[tuple[str, MapTransform]]:
             RandGaussianNoised(IMAGE, prob=aug.noise.prob, std=aug.noise.std),
         ),
     ]
-    return [(name, t) for name, prob, t in candidates if prob > 0] + domain_randomisation_steps(aug)
+    steps = [(name, t) for name, prob, t in candidates if prob > 0]
+    steps += domain_randomisation_steps(aug)
+    if aug.left_right_mirror.prob > 0:
+        steps.append(("left_right_mirror", RandLeftRightMirrord(IMAGE, aug.left_right_mirror.prob)))
+    return steps
+
+
+class RandLeftRightMirrord(RandomizableTransform, MapTransform):
+    """With probability `prob`, the head mirrored left to right on the same grid.
+
+    Flips the first spatial axis of (C, D, H, W) (left-right on the chain's RAS grid) and keeps
+    the metadata: the affine still maps the grid to RAS, so the image is a mirrored head, not the
+    same head described by a flipped affine (what MONAI's `RandFlipd` would record).
+    """
+
+    def __init__(self, keys: KeysCollection, prob: float, allow_missing_keys: bool = False) -> None:
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        RandomizableTransform.__init__(self, prob)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        self.randomize(None)
+        if self._do_transform:
+            for key in self.key_iterator(d):
+                img = d[key]
+                out = convert_to_tensor(img, track_meta=False).flip(1)
+                d[key] = MetaTensor(out).copy_meta_from(img) if isinstance(img, MetaTensor) else out
+        return d
 
 
 class RandThickSlicesd(RandomizableTransform, MapTransform):
