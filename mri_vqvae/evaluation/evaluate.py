@@ -54,7 +54,11 @@ from mri_vqvae.evaluation.held_parts import (
     part_header,
     record_part,
 )
-from mri_vqvae.evaluation.heldout import check_held_out, recorded_manifest_digests
+from mri_vqvae.evaluation.heldout import (
+    check_held_out,
+    recorded_manifest_digests,
+    training_manifest_copy,
+)
 from mri_vqvae.evaluation.lesions import lesion_block
 from mri_vqvae.evaluation.passes import (
     HeldOut,
@@ -227,7 +231,8 @@ def _open_inputs(vqvae_run: str | Path, manifest: Manifest, prior_run: str | Pat
 
     source = open_autoencoder_run(vqvae_run, device)
     recorded = recorded_manifest_digests(source.run_dir, load_checkpoint(source.checkpoint).extra)
-    guard = check_held_out(manifest, split, recorded, f"VQ-VAE run {source.run_dir}")
+    guard = check_held_out(manifest, split, recorded, f"VQ-VAE run {source.run_dir}",
+                           training_manifest_copy(source.run_dir))
     prior = None if prior_run is None else _open_prior(prior_run, source, manifest, device)
     scorer = None if prior is None else _scorer(prior, manifest)
     return _Inputs(source, guard, prior, scorer)
