@@ -81,8 +81,9 @@ class KSpaceSpikeAugment(StrictModel):
 class LeftRightMirrorAugment(StrictModel):
     """The head mirrored left to right on the same RAS grid: another plausible head.
 
-    Brains are near mirror-symmetric, so a mirrored training head is a new, anatomically plausible
-    one (its lateralised details swapped), the one augmentation that adds distinct anatomy.
+    Brains are near mirror-symmetric, so a mirrored training head is a plausible new one with its
+    lateralised details swapped (its layout is the original's; docs/benchmarks.md measures what
+    mirrored views do for the prior).
     """
 
     prob: float = Field(0.0, ge=0, le=1)
