@@ -375,6 +375,7 @@ def test_metrics_json_and_per_case_csv(evaluated: Path, world: dict[str, Path]) 
     assert mem["threshold"] == pytest.approx(max(m["r"] for m in mem["held_out"]))
     assert mem["num_flagged"] == sum(m["r"] > mem["threshold"] for m in mem["samples"])
     assert metrics["held_out_check"]["subject_overlap"] == 0
+    assert metrics["held_out_check"]["matched_by"] == "digest"
     sidecars = sorted((evaluated / "samples").glob("sample_*.json"))
     assert len(sidecars) == len(list((evaluated / "samples").glob("sample_*.nii.gz"))) == 3
 

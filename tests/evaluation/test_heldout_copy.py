@@ -91,3 +91,17 @@ def test_no_copy_or_an_unreadable_one_is_none(tmp_path: Path) -> None:
     assert training_manifest_copy(tmp_path) is None
     (tmp_path / "manifest.json").write_text("{not json")
     assert training_manifest_copy(tmp_path) is None
+
+
+def test_the_report_says_which_rule_passed(trained: tuple[Manifest, Path]) -> None:
+    from mri_vqvae.evaluation.report.evaluation_report import _how_matched
+
+    manifest, run = trained
+    rebuilt = _with(manifest, "tr1", sha256="0" * 64)
+    recorded = {"run.json": manifest.digest}
+    exact = _how_matched(check_held_out(manifest, "test", recorded, "run"))
+    vouched = _how_matched(check_held_out(rebuilt, "test", recorded, "run",
+                                          training_manifest_copy(run)))
+    assert exact == "the manifest digest matches the run's (run.json)"
+    assert vouched.startswith("the manifest digest differs from the run's (run.json)")
+    assert "same held-out cases with the same sha256" in vouched

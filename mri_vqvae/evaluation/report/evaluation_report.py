@@ -65,6 +65,16 @@ def stat_text(block: Mapping[str, Any] | None, digits: int = 4) -> str:
             f"[{fmt(low, digits)}, {fmt(high, digits)}]")
 
 
+def _how_matched(check: Mapping[str, Any]) -> str:
+    """How the evaluated manifest was matched to the run's (metrics.json ``held_out_check``)."""
+    sources = ", ".join(check["digest_sources"])
+    if check.get("matched_by", "digest") == "digest":
+        return f"the manifest digest matches the run's ({sources})"
+    return (f"the manifest digest differs from the run's ({sources}), but the run folder's own "
+            "manifest.json, which has the recorded digest, holds the same held-out cases with "
+            "the same sha256 (a kit rebuilt on another CPU)")
+
+
 def _overview(metrics: Mapping[str, Any]) -> Section:
     inputs = metrics["inputs"]
     check = metrics["held_out_check"]
@@ -75,9 +85,8 @@ def _overview(metrics: Mapping[str, Any]) -> Section:
             ["split", inputs["split"]], ["created (UTC)", metrics.get("created_utc", "")]]
     blocks: list[Block] = [
         Table(["", ""], rows),
-        f"Held-out check passed: the manifest digest matches the run's "
-        f"({', '.join(check['digest_sources'])}), the split is not train, and none of the "
-        f"{check['held_out_subjects']} held-out subjects has training cases.",
+        f"Held-out check passed: {_how_matched(check)}, the split is not train, and none of "
+        f"the {check['held_out_subjects']} held-out subjects has training cases.",
     ]
     cited = inputs.get("data_citations") or {}
     for key, caption in (("trained_on", "Data the models were trained on"),
