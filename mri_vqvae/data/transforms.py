@@ -36,7 +36,6 @@ from typing import Any
 import numpy as np
 import torch
 from monai.config import KeysCollection
-from monai.data import MetaTensor
 from monai.transforms import (
     Compose,
     CropForegroundd,
@@ -61,7 +60,7 @@ from monai.transforms import (
     ScaleIntensityRangePercentilesd,
     Spacingd,
 )
-from monai.utils import convert_to_tensor
+from monai.utils import convert_to_dst_type, convert_to_tensor
 
 from mri_vqvae.config import AugmentConfig, DataConfig
 from mri_vqvae.data.io import DEFAULT_MAX_SHEAR, DEFAULT_MAX_VOXELS, DEFAULT_MIN_SIZE, MriReader
@@ -255,9 +254,8 @@ class RandLeftRightMirrord(RandomizableTransform, MapTransform):
         self.randomize(None)
         if self._do_transform:
             for key in self.key_iterator(d):
-                img = d[key]
-                out = convert_to_tensor(img, track_meta=False).flip(1)
-                d[key] = MetaTensor(out).copy_meta_from(img) if isinstance(img, MetaTensor) else out
+                mirrored = convert_to_tensor(d[key], track_meta=False).flip(1)
+                d[key] = convert_to_dst_type(mirrored, d[key])[0]
         return d
 
 
@@ -291,8 +289,7 @@ class RandThickSlicesd(RandomizableTransform, MapTransform):
         plain = convert_to_tensor(img, track_meta=False)
         down = Resize(slabs, mode="area")(plain)
         back = Resize(shape, mode="trilinear")(down)
-        out = convert_to_tensor(back, track_meta=False).to(img.dtype)
-        return MetaTensor(out).copy_meta_from(img) if isinstance(img, MetaTensor) else out
+        return convert_to_dst_type(convert_to_tensor(back, track_meta=False), img)[0]
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
