@@ -29,7 +29,7 @@ from torch import Tensor
 
 from mri_vqvae.core import distributed
 from mri_vqvae.core.errors import EvaluationError, MriVqvaeError, describe_error
-from mri_vqvae.data.transforms import BRAIN, BRAIN_SHA256, LESION, with_masks
+from mri_vqvae.data.transforms import BRAIN, BRAIN_SHA256, LESION, LESION_SHA256, with_masks
 from mri_vqvae.metrics.quality import CaseQuality, quality_of
 from mri_vqvae.metrics.sets import FEATURE_GRID, NearestScan
 from mri_vqvae.tasks.cases import Failure, iter_prepared, progress
@@ -243,26 +243,40 @@ def _held_out(model: VQVAE, data: DataConfig, items: list[dict[str, Any]],
 
 def _add_lesion(held: HeldOut, item: dict[str, Any], data: DataConfig,
                 latent: np.ndarray | None, indices: Tensor) -> None:
-    """Preprocess the case's lesion mask (and brain mask, if any) onto its grid and keep them with
-    the prior's map `latent` (d, h, w); a lesion mask that cannot be read is logged and left out,
-    a brain mask that cannot be read is logged and the head region used (the case itself was
+    """Keep the case's lesion mask (and brain mask, if any), preprocessed onto its grid, with the
+    prior's map `latent` (d, h, w); a lesion mask that cannot be read is logged and left out, a
+    brain mask that cannot be read is logged and the head region used (the case itself was
     evaluated either way)."""
-    case_id = str(item["case_id"])
-    try:
-        mask = with_masks(data)(dict(item))[LESION]
-    except Exception as exc:  # a bad annotation never fails the case it annotates
-        log.warning("lesion mask of %s left out: %s", case_id, describe_error(exc))
+    masks = _preprocessed_masks(item, data)
+    if masks is None:
         return
-    brain = None
+    lesion, brain = masks
+    held.lesions.append(LesionCase(
+        str(item["case_id"]), np.asarray(lesion[0].detach().cpu()) > 0.5, indices[0].cpu(),
+        latent, None if brain is None else np.asarray(brain[0].detach().cpu()) > 0.5))
+
+
+def _preprocessed_masks(item: dict[str, Any], data: DataConfig
+                        ) -> tuple[Tensor, Tensor | None] | None:
+    """(lesion, brain or None) masks (1, D, H, W) of a case in one pass of the preprocessing
+    chain; the lesion alone when the brain mask fails; None (logged) when the lesion fails."""
+    case_id = str(item["case_id"])
+    brain_error = None
     if BRAIN in item:
         try:
-            brain = with_masks(data, {BRAIN: BRAIN_SHA256})(dict(item))[BRAIN]
-        except Exception as exc:  # likewise
-            log.warning("brain mask of %s left out (its lesion is scored against the head): %s",
-                        case_id, describe_error(exc))
-    held.lesions.append(LesionCase(
-        case_id, np.asarray(mask[0].detach().cpu()) > 0.5, indices[0].cpu(), latent,
-        None if brain is None else np.asarray(brain[0].detach().cpu()) > 0.5))
+            both = with_masks(data, {LESION: LESION_SHA256, BRAIN: BRAIN_SHA256})(dict(item))
+            return both[LESION], both[BRAIN]
+        except Exception as exc:  # a bad annotation never fails the case it annotates
+            brain_error = describe_error(exc)
+    try:
+        lesion = with_masks(data)(dict(item))[LESION]
+    except Exception as exc:  # likewise
+        log.warning("lesion mask of %s left out: %s", case_id, describe_error(exc))
+        return None
+    if brain_error is not None:
+        log.warning("brain mask of %s left out (its lesion is scored against the head): %s",
+                    case_id, brain_error)
+    return lesion, None
 
 
 def train_pass(model: VQVAE, scorer: Scorer, data: DataConfig, items: list[dict[str, Any]],

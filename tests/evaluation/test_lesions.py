@@ -9,15 +9,19 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from monai.transforms import Compose
 
 from mri_vqvae.artifacts.checkpoint import load_checkpoint
+from mri_vqvae.config import DataConfig
 from mri_vqvae.data.manifest import load_manifest, write_manifest
 from mri_vqvae.data.transforms import BRAIN, BRAIN_SHA256, LESION, build_transforms, with_masks
+from mri_vqvae.evaluation import passes
 from mri_vqvae.evaluation.evaluate import EvaluateSettings, evaluate_runs
 from mri_vqvae.evaluation.healing import HEAL_P, Healer
 from mri_vqvae.evaluation.passes import Scorer
@@ -92,6 +96,26 @@ def test_a_brain_mask_is_the_region_a_lesion_is_scored_against(world: dict[str, 
     assert int(brain.sum()) != int(inner_head(volume.numpy(), 4).sum())  # not the head region
     assert rows["te1"]["region"] == "head eroded by one latent block"
     assert "brain mask: " in result.report_path.read_text()
+
+
+def test_a_case_with_both_masks_is_preprocessed_once(world: dict[str, Path], tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lesion and the brain mask of te0 come out of one pass of the preprocessing chain;
+    te1 (lesion only) takes one pass too."""
+    path = world["root"] / "brains_once.json"
+    write_manifest(annotate_brains(load_manifest(world["manifest"]), ("te0",)), path)
+    calls: list[tuple[str, ...]] = []
+
+    def counting(data: DataConfig, masks: Mapping[str, str] | None = None) -> Compose:
+        calls.append(tuple(sorted(masks or {LESION: ""})))
+        return with_masks(data, masks)
+
+    monkeypatch.setattr(passes, "with_masks", counting)
+    result = evaluate_runs(world["vqvae"], load_manifest(path), tmp_path / "e",
+                           prior_run=world["prior"], settings=SETTINGS)
+    assert [r["region"] for r in result.metrics["likelihood"]["lesions"]["cases"]] == [
+        "brain mask", "head eroded by one latent block"]
+    assert sorted(calls) == [(BRAIN, LESION), (LESION,)]
 
 
 def test_lesion_auroc_of_each_case_equals_the_direct_computation(world: dict[str, Path],
