@@ -3,7 +3,7 @@
 The prior has to spread its probability over every code, and with a few training brains most of
 the 512 codes are near-synonyms it sees too rarely to learn. This writes a copy of a VQ-VAE
 checkpoint whose codebook is the usage-weighted k-means of the original codes (weights: the
-quantizer's EMA usage counts; seeded k-means++ then Lloyd steps, float64). Encoder and decoder
+quantizer's EMA usage counts; the two-level prior's seeded k-means, float64). Encoder and decoder
 are unchanged, so the merged model encodes every scan into at most ``--codes`` codes and decodes
 them with the same decoder. The folder's ``manifest.json`` and ``export.json`` beside the source
 checkpoint are copied, so ``encode`` / ``evaluate`` find the same training data and held-out split.
@@ -29,26 +29,17 @@ from mri_vqvae.artifacts.checkpoint import load_checkpoint, save_checkpoint
 from mri_vqvae.core.jsonio import json_ready
 from mri_vqvae.models.autoencoders.vqvae.config import VQVAEConfig
 from mri_vqvae.models.autoencoders.vqvae.model import VQVAE
+from mri_vqvae.models.priors.twolevel.coarse_map import kmeans
 
 LLOYD_STEPS = 100
 
 
 def weighted_kmeans(points: torch.Tensor, weights: torch.Tensor, k: int, seed: int = 0
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Centres (k, D) and each point's cluster (N,) of points (N, D) with weights (N,) >= 0."""
-    gen = torch.Generator().manual_seed(seed)
+    """Centres (k, D) float64 and each point's cluster (N,) of points (N, D) with weights (N,)
+    >= 0: the two-level prior's seeded k-means (`coarse_map.kmeans`), weighted."""
     p = points.double()
-    w = weights.double().clamp_min(0)
-    first = torch.multinomial(w / w.sum(), 1, generator=gen)
-    centres = p[first]
-    for _ in range(k - 1):
-        d2 = torch.cdist(p, centres).min(1).values.square() * w
-        centres = torch.cat([centres, p[torch.multinomial(d2 / d2.sum(), 1, generator=gen)]])
-    for _ in range(LLOYD_STEPS):
-        assign = torch.cdist(p, centres).argmin(1)
-        mass = torch.zeros(k, dtype=p.dtype).index_add_(0, assign, w)
-        sums = torch.zeros_like(centres).index_add_(0, assign, p * w[:, None])
-        centres = torch.where(mass[:, None] > 0, sums / mass.clamp_min(1e-12)[:, None], centres)
+    centres = kmeans(p, k, seed, weights=weights.double(), iterations=LLOYD_STEPS)
     return centres, torch.cdist(p, centres).argmin(1)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ merged_codebook = importlib.util.module_from_spec(_SPEC)
 _SPEC.loader.exec_module(merged_codebook)
 
 
-def _vqvae(tmp_path):
+def _vqvae(tmp_path: Path) -> tuple[Path, VQVAE]:
     torch.manual_seed(0)
     tmp_path.mkdir(parents=True, exist_ok=True)
     model = VQVAE(TINY_VQ)
@@ -29,14 +30,14 @@ def _vqvae(tmp_path):
     return save_checkpoint(tmp_path / "vqvae", model, "vqvae", TINY_VQ, {"note": "kept"}), model
 
 
-def test_weighted_kmeans_with_as_many_centres_as_points_returns_the_points():
+def test_weighted_kmeans_with_as_many_centres_as_points_returns_the_points() -> None:
     points = torch.randn(6, 3)
     centres, assign = merged_codebook.weighted_kmeans(points, torch.ones(6), 6)
     assert torch.allclose(centres[assign], points.double())
     assert sorted(assign.tolist()) == list(range(6))
 
 
-def test_weighted_kmeans_centre_is_the_weighted_mean_of_its_points():
+def test_weighted_kmeans_centre_is_the_weighted_mean_of_its_points() -> None:
     points = torch.tensor([[0.0], [1.0], [10.0], [11.0]])
     centres, assign = merged_codebook.weighted_kmeans(points, torch.tensor([1.0, 3, 1, 1]), 2)
     means = sorted(float(c) for c in centres[:, 0])
@@ -44,7 +45,8 @@ def test_weighted_kmeans_centre_is_the_weighted_mean_of_its_points():
     assert assign[0] == assign[1] != assign[2] == assign[3]
 
 
-def test_merged_model_keeps_encoder_and_decoder_and_uses_at_most_the_merged_codes(tmp_path):
+def test_merged_model_keeps_encoder_and_decoder_and_uses_at_most_the_merged_codes(
+        tmp_path: Path) -> None:
     folder, original = _vqvae(tmp_path / "src")
     report = merged_codebook.merge(folder, 4, tmp_path / "out")
     merged = load_checkpoint(tmp_path / "out/vqvae")

@@ -50,25 +50,33 @@ def block_features(indices: Tensor, features: Tensor, factor: int) -> Tensor:
     return x.mean(dim=(2, 4, 6))
 
 
-def kmeans(points: Tensor, clusters: int, seed: int = 0) -> Tensor:
+def kmeans(points: Tensor, clusters: int, seed: int = 0, weights: Tensor | None = None,
+           iterations: int = KMEANS_ITERATIONS) -> Tensor:
     """Cluster centres (clusters, F) of points (N, F): k-means++ seeding, then Lloyd steps.
 
-    Distinct points fewer than ``clusters`` leave some centres duplicated (never chosen).
+    ``weights`` (N,) >= 0 make it weighted k-means (a point counts its weight in the seeding and
+    the means; the first centre is drawn by weight); None is every point once. Distinct points
+    fewer than ``clusters`` leave some centres duplicated (never chosen).
     """
     gen = torch.Generator().manual_seed(seed)
-    centres = points[torch.randint(len(points), (1,), generator=gen)]
+    if weights is None:
+        mass = torch.ones(len(points), dtype=points.dtype)
+        centres = points[torch.randint(len(points), (1,), generator=gen)]
+    else:
+        mass = weights.to(points.dtype).clamp_min(0)
+        centres = points[torch.multinomial(mass / mass.sum(), 1, generator=gen)]
     for _ in range(clusters - 1):
-        nearest = torch.cdist(points, centres).min(1).values.square()
+        nearest = torch.cdist(points, centres).min(1).values.square() * mass
         if float(nearest.sum()) == 0.0:
             pick = torch.zeros(1, dtype=torch.long)
         else:
             pick = torch.multinomial(nearest / nearest.sum(), 1, generator=gen)
         centres = torch.cat([centres, points[pick]])
-    for _ in range(KMEANS_ITERATIONS):
+    for _ in range(iterations):
         assign = torch.cdist(points, centres).argmin(1)
-        sums = torch.zeros_like(centres).index_add_(0, assign, points)
-        sizes = torch.bincount(assign, minlength=clusters).to(points.dtype)[:, None]
-        centres = torch.where(sizes > 0, sums / sizes.clamp_min(1.0), centres)
+        sums = torch.zeros_like(centres).index_add_(0, assign, points * mass[:, None])
+        sizes = torch.zeros(clusters, dtype=points.dtype).index_add_(0, assign, mass)[:, None]
+        centres = torch.where(sizes > 0, sums / sizes.clamp_min(1e-12), centres)
     return centres
 
 
